@@ -1,0 +1,38 @@
+"""qwen_np: the Qwen model family in pure NumPy, written to be read.
+
+    model = qwen_np.load("path/to/checkpoint")
+    logits, cache = qwen_np.forward(model.params, model.config, input_ids)
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config, QwenNPError, read_config
+from .model import KVCache, forward
+from .weights import load_params, load_tokenizer, read_json
+
+__all__ = ["Model", "Config", "KVCache", "QwenNPError", "load", "forward"]
+
+
+@dataclass(frozen=True)
+class Model:
+    """What `load` returns: plain data, no behaviour."""
+    config: Config
+    params: dict  # nested dict/list tree mirroring the checkpoint's tensor names
+    tokenizer: object  # a tokenizers.Tokenizer, or None when the checkpoint has none
+    generation_config: dict  # generation_config.json, or {} when absent
+    tokenizer_config: dict  # tokenizer_config.json, or {} when absent
+    path: Path
+
+
+def load(path):
+    """Loads a checkpoint directory (config.json + safetensors [+ tokenizer files])."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise QwenNPError(f"{path} does not exist")
+    if not path.is_dir():
+        raise QwenNPError(f"{path} is not a checkpoint directory (expected config.json and *.safetensors)")
+    config = read_config(path)
+    return Model(config=config, params=load_params(path, config), tokenizer=load_tokenizer(path),
+                 generation_config=read_json(path / "generation_config.json") or {},
+                 tokenizer_config=read_json(path / "tokenizer_config.json") or {}, path=path)

@@ -1,0 +1,173 @@
+"""The model configuration: one frozen dataclass with config.json's own field names.
+
+`read_config` accepts both formats found in released checkpoints: the older one with
+`rope_theta` / `rope_scaling` at the top level and `torch_dtype`, and the newer one with a
+`rope_parameters` dict and `dtype`. Unknown keys are ignored; defaults are the reference's
+(transformers' `Qwen2Config`, `Qwen3Config`, `Qwen2MoeConfig`, `Qwen3MoeConfig`).
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class QwenNPError(ValueError):
+    """The one error type of qwen_np: bad files, bad configs, bad arguments."""
+
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "llama")
+REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+
+
+@dataclass(frozen=True)
+class Config:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int = 32768
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    rope_parameters: dict = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0})
+    attention_bias: bool = False  # q/k/v biases (Qwen2 and Qwen2-MoE have them; o_proj too in Qwen3)
+    sliding_window: int | None = None  # None unless use_sliding_window is on
+    layer_types: tuple = ()  # "full_attention" or "sliding_attention" for each layer
+    # Mixture of experts (num_experts == 0 for dense models)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple = ()
+    # Token ids and the dtype the checkpoint was saved in (informational: we compute in float32)
+    bos_token_id: int | list | None = None
+    eos_token_id: int | list | None = None
+    pad_token_id: int | None = None
+    dtype: str | None = None
+
+    def is_sparse_layer(self, i):
+        """Reference rule: layer i has experts unless listed in mlp_only_layers or off the step."""
+        return i not in self.mlp_only_layers and self.num_experts > 0 and (i + 1) % self.decoder_sparse_step == 0
+
+
+def read_config(path):
+    """Reads config.json (a file or the directory holding it) into a Config."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise QwenNPError(f"no config.json found: {path} does not exist")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QwenNPError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise QwenNPError(f"{path} must hold a JSON object, found {type(raw).__name__}")
+    return config_from_dict(raw, source=str(path))
+
+
+def config_from_dict(raw, source="config"):
+    """Builds a Config from a config.json dict, applying each family's reference defaults and rules."""
+    model_type = raw.get("model_type")
+    if "num_local_experts" in raw and "num_experts" not in raw:  # the name transformers 5 writes for Qwen3-MoE
+        raw = {**raw, "num_experts": raw["num_local_experts"]}
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise QwenNPError(f"{source}: unsupported model_type {model_type!r}; "
+                          f"qwen_np supports {', '.join(SUPPORTED_MODEL_TYPES)}")
+    missing = [k for k in REQUIRED_KEYS if k not in raw]
+    if model_type.endswith("_moe"):
+        missing += [k for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size") if k not in raw]
+    if missing:
+        raise QwenNPError(f"{source}: missing required key(s) {', '.join(missing)}")
+
+    def get(key, default):  # a key that is present but null takes the default, as in the reference
+        value = raw.get(key)
+        return default if value is None else value
+
+    n_layers = raw["num_hidden_layers"]
+    n_heads = raw["num_attention_heads"]
+    # Qwen3 declares head_dim with default 128; the others derive it from the hidden size.
+    head_dim = get("head_dim", 128 if model_type == "qwen3" else raw["hidden_size"] // n_heads)
+    default_kv_heads = 4 if model_type == "qwen3_moe" else n_heads
+    use_sliding = bool(raw.get("use_sliding_window", False))
+    sliding_window = get("sliding_window", 4096) if use_sliding else None
+    layer_types = tuple(raw["layer_types"]) if raw.get("layer_types") else default_layer_types(
+        model_type, n_layers, sliding_window, get("max_window_layers", 28))
+    if len(layer_types) != n_layers:
+        raise QwenNPError(f"{source}: layer_types has {len(layer_types)} entries for {n_layers} layers")
+    if model_type in ("qwen2", "qwen2_moe"):
+        attention_bias = bool(get("qkv_bias", True))  # Qwen2 always has q/k/v biases; Qwen2-MoE by qkv_bias
+    else:
+        attention_bias = bool(get("attention_bias", False))
+
+    num_experts = get("num_experts", 0) if model_type.endswith("_moe") else 0
+    top_k = get("num_experts_per_tok", 0) if num_experts else 0
+    if num_experts and not 0 < top_k <= num_experts:
+        raise QwenNPError(f"{source}: num_experts_per_tok={top_k} must be between 1 and num_experts={num_experts}")
+
+    return Config(
+        model_type=model_type,
+        vocab_size=raw["vocab_size"],
+        hidden_size=raw["hidden_size"],
+        intermediate_size=raw["intermediate_size"],
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=get("num_key_value_heads", default_kv_heads),
+        head_dim=head_dim,
+        max_position_embeddings=get("max_position_embeddings", 32768),
+        rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+        rope_parameters=read_rope_parameters(raw, source),
+        attention_bias=attention_bias,
+        sliding_window=sliding_window,
+        layer_types=layer_types,
+        num_experts=num_experts,
+        num_experts_per_tok=top_k,
+        moe_intermediate_size=get("moe_intermediate_size", 0),
+        shared_expert_intermediate_size=get("shared_expert_intermediate_size", 0)
+        if model_type == "qwen2_moe" else 0,
+        norm_topk_prob=bool(get("norm_topk_prob", False)),
+        decoder_sparse_step=get("decoder_sparse_step", 1),
+        mlp_only_layers=tuple(get("mlp_only_layers", ())),
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_id=raw.get("eos_token_id"),
+        pad_token_id=raw.get("pad_token_id"),
+        dtype=raw.get("dtype") or raw.get("torch_dtype"),
+    )
+
+
+def default_layer_types(model_type, n_layers, sliding_window, max_window_layers):
+    """Which layers use sliding-window attention when config.json has no layer_types (reference rules)."""
+    if sliding_window is None:
+        sliding = [False] * n_layers
+    elif model_type == "qwen2_moe":  # every other layer, from layer 0, below max_window_layers
+        sliding = [(i + 1) % 2 == 1 and i < max_window_layers for i in range(n_layers)]
+    elif model_type == "qwen3_moe":  # every layer
+        sliding = [True] * n_layers
+    else:  # qwen2, qwen3: the layers from max_window_layers on
+        sliding = [i >= max_window_layers for i in range(n_layers)]
+    return tuple("sliding_attention" if s else "full_attention" for s in sliding)
+
+
+def read_rope_parameters(raw, source):
+    """One rope dict from either format: `rope_scaling` + top-level `rope_theta`, or `rope_parameters`."""
+    rope = dict(raw.get("rope_scaling") or raw.get("rope_parameters") or {})  # the reference's priority
+    rope.setdefault("rope_type", rope.get("type", "default"))
+    rope.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
+    rope.pop("type", None)
+    if rope["rope_type"] not in ROPE_TYPES:
+        raise QwenNPError(f"{source}: unsupported rope type {rope['rope_type']!r}; "
+                          f"qwen_np supports {', '.join(ROPE_TYPES)}")
+    if rope["rope_type"] in ("yarn", "llama3"):
+        # A top-level original_max_position_embeddings wins, as in the reference.
+        original = raw.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
+        rope["original_max_position_embeddings"] = original or raw.get("max_position_embeddings", 32768)
+    if rope["rope_type"] != "default" and rope.get("factor") is None and rope["rope_type"] != "yarn":
+        raise QwenNPError(f"{source}: rope type {rope['rope_type']!r} needs a 'factor'")
+    return rope

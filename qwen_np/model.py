@@ -1,0 +1,167 @@
+"""The model wiring: attention block, MLP or mixture-of-experts block, decoder layer, forward.
+
+Only these functions read the config; the operators in `ops` take explicit scalars.
+The params tree mirrors the checkpoint names, e.g.
+`params["model"]["layers"][0]["self_attn"]["q_proj"]["weight"]`, so a sub-tree unpacks
+straight into an operator: `linear(x, **p["q_proj"])` passes `weight` and, where the
+checkpoint has one, `bias`.
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+
+from .config import QwenNPError
+from .ops import (apply_rope, attention, causal_mask, embedding, linear, mlp, moe_experts, moe_route,
+                  rms_norm, rope_cos_sin, rope_default, rope_dynamic, rope_linear, rope_llama3, rope_yarn,
+                  sigmoid, sliding_window_mask)
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every position seen so far: a value passed to `forward` and handed back.
+
+    The buffers have room for more positions than are filled (`capacity >= length`), so a new
+    token is written in place and the cache is copied only when it doubles: appending costs
+    amortised constant time. `forward` writes into the free slots past `length` and returns a
+    cache with a larger `length`; keep using the returned cache, not the one passed in.
+    """
+    keys: tuple  # per layer [B, K, C, Dh], C the capacity
+    values: tuple  # per layer [B, K, C, Dh]
+    valid: np.ndarray  # [B, C] bool: a real token (False for left padding and free slots)
+    length: int  # S: positions filled
+
+
+def empty_cache(config, batch_size, capacity):
+    shape = (batch_size, config.num_key_value_heads, capacity, config.head_dim)
+    layers = range(config.num_hidden_layers)
+    return KVCache(tuple(np.zeros(shape, np.float32) for _ in layers),
+                   tuple(np.zeros(shape, np.float32) for _ in layers),
+                   np.zeros((batch_size, capacity), bool), 0)
+
+
+def grow_cache(cache, needed):
+    """The same cache with room for at least `needed` positions (capacity doubles when full)."""
+    capacity = cache.valid.shape[1]
+    if needed <= capacity:
+        return cache
+    new_capacity = max(needed, 2 * capacity)
+
+    def grown(a):  # [B, ..., C, ...] -> the same with capacity new_capacity
+        axis = a.ndim - 2 if a.ndim == 4 else 1
+        pad = [(0, 0)] * a.ndim
+        pad[axis] = (0, new_capacity - capacity)
+        return np.pad(a, pad)
+
+    return KVCache(tuple(map(grown, cache.keys)), tuple(map(grown, cache.values)),
+                   grown(cache.valid), cache.length)
+
+
+def rope_frequencies(config, seq_len):  # -> [Dh/2], attention_factor
+    """The inverse frequencies for positions below seq_len, by the config's rope type."""
+    rope, dim = config.rope_parameters, config.head_dim
+    theta, rope_type = rope["rope_theta"], rope["rope_type"]
+    if rope_type == "linear":
+        return rope_linear(dim, theta, rope["factor"])
+    if rope_type == "dynamic":
+        return rope_dynamic(dim, theta, rope["factor"], seq_len, config.max_position_embeddings)
+    if rope_type == "yarn":
+        original = rope["original_max_position_embeddings"]
+        factor = rope.get("factor") or config.max_position_embeddings / original
+        return rope_yarn(dim, theta, factor, original, rope.get("beta_fast"), rope.get("beta_slow"),
+                         rope.get("attention_factor"), rope.get("mscale"), rope.get("mscale_all_dim"),
+                         rope.get("truncate", True))
+    if rope_type == "llama3":
+        return rope_llama3(dim, theta, rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"],
+                           rope["original_max_position_embeddings"])
+    return rope_default(dim, theta)
+
+
+def attention_block(x, p, cos, sin, mask, k_cache, v_cache, start, num_heads, num_kv_heads, head_dim, eps):
+    # [B, T, D] -> [B, T, D]; writes this step's keys and values into k_cache/v_cache[:, :, start:]
+    B, T, _ = x.shape
+    q = linear(x, **p["q_proj"]).reshape(B, T, num_heads, head_dim)  # [B, T, H, Dh]
+    k = linear(x, **p["k_proj"]).reshape(B, T, num_kv_heads, head_dim)  # [B, T, K, Dh]
+    v = linear(x, **p["v_proj"]).reshape(B, T, num_kv_heads, head_dim)  # [B, T, K, Dh]
+    if "q_norm" in p:  # Qwen3: RMSNorm over each head's vector, before RoPE
+        q = rms_norm(q, **p["q_norm"], eps=eps)
+        k = rms_norm(k, **p["k_norm"], eps=eps)
+    q = apply_rope(q.transpose(0, 2, 1, 3), cos, sin)  # [B, H, T, Dh]
+    k_cache[:, :, start:start + T] = apply_rope(k.transpose(0, 2, 1, 3), cos, sin)  # [B, K, T, Dh]
+    v_cache[:, :, start:start + T] = v.transpose(0, 2, 1, 3)
+    end = start + T
+    out = attention(q, k_cache[:, :, :end], v_cache[:, :, :end], mask)  # [B, H, T, Dh]
+    return linear(out.transpose(0, 2, 1, 3).reshape(B, T, num_heads * head_dim), **p["o_proj"])
+
+
+def sparse_moe_block(x, p, top_k, norm_topk_prob):  # [N, D] -> [N, D], [N, k] int, [N, k]
+    chosen, weights, _ = moe_route(x, p["gate"]["weight"], top_k, norm_topk_prob)
+    out = moe_experts(x, p["experts"], chosen, weights)
+    if "shared_expert" in p:  # Qwen2-MoE: one more MLP for every token, gated per token
+        out = out + sigmoid(linear(x, **p["shared_expert_gate"])) * mlp(x, **p["shared_expert"])
+    return out, chosen, weights
+
+
+def decoder_layer(x, p, config, cos, sin, mask, k_cache, v_cache, start):
+    # [B, T, D] -> [B, T, D], router choice or None: pre-norm attention and MLP, each added back
+    h = rms_norm(x, **p["input_layernorm"], eps=config.rms_norm_eps)
+    x = x + attention_block(h, p["self_attn"], cos, sin, mask, k_cache, v_cache, start,
+                            config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+                            config.rms_norm_eps)
+    h = rms_norm(x, **p["post_attention_layernorm"], eps=config.rms_norm_eps)
+    if "experts" in p["mlp"]:  # a sparse layer: its params hold experts
+        B, T, D = h.shape
+        out, chosen, weights = sparse_moe_block(h.reshape(B * T, D), p["mlp"], config.num_experts_per_tok,
+                                                config.norm_topk_prob)
+        return x + out.reshape(B, T, D), (chosen.reshape(B, T, -1), weights.reshape(B, T, -1))
+    return x + mlp(h, **p["mlp"]), None
+
+
+def forward(params, config, input_ids, cache=None, attention_mask=None, last_only=False, return_router=False):
+    """Logits for `input_ids` [B, T] after the positions already in `cache`.
+
+    attention_mask: [B, T], 0 for left padding among the new tokens (default: all real).
+    last_only: compute the LM head for the last position only ([B, 1, V]), as prefill needs.
+    return_router: also return, per layer, (experts [B, T, k], weights [B, T, k]) or None.
+    Returns (logits [B, T, V] float32, cache) or (logits, cache, router).
+    """
+    input_ids = np.asarray(input_ids)
+    if input_ids.ndim != 2 or input_ids.shape[1] == 0 or not np.issubdtype(input_ids.dtype, np.integer):
+        raise QwenNPError(f"input_ids must be a non-empty integer array [batch, tokens], got shape "
+                          f"{input_ids.shape} of {input_ids.dtype}")
+    if input_ids.min() < 0 or input_ids.max() >= config.vocab_size:
+        bad = input_ids[(input_ids < 0) | (input_ids >= config.vocab_size)][0]
+        raise QwenNPError(f"token id {bad} is outside the vocabulary (0..{config.vocab_size - 1})")
+    B, T = input_ids.shape
+    new_valid = np.ones((B, T), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    if new_valid.shape != (B, T):
+        raise QwenNPError(f"attention_mask has shape {new_valid.shape}, expected {(B, T)}")
+    cache = empty_cache(config, B, T) if cache is None else grow_cache(cache, cache.length + T)
+    if cache.valid.shape[0] != B:
+        raise QwenNPError(f"the cache holds {cache.valid.shape[0]} sequences but input_ids has {B}")
+    start, end = cache.length, cache.length + T
+    cache.valid[:, start:end] = new_valid
+    valid = cache.valid[:, :end]  # [B, S]
+
+    # Positions count real tokens only, so a left-padded prompt starts at position 0.
+    positions = np.maximum(valid.cumsum(axis=1)[:, start:] - 1, 0)  # [B, T]
+    inv_freq, attention_factor = rope_frequencies(config, int(positions.max()) + 1)
+    cos, sin = rope_cos_sin(positions, inv_freq, attention_factor)  # [B, T, Dh] x2
+
+    # A query sees real tokens (and itself, so that a padding row is never empty).
+    key_ok = valid[:, None, None, :] | np.eye(T, end, k=start, dtype=bool)[None, None]  # [B, 1, T, S]
+    masks = {"full_attention": causal_mask(T, end)[None, None] & key_ok}
+    if config.sliding_window is not None:
+        masks["sliding_attention"] = sliding_window_mask(T, end, config.sliding_window)[None, None] & key_ok
+
+    x = embedding(input_ids, params["model"]["embed_tokens"]["weight"])  # [B, T, D]
+    router = []
+    for i, layer in enumerate(params["model"]["layers"]):
+        kind = config.layer_types[i] if config.sliding_window is not None else "full_attention"
+        x, choice = decoder_layer(x, layer, config, cos, sin, masks[kind], cache.keys[i], cache.values[i], start)
+        router.append(choice)
+    if last_only:
+        x = x[:, -1:]
+    x = rms_norm(x, **params["model"]["norm"], eps=config.rms_norm_eps)
+    logits = linear(x, **params["lm_head"])  # [B, T, V]
+    cache = cache._replace(length=end)
+    return (logits, cache, router) if return_router else (logits, cache)

@@ -1,0 +1,204 @@
+"""Pure operators of the Qwen decoder, each a small function over float32 NumPy arrays.
+
+Shape legend (used in every comment of the package):
+    B batch, T new tokens, S cached + new positions, D hidden size, H query heads,
+    K key/value heads, G = H // K query heads per key/value head, Dh head_dim,
+    F intermediate size, E experts, k top-k, V vocab, N tokens (B * T flattened).
+
+Nothing here reads a config, a file or a global: every scalar is an argument.
+"""
+
+import math
+
+import numpy as np
+
+# ---------------------------------------------------------------------------------------------
+# Basic layers
+
+
+def embedding(input_ids, weight):  # [B, T] int, [V, D] -> [B, T, D]
+    return weight[input_ids]
+
+
+def linear(x, weight, bias=None):  # [..., in], [out, in], [out] or None -> [..., out]
+    # Weights keep the checkpoint's [out, in] layout; `weight.T` is a view, BLAS reads it transposed.
+    y = x @ weight.T
+    return y if bias is None else y + bias
+
+
+def rms_norm(x, weight, eps):  # [..., D], [D] -> [..., D]
+    # Statistics in float32 (the reference upcasts here), then the learned per-channel scale.
+    variance = np.mean(np.square(x, dtype=np.float32), axis=-1, keepdims=True)
+    return weight * (x / np.sqrt(variance + eps))
+
+
+def sigmoid(x):  # [...] -> [...]
+    # 1 / (1 + exp(-x)) written with tanh, which cannot overflow for large negative x.
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def silu(x):  # [...] -> [...]
+    return x * sigmoid(x)
+
+
+def softmax(x, axis=-1):  # [..., S] -> [..., S], rows sum to one
+    e = np.exp(x - x.max(axis=axis, keepdims=True))  # subtracting the row max keeps exp() finite
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def mlp(x, gate_proj, up_proj, down_proj):  # [..., D], {weight: [F, D]} x2, {weight: [D, F]} -> [..., D]
+    # SwiGLU: a SiLU-activated gate multiplies the up projection, then projects back down.
+    return linear(silu(linear(x, **gate_proj)) * linear(x, **up_proj), **down_proj)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embedding (RoPE): inverse frequencies for each rope type, then the rotation.
+# Each `rope_*` function returns (inv_freq [Dh/2], attention_factor), like the reference's
+# rope-init functions; attention_factor scales cos and sin (only YaRN sets it).
+
+
+def rope_default(head_dim, theta):  # -> [Dh/2], 1.0
+    # Pair i rotates with frequency theta ** (-2i / Dh); float32 like the reference.
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim
+    return (1.0 / theta**exponents).astype(np.float32), 1.0
+
+
+def rope_linear(head_dim, theta, factor):  # -> [Dh/2], 1.0
+    # Position interpolation: dividing the frequencies is dividing every position by `factor`.
+    inv_freq, _ = rope_default(head_dim, theta)
+    return inv_freq / np.float32(factor), 1.0
+
+
+def rope_dynamic(head_dim, theta, factor, seq_len, max_position_embeddings):  # -> [Dh/2], 1.0
+    # Dynamic NTK: past the trained length the base grows with the sequence, so the lowest
+    # frequencies stretch while the highest stay as trained. seq_len is the largest position + 1.
+    seq_len = max(seq_len, max_position_embeddings)
+    growth = np.float32(factor * seq_len / max_position_embeddings - (factor - 1))
+    base = np.float32(theta) * growth ** np.float32(head_dim / (head_dim - 2))
+    return rope_default(head_dim, base)
+
+
+def rope_yarn(head_dim, theta, factor, original_max_position_embeddings, beta_fast=32, beta_slow=1,
+              attention_factor=None, mscale=None, mscale_all_dim=None, truncate=True):  # -> [Dh/2], float
+    # YaRN: high-frequency pairs (many rotations within the trained length) keep their
+    # frequency, low-frequency pairs are interpolated by `factor`, a linear ramp in between;
+    # cos and sin are scaled by an attention factor that grows with log(factor).
+    def get_mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if attention_factor is None:
+        if mscale and mscale_all_dim:
+            attention_factor = float(get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim))
+        else:
+            attention_factor = get_mscale(factor)
+
+    def correction_dim(num_rotations):  # the pair index that rotates `num_rotations` times
+        return head_dim * math.log(original_max_position_embeddings / (num_rotations * 2 * math.pi)) / (
+            2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast or 32), correction_dim(beta_slow or 1)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # avoid a division by zero in the ramp
+    ramp = np.clip((np.arange(head_dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp  # 1 where the pair keeps its trained frequency
+    wavelength = theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)  # [Dh/2]
+    inv_freq = (1.0 / (np.float32(factor) * wavelength)) * (1 - extrapolation) + (1.0 / wavelength) * extrapolation
+    return inv_freq.astype(np.float32), attention_factor
+
+
+def rope_llama3(head_dim, theta, factor, low_freq_factor, high_freq_factor,
+                original_max_position_embeddings):  # -> [Dh/2], 1.0
+    # Llama 3: long wavelengths are interpolated by `factor`, short ones kept, a smooth blend between.
+    inv_freq, _ = rope_default(head_dim, theta)
+    wavelength = 2 * math.pi / inv_freq
+    low_freq_wavelen = original_max_position_embeddings / low_freq_factor
+    high_freq_wavelen = original_max_position_embeddings / high_freq_factor
+    scaled = np.where(wavelength > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original_max_position_embeddings / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelength >= high_freq_wavelen) & (wavelength <= low_freq_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32), 1.0
+
+
+def rope_cos_sin(positions, inv_freq, attention_factor=1.0):  # [B, T] int, [Dh/2] -> [B, T, Dh] x2
+    angles = positions[..., None].astype(np.float32) * inv_freq  # [B, T, Dh/2]
+    angles = np.concatenate([angles, angles], axis=-1)  # [B, T, Dh]: rotate-half layout, see below
+    return np.cos(angles) * np.float32(attention_factor), np.sin(angles) * np.float32(attention_factor)
+
+
+def rotate_half(x):  # [..., Dh] -> [..., Dh]
+    # Hugging Face Qwen pairs dimension i with i + Dh/2 (the "rotate-half" layout), not 2i with
+    # 2i+1 (the interleaved layout of the RoPE paper and llama.cpp); the two differ by a fixed
+    # permutation of the q/k projection rows.
+    half = x.shape[-1] // 2
+    return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rope(x, cos, sin):  # [B, H, T, Dh], [B, T, Dh], [B, T, Dh] -> [B, H, T, Dh]
+    # Rotates each pair (x_i, x_{i+Dh/2}) by its angle; vector norms are unchanged.
+    cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, Dh], broadcast over heads
+    return x * cos + rotate_half(x) * sin
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+
+
+def repeat_kv(x, n_rep):  # [B, K, S, Dh] -> [B, K * n_rep, S, Dh]
+    # Each key/value head serves n_rep consecutive query heads (repeat, not tile: head h uses
+    # key/value head h // n_rep). `attention` below gets the same result without this copy.
+    return np.repeat(x, n_rep, axis=1)
+
+
+def causal_mask(num_new, num_total):  # -> [T, S] bool, True where attending is allowed
+    # The T new tokens sit at the last T of S positions; query t sees positions up to its own.
+    return np.tri(num_new, num_total, k=num_total - num_new, dtype=bool)
+
+
+def sliding_window_mask(num_new, num_total, window):  # -> [T, S] bool
+    # Causal, and only the `window` most recent positions including the query itself.
+    query_pos = np.arange(num_total - num_new, num_total)[:, None]
+    key_pos = np.arange(num_total)[None, :]
+    return (key_pos <= query_pos) & (key_pos > query_pos - window)
+
+
+def attention(q, k, v, mask):  # [B, H, T, Dh], [B, K, S, Dh] x2, [B, 1, T, S] bool -> [B, H, T, Dh]
+    B, H, T, Dh = q.shape
+    K, S = k.shape[1], k.shape[2]
+    # Grouped-query attention: the G = H // K query heads of a group share one key/value head.
+    # Stacking a group's queries as rows ([B, K, G*T, Dh]) equals repeat_kv on k and v, no copy.
+    q = q.reshape(B, K, (H // K) * T, Dh)
+    scores = (q @ k.swapaxes(-1, -2)) * np.float32(Dh**-0.5)  # [B, K, G*T, S]
+    scores = scores.reshape(B, H, T, S)
+    # The mask always allows the query's own position, so no row is left empty.
+    weights = softmax(np.where(mask, scores, -np.inf))  # [B, H, T, S]
+    out = weights.reshape(B, K, (H // K) * T, S) @ v  # [B, K, G*T, Dh]
+    return out.reshape(B, H, T, Dh)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixture of experts
+
+
+def moe_route(x, gate_weight, top_k, norm_topk_prob):  # [N, D], [E, D] -> [N, k] int, [N, k], [N, E]
+    # Softmax over all experts in float32, keep the k largest; renormalise them only if asked.
+    logits = x @ gate_weight.T  # [N, E]
+    probs = softmax(logits)
+    experts = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k]  # [N, k], best first
+    weights = np.take_along_axis(probs, experts, axis=-1)  # [N, k]
+    if norm_topk_prob:
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+    return experts, weights, logits
+
+
+def moe_experts(x, experts, chosen, weights):  # [N, D], E x mlp params, [N, k] int, [N, k] -> [N, D]
+    # Each expert runs only on the tokens routed to it; its output, scaled by the routing
+    # weight, is added back at those tokens' rows. Experts nobody chose cost nothing.
+    out = np.zeros_like(x)
+    for e in np.unique(chosen):
+        tokens, slot = np.nonzero(chosen == e)  # a token picks an expert at most once
+        out[tokens] += mlp(x[tokens], **experts[e]) * weights[tokens, slot, None]
+    return out

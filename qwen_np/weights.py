@@ -1,0 +1,189 @@
+"""All file I/O for Hugging Face checkpoints: safetensors (single or sharded), bf16/fp16/fp32,
+tied embeddings, and a shape check of every tensor against the config.
+
+A safetensors file is: 8 bytes (little-endian u64) giving the header size, a JSON header
+mapping each tensor name to its dtype, shape and byte range, then the raw bytes. We read it
+directly so that bf16 (which NumPy lacks) can be widened exactly and a truncated file is
+reported by name.
+"""
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from .config import QwenNPError
+
+DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # BF16: raw bits, widened below
+
+
+def read_safetensors_header(path):
+    """{tensor name: (dtype, shape, absolute byte offset, byte length)} of one .safetensors file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise QwenNPError(f"{path} is not a safetensors file (only {size} bytes)")
+        (header_len,) = struct.unpack("<Q", head)
+        if 8 + header_len > size:
+            raise QwenNPError(f"{path} is truncated or not a safetensors file: its header claims "
+                              f"{header_len} bytes but the file has {size}")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise QwenNPError(f"{path} has a corrupt safetensors header") from None
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        if 8 + header_len + end > size:
+            raise QwenNPError(f"{path} is truncated: tensor {name!r} needs bytes up to "
+                              f"{8 + header_len + end} but the file has {size}")
+        tensors[name] = (info["dtype"], tuple(info["shape"]), 8 + header_len + begin, end - begin)
+    return tensors
+
+
+def read_tensor(path, name, dtype, shape, offset, nbytes):  # -> float32 array of `shape`
+    """One tensor widened to float32 in a single new array (no second full-size copy)."""
+    if dtype not in DTYPES:
+        raise QwenNPError(f"{path}: tensor {name!r} has dtype {dtype}; qwen_np reads F32, F16 and BF16")
+    count = int(np.prod(shape))
+    if count * np.dtype(DTYPES[dtype]).itemsize != nbytes:
+        raise QwenNPError(f"{path}: tensor {name!r} has {nbytes} bytes, not {count} {dtype} values")
+    raw = np.fromfile(path, dtype=DTYPES[dtype], count=count, offset=offset)
+    if dtype == "BF16":
+        # bfloat16 is the top 16 bits of a float32: shift the bits up, then view them as float32.
+        wide = raw.astype(np.uint32)
+        wide <<= 16
+        return wide.view(np.float32).reshape(shape)
+    return raw.astype(np.float32, copy=False).reshape(shape)
+
+
+def checkpoint_files(directory):
+    """{tensor name: file} from model.safetensors.index.json, or from the *.safetensors files."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise QwenNPError(f"{index} is not a valid index (it needs a 'weight_map' object)") from None
+        missing = sorted({f for f in weight_map.values() if not (directory / f).is_file()})
+        if missing:
+            raise QwenNPError(f"{index} names shard(s) that do not exist: {', '.join(missing)}")
+        return {name: directory / f for name, f in weight_map.items()}
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise QwenNPError(f"no weights in {directory}: expected model.safetensors or "
+                          f"model.safetensors.index.json")
+    return {name: f for f in files for name in read_safetensors_header(f)}
+
+
+def expected_shapes(config):
+    """{tensor name: shape} of every tensor the config calls for. Biases are listed only where the
+    family has them; lm_head only when the embeddings are not tied."""
+    D, V, Dh = config.hidden_size, config.vocab_size, config.head_dim
+    H, K = config.num_attention_heads, config.num_key_value_heads
+    shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (V, D)
+
+    def mlp(prefix, F):
+        shapes.update({f"{prefix}.gate_proj.weight": (F, D), f"{prefix}.up_proj.weight": (F, D),
+                       f"{prefix}.down_proj.weight": (D, F)})
+
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}"
+        shapes.update({f"{p}.input_layernorm.weight": (D,), f"{p}.post_attention_layernorm.weight": (D,),
+                       f"{p}.self_attn.q_proj.weight": (H * Dh, D), f"{p}.self_attn.k_proj.weight": (K * Dh, D),
+                       f"{p}.self_attn.v_proj.weight": (K * Dh, D), f"{p}.self_attn.o_proj.weight": (D, H * Dh)})
+        if config.attention_bias:
+            shapes.update({f"{p}.self_attn.q_proj.bias": (H * Dh,), f"{p}.self_attn.k_proj.bias": (K * Dh,),
+                           f"{p}.self_attn.v_proj.bias": (K * Dh,)})
+            if config.model_type not in ("qwen2", "qwen2_moe"):  # attention_bias covers o_proj too
+                shapes[f"{p}.self_attn.o_proj.bias"] = (D,)
+        if config.model_type in ("qwen3", "qwen3_moe"):
+            shapes.update({f"{p}.self_attn.q_norm.weight": (Dh,), f"{p}.self_attn.k_norm.weight": (Dh,)})
+        if config.is_sparse_layer(i):
+            shapes[f"{p}.mlp.gate.weight"] = (config.num_experts, D)
+            for e in range(config.num_experts):
+                mlp(f"{p}.mlp.experts.{e}", config.moe_intermediate_size)
+            if config.shared_expert_intermediate_size:
+                mlp(f"{p}.mlp.shared_expert", config.shared_expert_intermediate_size)
+                shapes[f"{p}.mlp.shared_expert_gate.weight"] = (1, D)
+        else:
+            mlp(f"{p}.mlp", config.intermediate_size)
+    return shapes
+
+
+def nest(flat):
+    """{"a.0.b": x} -> {"a": [{"b": x}]}: dotted names to a tree; numbered levels become lists."""
+    tree = {}
+    for name, value in flat.items():
+        node = tree
+        *parents, leaf = name.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+
+    def listify(node):
+        if not isinstance(node, dict):
+            return node
+        node = {k: listify(v) for k, v in node.items()}
+        if node and all(k.isdigit() for k in node):
+            return [node[str(i)] for i in range(len(node))]
+        return node
+
+    return listify(tree)
+
+
+def load_params(directory, config):
+    """The params tree of a checkpoint directory, every tensor float32 and shape-checked."""
+    directory = Path(directory)
+    files = checkpoint_files(directory)
+    shapes = expected_shapes(config)
+    if "lm_head.weight" in shapes and "lm_head.weight" not in files:
+        del shapes["lm_head.weight"]  # absent lm_head: tied to the embeddings, as the reference does
+    headers = {f: read_safetensors_header(f) for f in sorted(set(files.values()))}
+    flat = {}
+    for name, shape in shapes.items():
+        if name not in files or name not in headers[files[name]]:
+            where = files.get(name, directory)
+            raise QwenNPError(f"missing tensor {name!r} in {where} (the config calls for it)")
+        flat[name] = read_checked(files[name], headers[files[name]], name, shape)
+    params = nest(flat)
+    if "lm_head" not in params:
+        # Tied embeddings: the LM head is the embedding matrix itself (the same array, not a copy).
+        params["lm_head"] = {"weight": params["model"]["embed_tokens"]["weight"]}
+    return params
+
+
+def read_checked(path, header, name, shape):
+    dtype, found, offset, nbytes = header[name]
+    if tuple(found) != shape:
+        raise QwenNPError(f"{path}: tensor {name!r} has shape {list(found)} but the config implies {list(shape)}")
+    return read_tensor(path, name, dtype, shape, offset, nbytes)
+
+
+def read_json(path):
+    """A JSON file's object, or None when the file does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QwenNPError(f"{path} is not valid JSON: {e}") from None
+
+
+def load_tokenizer(directory):
+    """The `tokenizers.Tokenizer` of tokenizer.json in `directory`, or None when there is none."""
+    path = Path(directory) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers library raises its own exception type
+        raise QwenNPError(f"{path} could not be read as a tokenizer: {e}") from None
