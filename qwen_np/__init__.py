@@ -21,7 +21,7 @@ class Model:
     params: dict  # nested dict/list tree mirroring the checkpoint's tensor names
     tokenizer: object  # a tokenizers.Tokenizer, or None when the checkpoint has none
     generation_config: dict  # generation_config.json, or {} when absent
-    tokenizer_config: dict  # tokenizer_config.json, or {} when absent
+    tokenizer_config: dict  # tokenizer_config.json (+ chat_template.jinja), or {} when absent
     path: Path
 
 
@@ -33,6 +33,9 @@ def load(path):
     if not path.is_dir():
         raise QwenNPError(f"{path} is not a checkpoint directory (expected config.json and *.safetensors)")
     config = read_config(path)
+    tokenizer_config = read_json(path / "tokenizer_config.json") or {}
+    if (path / "chat_template.jinja").is_file():  # newer checkpoints keep the template beside
+        tokenizer_config = {**tokenizer_config, "chat_template": (path / "chat_template.jinja").read_text("utf-8")}
     return Model(config=config, params=load_params(path, config), tokenizer=load_tokenizer(path),
                  generation_config=read_json(path / "generation_config.json") or {},
-                 tokenizer_config=read_json(path / "tokenizer_config.json") or {}, path=path)
+                 tokenizer_config=tokenizer_config, path=path)
