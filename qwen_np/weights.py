@@ -146,24 +146,20 @@ def load_params(directory, config):
     if "lm_head.weight" in shapes and "lm_head.weight" not in files:
         del shapes["lm_head.weight"]  # absent lm_head: tied to the embeddings, as the reference does
     headers = {f: read_safetensors_header(f) for f in sorted(set(files.values()))}
-    flat = {}
+    # Check every name and shape from the headers first, so a bad checkpoint fails before any reading.
     for name, shape in shapes.items():
         if name not in files or name not in headers[files[name]]:
-            where = files.get(name, directory)
-            raise QwenNPError(f"missing tensor {name!r} in {where} (the config calls for it)")
-        flat[name] = read_checked(files[name], headers[files[name]], name, shape)
+            raise QwenNPError(f"missing tensor {name!r} in {files.get(name, directory)} (the config calls for it)")
+        found = headers[files[name]][name][1]
+        if found != shape:
+            raise QwenNPError(f"{files[name]}: tensor {name!r} has shape {list(found)} but the config "
+                              f"implies {list(shape)}")
+    flat = {name: read_tensor(files[name], name, *headers[files[name]][name]) for name in shapes}
     params = nest(flat)
     if "lm_head" not in params:
         # Tied embeddings: the LM head is the embedding matrix itself (the same array, not a copy).
         params["lm_head"] = {"weight": params["model"]["embed_tokens"]["weight"]}
     return params
-
-
-def read_checked(path, header, name, shape):
-    dtype, found, offset, nbytes = header[name]
-    if tuple(found) != shape:
-        raise QwenNPError(f"{path}: tensor {name!r} has shape {list(found)} but the config implies {list(shape)}")
-    return read_tensor(path, name, dtype, shape, offset, nbytes)
 
 
 def read_json(path):

@@ -1,0 +1,240 @@
+"""The whole dense model (Qwen2 / Qwen2.5 / Qwen3) against transformers, through our own loader,
+and the loader's errors on bad input."""
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import qwen_np
+from qwen_np.weights import read_safetensors_header
+from tiny import reference_logits, tiny_model
+
+rng = np.random.default_rng(0)
+TOL = dict(rtol=1e-4, atol=1e-4)
+
+
+def ids(batch, length, vocab=128):
+    return rng.integers(0, vocab, (batch, length))
+
+
+def compare(family, tmp_path, length=24, batch=2, **overrides):
+    """Builds, saves, reloads; returns (ours, reference) logits for a random batch."""
+    ref = tiny_model(family, tmp_path, **overrides)
+    model = qwen_np.load(tmp_path)
+    x = ids(batch, length)
+    ours, _ = qwen_np.forward(model.params, model.config, x)
+    expected = reference_logits(ref, x)
+    assert ours.dtype == np.float32 and ours.shape == expected.shape
+    np.testing.assert_allclose(ours, expected, **TOL)
+    return ours, expected
+
+
+def test_qwen2_with_biases_untied(tmp_path):
+    compare("qwen2", tmp_path, tie_word_embeddings=False)
+    names = read_safetensors_header(tmp_path / "model.safetensors")
+    assert "model.layers.0.self_attn.q_proj.bias" in names and "lm_head.weight" in names
+
+
+def test_qwen2_tied_embeddings_share_one_array(tmp_path):
+    compare("qwen2", tmp_path, tie_word_embeddings=True)
+    assert "lm_head.weight" not in read_safetensors_header(tmp_path / "model.safetensors")
+    params = qwen_np.load(tmp_path).params
+    assert params["lm_head"]["weight"] is params["model"]["embed_tokens"]["weight"]
+
+
+def test_qwen3_q_k_norm_and_explicit_head_dim(tmp_path):
+    compare("qwen3", tmp_path, head_dim=24)  # hidden 64 / 4 heads would be 16
+    config = qwen_np.load(tmp_path).config
+    assert config.head_dim == 24 and config.hidden_size // config.num_attention_heads == 16
+
+
+def test_sliding_window_with_max_window_layers(tmp_path):
+    overrides = dict(num_hidden_layers=4, use_sliding_window=True, sliding_window=6, max_window_layers=2)
+    ours, _ = compare("qwen2", tmp_path / "sliding", length=30, **overrides)
+    config = qwen_np.load(tmp_path / "sliding").config
+    assert config.layer_types == ("full_attention",) * 2 + ("sliding_attention",) * 2
+    # The window matters: the same weights without it give other logits.
+    full, _ = compare("qwen2", tmp_path / "full", length=30, num_hidden_layers=4)
+    assert not np.allclose(ours, full, atol=1e-3)
+
+
+def test_explicit_layer_types(tmp_path):
+    types_ = ["sliding_attention", "full_attention", "sliding_attention"]
+    compare("qwen3", tmp_path, length=20, use_sliding_window=True, sliding_window=5, layer_types=types_)
+    assert qwen_np.load(tmp_path).config.layer_types == tuple(types_)
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "factor": 2.0},
+    {"rope_type": "dynamic", "factor": 2.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+])
+def test_rope_scaling_past_the_original_length(tmp_path, rope):
+    # dynamic NTK changes the frequencies only past max_position_embeddings: make that short too.
+    max_pos = 16 if rope["rope_type"] == "dynamic" else 64
+    ours, _ = compare("qwen2", tmp_path, length=40, max_position_embeddings=max_pos,
+                      rope_parameters={"rope_theta": 10000.0, **rope})
+    assert qwen_np.load(tmp_path).config.rope_parameters["rope_type"] == rope["rope_type"]
+
+
+def test_bf16_checkpoint_in_shards(tmp_path):
+    import torch
+    compare("qwen2", tmp_path, dtype=torch.bfloat16, max_shard_size="40KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    assert {info[0] for s in shards for info in read_safetensors_header(tmp_path / s).values()} == {"BF16"}
+
+
+def test_fp16_checkpoint(tmp_path):
+    import torch
+    compare("qwen3", tmp_path, dtype=torch.float16)
+
+
+def test_bf16_widening_is_exact(tmp_path):
+    import torch
+    values = torch.randn(1000).to(torch.bfloat16)
+    from qwen_np.weights import read_tensor
+    path = tmp_path / "x.safetensors"
+    from safetensors.torch import save_file as save_torch
+    save_torch({"x": values}, path)
+    dtype, shape, offset, nbytes = read_safetensors_header(path)["x"]
+    np.testing.assert_array_equal(read_tensor(path, "x", dtype, shape, offset, nbytes), values.float().numpy())
+
+
+def test_left_padded_batch_matches_reference_with_positions(tmp_path):
+    torch, _ = pytest.importorskip("torch"), None
+    ref = tiny_model("qwen2", tmp_path)
+    model = qwen_np.load(tmp_path)
+    x = ids(2, 12)
+    mask = np.ones((2, 12), int)
+    mask[1, :5] = 0  # the second prompt is 7 tokens, left-padded
+    positions = np.maximum(mask.cumsum(1) - 1, 0)
+    ours, _ = qwen_np.forward(model.params, model.config, x, attention_mask=mask)
+    expected = reference_logits(ref, x, attention_mask=torch.as_tensor(mask),
+                                position_ids=torch.as_tensor(positions))
+    np.testing.assert_allclose(ours[mask == 1], expected[mask == 1], **TOL)
+    # and the padded row equals that prompt alone
+    alone, _ = qwen_np.forward(model.params, model.config, x[1:, 5:])
+    np.testing.assert_allclose(ours[1, 5:], alone[0], **TOL)
+
+
+def test_old_config_format_reads_the_same(tmp_path):
+    """Older config.json: rope_theta and rope_scaling at the top level, torch_dtype."""
+    ref = tiny_model("qwen2", tmp_path, rope_parameters={"rope_type": "yarn", "factor": 4.0,
+                                                         "original_max_position_embeddings": 16,
+                                                         "rope_theta": 5000.0})
+    raw = json.loads((tmp_path / "config.json").read_text())
+    rope = raw.pop("rope_parameters")
+    raw.update(rope_theta=rope.pop("rope_theta"), torch_dtype=raw.pop("dtype", "float32"),
+               rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+               some_future_key={"ignored": True})
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    model = qwen_np.load(tmp_path)
+    assert model.config.rope_parameters["rope_theta"] == 5000.0 and model.config.dtype == "float32"
+    x = ids(1, 30)
+    np.testing.assert_allclose(qwen_np.forward(model.params, model.config, x)[0], reference_logits(ref, x), **TOL)
+
+
+def test_forward_with_cache_continues_where_prefill_stopped(tmp_path):
+    model = qwen_np.load(tiny_model("qwen2", tmp_path) and tmp_path)
+    x = ids(2, 10)
+    full, _ = qwen_np.forward(model.params, model.config, x)
+    _, cache = qwen_np.forward(model.params, model.config, x[:, :6])
+    for i in range(6, 10):
+        step, cache = qwen_np.forward(model.params, model.config, x[:, i:i + 1], cache=cache)
+        np.testing.assert_allclose(step[:, 0], full[:, i], **TOL)
+    assert cache.length == 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one clear QwenNPError naming the problem
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    tiny_model("qwen2", tmp_path, tie_word_embeddings=False)
+    return tmp_path
+
+
+def test_missing_path_and_missing_config(tmp_path):
+    with pytest.raises(qwen_np.QwenNPError, match="does not exist"):
+        qwen_np.load(tmp_path / "nope")
+    with pytest.raises(qwen_np.QwenNPError, match="no config.json"):
+        qwen_np.load(tmp_path)
+
+
+def edit_config(directory, **changes):
+    raw = json.loads((directory / "config.json").read_text())
+    raw.update(changes)
+    for key, value in changes.items():
+        if value is None:
+            del raw[key]
+    (directory / "config.json").write_text(json.dumps(raw))
+
+
+def test_unsupported_model_type(checkpoint):
+    edit_config(checkpoint, model_type="gpt2")
+    with pytest.raises(qwen_np.QwenNPError, match="unsupported model_type 'gpt2'"):
+        qwen_np.load(checkpoint)
+
+
+def test_missing_required_key(checkpoint):
+    edit_config(checkpoint, hidden_size=None)
+    with pytest.raises(qwen_np.QwenNPError, match="missing required key.*hidden_size"):
+        qwen_np.load(checkpoint)
+
+
+def test_malformed_config(checkpoint):
+    (checkpoint / "config.json").write_text("{not json")
+    with pytest.raises(qwen_np.QwenNPError, match="config.json is not valid JSON"):
+        qwen_np.load(checkpoint)
+
+
+def test_unsupported_rope_type(checkpoint):
+    edit_config(checkpoint, rope_parameters={"rope_type": "longrope", "rope_theta": 1e4})
+    with pytest.raises(qwen_np.QwenNPError, match="unsupported rope type 'longrope'"):
+        qwen_np.load(checkpoint)
+
+
+def test_shape_mismatch_names_file_and_tensor(checkpoint):
+    edit_config(checkpoint, intermediate_size=100)
+    with pytest.raises(qwen_np.QwenNPError, match=r"model\.safetensors: tensor 'model\.layers\.0\.mlp\.gate_proj"
+                                                  r"\.weight' has shape \[96, 64\] but the config implies \[100, 64\]"):
+        qwen_np.load(checkpoint)
+
+
+def test_missing_tensor_is_named(checkpoint):
+    tensors = load_file(checkpoint / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_proj.weight"]
+    save_file(tensors, checkpoint / "model.safetensors")
+    with pytest.raises(qwen_np.QwenNPError, match=r"missing tensor 'model\.layers\.1\.self_attn\.k_proj\.weight'"):
+        qwen_np.load(checkpoint)
+
+
+def test_truncated_safetensors(checkpoint):
+    path = checkpoint / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(qwen_np.QwenNPError, match=r"model\.safetensors is truncated: tensor '.*' needs bytes"):
+        qwen_np.load(checkpoint)
+    path.write_bytes(b"\x10\x00")
+    with pytest.raises(qwen_np.QwenNPError, match="is not a safetensors file"):
+        qwen_np.load(checkpoint)
+
+
+def test_no_weights(checkpoint):
+    (checkpoint / "model.safetensors").unlink()
+    with pytest.raises(qwen_np.QwenNPError, match="no weights in"):
+        qwen_np.load(checkpoint)
+
+
+def test_token_ids_outside_the_vocabulary(checkpoint):
+    model = qwen_np.load(checkpoint)
+    with pytest.raises(qwen_np.QwenNPError, match=r"token id 128 is outside the vocabulary \(0\.\.127\)"):
+        qwen_np.forward(model.params, model.config, np.array([[1, 2, 128]]))
+    with pytest.raises(qwen_np.QwenNPError, match="token id -1"):
+        qwen_np.forward(model.params, model.config, np.array([[-1]]))
+    with pytest.raises(qwen_np.QwenNPError, match="input_ids must be a non-empty integer array"):
+        qwen_np.forward(model.params, model.config, np.array([1.0, 2.0]))

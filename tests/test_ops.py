@@ -1,0 +1,158 @@
+"""Each operator against the reference implementation's own function, and against properties."""
+
+import types
+
+import numpy as np
+import pytest
+
+from qwen_np import ops
+
+rng = np.random.default_rng(0)
+
+
+def randn(*shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def t(x):  # numpy -> torch
+    import torch
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Properties (no reference needed)
+
+
+def test_softmax_rows_sum_to_one_and_survive_large_inputs():
+    x = randn(3, 5, 7) * 1000
+    p = ops.softmax(x)
+    assert np.all(np.isfinite(p))
+    np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-6)
+    assert p.dtype == np.float32
+
+
+def test_rms_norm_gives_unit_rms_with_unit_weight():
+    y = ops.rms_norm(randn(4, 16) * 7 + 3, np.ones(16, np.float32), 1e-6)
+    np.testing.assert_allclose(np.sqrt(np.mean(y**2, -1)), 1.0, rtol=1e-5)
+
+
+def test_rope_keeps_norms_and_depends_only_on_relative_position():
+    inv_freq, _ = ops.rope_default(32, 10000.0)
+    q, k = randn(1, 1, 1, 32), randn(1, 1, 1, 32)
+
+    def rotated(x, pos):
+        cos, sin = ops.rope_cos_sin(np.array([[pos]]), inv_freq)
+        return ops.apply_rope(x, cos, sin)
+
+    np.testing.assert_allclose(np.linalg.norm(rotated(q, 17)), np.linalg.norm(q), rtol=1e-5)
+    score = lambda m, n: float((rotated(q, m) * rotated(k, n)).sum())
+    np.testing.assert_allclose(score(5, 2), score(105, 102), rtol=1e-4)
+    assert abs(score(5, 2) - score(5, 4)) > 1e-3  # and it does depend on the distance
+
+
+def test_masks():
+    np.testing.assert_array_equal(ops.causal_mask(2, 4), [[1, 1, 1, 0], [1, 1, 1, 1]])
+    np.testing.assert_array_equal(ops.sliding_window_mask(4, 4, 2),
+                                  [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]])
+
+
+def test_sigmoid_does_not_overflow():
+    np.testing.assert_allclose(ops.sigmoid(np.array([-1000.0, 0.0, 1000.0], np.float32)), [0, 0.5, 1])
+
+
+def test_attention_without_repeat_equals_attention_with_repeat_kv():
+    q, k, v = randn(2, 6, 5, 8), randn(2, 2, 5, 8), randn(2, 2, 5, 8)
+    mask = ops.causal_mask(5, 5)[None, None]
+    grouped = ops.attention(q, k, v, mask)
+    repeated = ops.attention(q, ops.repeat_kv(k, 3), ops.repeat_kv(v, 3), mask)  # plain multi-head
+    np.testing.assert_allclose(grouped, repeated, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Against transformers' own functions
+
+
+def test_rms_norm_matches_reference(reference):
+    torch, transformers = reference
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+    x, w = randn(2, 5, 16) * 3, randn(16)
+    norm = Qwen2RMSNorm(16, eps=1e-6)
+    norm.weight.data = t(w)
+    np.testing.assert_allclose(ops.rms_norm(x, w, 1e-6), norm(t(x)).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_apply_rope_and_rotate_half_match_reference(reference):
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb, rotate_half
+    q, k = randn(2, 4, 6, 16), randn(2, 2, 6, 16)
+    positions = np.stack([np.arange(6), np.arange(3, 9)])
+    cos, sin = ops.rope_cos_sin(positions, ops.rope_default(16, 10000.0)[0])
+    q_ref, k_ref = apply_rotary_pos_emb(t(q), t(k), t(cos), t(sin))
+    np.testing.assert_allclose(ops.apply_rope(q, cos, sin), q_ref.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ops.apply_rope(k, cos, sin), k_ref.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(ops.rotate_half(q), rotate_half(t(q)).numpy())
+
+
+def test_repeat_kv_matches_reference(reference):
+    from transformers.models.qwen2.modeling_qwen2 import repeat_kv
+    x = randn(2, 3, 5, 4)
+    np.testing.assert_array_equal(ops.repeat_kv(x, 4), repeat_kv(t(x), 4).numpy())
+
+
+def test_attention_matches_reference_eager_attention(reference):
+    torch, _ = reference
+    from transformers.models.qwen2.modeling_qwen2 import eager_attention_forward
+    q, k, v = randn(2, 6, 5, 8), randn(2, 2, 7, 8), randn(2, 2, 7, 8)
+    mask = ops.causal_mask(5, 7)[None, None]
+    additive = torch.where(t(mask), 0.0, torch.finfo(torch.float32).min)
+    module = types.SimpleNamespace(num_key_value_groups=3, training=False)
+    ref, _ = eager_attention_forward(module, t(q), t(k), t(v), additive, scaling=8**-0.5)
+    np.testing.assert_allclose(ops.attention(q, k, v, mask), ref.transpose(1, 2).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_mlp_matches_reference(reference):
+    torch, transformers = reference
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
+    cfg = transformers.Qwen2Config(hidden_size=16, intermediate_size=24)
+    ref = Qwen2MLP(cfg)
+    p = {name: {"weight": getattr(ref, name).weight.detach().numpy()} for name in ("gate_proj", "up_proj", "down_proj")}
+    x = randn(3, 16)
+    np.testing.assert_allclose(ops.mlp(x, **p), ref(t(x)).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+ROPE_CASES = {
+    "default": ({}, {}),
+    "linear": ({"factor": 4.0}, {}),
+    "dynamic": ({"factor": 2.0}, {"seq_len": 300}),  # beyond max_position_embeddings: the base grows
+    "yarn": ({"factor": 4.0, "original_max_position_embeddings": 64}, {}),
+    "yarn_mscale": ({"factor": 8.0, "original_max_position_embeddings": 64, "mscale": 1.0,
+                     "mscale_all_dim": 0.5, "beta_fast": 16, "beta_slow": 2}, {}),
+    "llama3": ({"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64}, {}),
+}
+
+
+@pytest.mark.parametrize("case", ROPE_CASES)
+def test_rope_init_functions_match_reference(reference, case):
+    torch, transformers = reference
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from qwen_np.config import config_from_dict
+    from qwen_np.model import rope_frequencies
+    extra, call = ROPE_CASES[case]
+    rope_type = case.split("_")[0]
+    rope = {"rope_type": rope_type, "rope_theta": 1e6, **extra}
+    hf = transformers.Qwen3Config(hidden_size=64, num_attention_heads=4, head_dim=32, max_position_embeddings=128,
+                                  rope_parameters=dict(rope))
+    raw = dict(model_type="qwen3", vocab_size=10, hidden_size=64, intermediate_size=8, num_hidden_layers=1,
+               num_attention_heads=4, head_dim=32, max_position_embeddings=128, rope_parameters=dict(rope))
+    ours = rope_frequencies(config_from_dict(raw), call.get("seq_len", 1))
+    if rope_type == "default":
+        ref = type(transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+            vocab_size=10, hidden_size=64, intermediate_size=8, num_hidden_layers=1, num_attention_heads=4,
+            head_dim=32, rope_parameters=dict(rope))).model.rotary_emb).compute_default_rope_parameters(hf)
+    else:
+        ref = ROPE_INIT_FUNCTIONS[rope_type](hf, None, **({"seq_len": call["seq_len"]} if call else {}))
+    np.testing.assert_allclose(ours[0], ref[0].numpy(), rtol=1e-6)
+    assert ours[0].dtype == np.float32
+    np.testing.assert_allclose(ours[1], ref[1], rtol=1e-7)
+    if rope_type != "default":
+        assert not np.allclose(ours[0], ops.rope_default(32, 1e6)[0])  # the scaling did something
