@@ -1,0 +1,152 @@
+"""Mixture of experts: routing against a dense reference, and Qwen2-MoE / Qwen3-MoE against transformers."""
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import qwen_np
+from qwen_np import ops
+from tiny import reference_logits, tiny_model
+
+rng = np.random.default_rng(1)
+TOL = dict(rtol=1e-4, atol=1e-4)
+
+
+def random_experts(E, D, F):
+    return [{name: {"weight": rng.standard_normal(shape).astype(np.float32)}
+             for name, shape in (("gate_proj", (F, D)), ("up_proj", (F, D)), ("down_proj", (D, F)))}
+            for _ in range(E)]
+
+
+@pytest.mark.parametrize("top_k", [1, 3])
+@pytest.mark.parametrize("norm_topk_prob", [False, True])
+def test_routing_equals_dense_reference(top_k, norm_topk_prob):
+    N, D, F, E = 9, 8, 12, 5
+    x = rng.standard_normal((N, D)).astype(np.float32)
+    gate = rng.standard_normal((E, D)).astype(np.float32)
+    experts = random_experts(E, D, F)
+    chosen, weights, logits = ops.moe_route(x, gate, top_k, norm_topk_prob)
+    sparse = ops.moe_experts(x, experts, chosen, weights)
+
+    # Dense reference: every expert on every token, weighted by a mask of the top-k weights.
+    probs = ops.softmax(x @ gate.T)
+    kth = np.sort(probs, axis=-1)[:, -top_k][:, None]
+    mask_weights = np.where(probs >= kth, probs, 0.0)
+    if norm_topk_prob:
+        mask_weights = mask_weights / mask_weights.sum(-1, keepdims=True)
+    dense = sum(mask_weights[:, e, None] * ops.mlp(x, **experts[e]) for e in range(E))
+    np.testing.assert_allclose(sparse, dense, rtol=1e-5, atol=1e-5)
+
+    assert chosen.shape == weights.shape == (N, top_k)
+    assert np.all(np.diff(weights, axis=-1) <= 0)  # best first
+    if norm_topk_prob:
+        np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-6)
+    elif top_k < E:
+        assert np.all(weights.sum(-1) < 1.0)
+
+
+def test_experts_that_receive_no_token_are_never_run():
+    x = rng.standard_normal((4, 8)).astype(np.float32)
+    experts = random_experts(3, 8, 6)
+    experts[2] = None  # would fail if called
+    chosen = np.array([[0], [1], [0], [1]])
+    out = ops.moe_experts(x, experts, chosen, np.ones((4, 1), np.float32))
+    np.testing.assert_allclose(out[0], ops.mlp(x[:1], **experts[0])[0], rtol=1e-5, atol=1e-5)
+
+
+def compare(family, tmp_path, x, **overrides):
+    ref = tiny_model(family, tmp_path, **overrides)
+    model = qwen_np.load(tmp_path)
+    ours, _, router = qwen_np.forward(model.params, model.config, x, return_router=True)
+    np.testing.assert_allclose(ours, reference_logits(ref, x), **TOL)
+    return ref, model, router
+
+
+CASES = {
+    "qwen2_moe shared expert, no renorm, top-2": ("qwen2_moe", {}),
+    "qwen2_moe top-1 with renorm": ("qwen2_moe", {"num_experts_per_tok": 1, "norm_topk_prob": True}),
+    "qwen3_moe renorm, top-2": ("qwen3_moe", {}),
+    "qwen3_moe no renorm, top-4": ("qwen3_moe", {"norm_topk_prob": False, "num_experts_per_tok": 4}),
+    "qwen2_moe sparse step 2 with mlp_only_layers": ("qwen2_moe", {"num_hidden_layers": 4, "decoder_sparse_step": 2,
+                                                                   "mlp_only_layers": [3]}),
+    "qwen3_moe sparse step 2 with mlp_only_layers": ("qwen3_moe", {"num_hidden_layers": 5, "decoder_sparse_step": 2,
+                                                                   "mlp_only_layers": [1]}),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_moe_model_matches_reference(tmp_path, case):
+    family, overrides = CASES[case]
+    x = rng.integers(0, 128, (2, 16))  # a batch of two prompts
+    _, model, router = compare(family, tmp_path, x, **overrides)
+    config = model.config
+    sparse = [config.is_sparse_layer(i) for i in range(config.num_hidden_layers)]
+    assert [r is not None for r in router] == sparse
+    assert [("experts" in layer["mlp"]) for layer in model.params["model"]["layers"]] == sparse
+    if "mlp_only_layers" in overrides:
+        assert not all(sparse) and any(sparse)  # dense and sparse layers mix
+
+
+def test_prompt_where_some_experts_receive_no_token(tmp_path):
+    x = np.array([[5, 5, 5]])  # three identical tokens at the first layer pick the same two experts
+    _, model, router = compare("qwen2_moe", tmp_path, x, num_experts=8)
+    assert len(np.unique(router[0][0])) < 8
+
+
+def test_router_statistics_match_reference_router_logits(tmp_path):
+    torch, _ = pytest.importorskip("torch"), None
+    x = rng.integers(0, 128, (2, 10))
+    ref, model, router = compare("qwen3_moe", tmp_path, x, norm_topk_prob=False, num_experts_per_tok=3)
+    with torch.no_grad():
+        out = ref(torch.as_tensor(x), output_router_logits=True)
+    for layer, logits in zip(router, out.router_logits):
+        probs = torch.softmax(logits.float(), dim=-1)
+        top_w, top_i = torch.topk(probs, 3, dim=-1)
+        chosen, weights = layer
+        np.testing.assert_array_equal(chosen.reshape(-1, 3), top_i.numpy())
+        np.testing.assert_allclose(weights.reshape(-1, 3), top_w.numpy(), rtol=1e-5)
+
+
+def test_default_return_value_is_unchanged(tmp_path):
+    tiny_model("qwen3_moe", tmp_path)
+    model = qwen_np.load(tmp_path)
+    result = qwen_np.forward(model.params, model.config, np.array([[1, 2, 3]]))
+    assert len(result) == 2
+
+
+def test_missing_expert_tensor_is_named(tmp_path):
+    tiny_model("qwen2_moe", tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.1.mlp.experts.4.up_proj.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(qwen_np.QwenNPError, match=r"missing tensor 'model\.layers\.1\.mlp\.experts\.4\.up_proj"):
+        qwen_np.load(tmp_path)
+
+
+def test_top_k_larger_than_number_of_experts(tmp_path):
+    tiny_model("qwen3_moe", tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw["num_experts_per_tok"] = 7  # 6 experts
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(qwen_np.QwenNPError, match=r"num_experts_per_tok=7 must be between 1 and num_experts=6"):
+        qwen_np.load(tmp_path)
+
+
+def test_published_qwen3_moe_config_names(tmp_path):
+    """Released Qwen3-MoE config.json files say num_experts; transformers 5 writes num_local_experts."""
+    tiny_model("qwen3_moe", tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    assert "num_local_experts" in raw
+    raw["num_experts"] = raw.pop("num_local_experts")
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    assert qwen_np.load(tmp_path).config.num_experts == 6
+
+
+def test_qwen2_moe_sliding_window_rule(tmp_path):
+    x = rng.integers(0, 128, (1, 20))
+    _, model, _ = compare("qwen2_moe", tmp_path, x, num_hidden_layers=4, use_sliding_window=True,
+                          sliding_window=4, max_window_layers=3)
+    # the reference: every other layer from layer 0, below max_window_layers
+    assert model.config.layer_types == ("sliding_attention", "full_attention", "sliding_attention", "full_attention")
