@@ -156,3 +156,22 @@ def test_rope_init_functions_match_reference(reference, case):
     np.testing.assert_allclose(ours[1], ref[1], rtol=1e-7)
     if rope_type != "default":
         assert not np.allclose(ours[0], ops.rope_default(32, 1e6)[0])  # the scaling did something
+
+
+@pytest.mark.parametrize("window", [None, 1, 3, 8])
+def test_masks_match_reference_mask_functions(reference, window):
+    from transformers import masking_utils as mu
+    T, S = 4, 9  # 4 new tokens after 5 cached ones
+    fn = mu.causal_mask_function if window is None else mu.sliding_window_causal_mask_function(window)
+    import torch
+    q_idx, kv_idx = torch.arange(S - T, S)[:, None], torch.arange(S)[None, :]
+    ref = fn(torch.tensor(0), torch.tensor(0), q_idx, kv_idx).numpy()
+    ours = ops.causal_mask(T, S) if window is None else ops.sliding_window_mask(T, S, window)
+    np.testing.assert_array_equal(ours, ref)
+
+
+def test_embedding_matches_reference(reference):
+    torch, _ = reference
+    weight, ids = randn(10, 4), rng.integers(0, 10, (2, 3))
+    np.testing.assert_array_equal(ops.embedding(ids, weight),
+                                  torch.nn.functional.embedding(torch.as_tensor(ids), t(weight)).numpy())
