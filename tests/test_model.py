@@ -238,3 +238,12 @@ def test_token_ids_outside_the_vocabulary(checkpoint):
         qwen_np.forward(model.params, model.config, np.array([[-1]]))
     with pytest.raises(qwen_np.QwenNPError, match="input_ids must be a non-empty integer array"):
         qwen_np.forward(model.params, model.config, np.array([1.0, 2.0]))
+
+
+def test_tokenizer_is_loaded_when_present(checkpoint, shared_data):
+    assert qwen_np.load(checkpoint).tokenizer is None
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (checkpoint / name).write_bytes((shared_data / "qwen3-tokenizer" / name).read_bytes())
+    model = qwen_np.load(checkpoint)
+    assert model.tokenizer.encode("Hello, world! 你好").ids == [9707, 11, 1879, 0, 220, 108386]
+    assert "enable_thinking" in model.tokenizer_config["chat_template"]
