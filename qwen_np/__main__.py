@@ -126,7 +126,10 @@ def run_chat(model, args):
     from .chat import chat, split_thinking
     interactive = sys.stdin.isatty()
     if interactive:
-        import readline  # noqa: F401  (line editing and history for input())
+        try:
+            import readline  # noqa: F401  (line editing and history for input(), where available)
+        except ImportError:
+            pass
         sys.stderr.write("Type a message and press Enter; /exit or Ctrl-D to leave.\n")
     messages = [{"role": "system", "content": args.system}] if args.system else []
     variables = {"enable_thinking": False} if args.no_think else {}
