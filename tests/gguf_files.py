@@ -39,13 +39,24 @@ def stack_experts(tensors):
     return out
 
 
+# A varied text for tokenizer comparisons: English, code, numbers, Chinese, emoji, whitespace runs
+# and special tokens written inline.
+VARIED_TEXT = ("<|im_start|>user\nHello, world! It's 2024; isn't it?  Tabs\tand   spaces.\n\n"
+               "def f(x):\n    return x ** 2  # squares 12345\n"
+               "我想在北京工作，你好世界。 Émilie's café — naïve 🦙🚀😀 👨‍👩‍👧 (multiple emojis)\n"
+               "<|im_end|>\n<|im_start|>assistant\n<|endoftext|>")
+
+
 def write_gguf(path, family, config, tensors, qtype=gguf.GGMLQuantizationType.F32, tokenizer=None,
-               extra_metadata=()):
+               extra_metadata=(), raw_tensors=None, extra_tensors=None):
     """Writes `tensors` ({HF name: array}) of a `config` (config.json dict) as a GGUF file.
 
     2-D and 3-D weights are stored as `qtype` when their rows fit its blocks (else F32, as
     llama.cpp falls back); norms and biases stay F32. `tokenizer`: dict of tokenizer metadata
-    (see `qwen_tokenizer_metadata`). `extra_metadata`: (key, value, GGUFValueType) triples."""
+    (see `qwen_tokenizer_metadata`). `extra_metadata`: (key, value, GGUFValueType) triples.
+    `raw_tensors`: {GGUF name: (raw bytes [rows, bytes per row] uint8, ggml type)} written instead.
+    `extra_tensors`: {GGUF name: array} written as they are, after the model's."""
+    raw_tensors = raw_tensors or {}
     arch = ARCHS[family]
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
@@ -93,10 +104,14 @@ def write_gguf(path, family, config, tensors, qtype=gguf.GGMLQuantizationType.F3
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
         assert gguf_name is not None, name
         value = value.squeeze()  # llama.cpp squeezes: the [1, D] shared-expert gate is stored as [D]
-        if value.ndim >= 2 and qtype != gguf.GGMLQuantizationType.F32 and value.shape[-1] % block_size == 0:
+        if gguf_name in raw_tensors:
+            writer.add_tensor(gguf_name, raw_tensors[gguf_name][0], raw_dtype=raw_tensors[gguf_name][1])
+        elif value.ndim >= 2 and qtype != gguf.GGMLQuantizationType.F32 and value.shape[-1] % block_size == 0:
             writer.add_tensor(gguf_name, gguf.quants.quantize(value, qtype), raw_dtype=qtype)
         else:
             writer.add_tensor(gguf_name, value)
+    for gguf_name, value in (extra_tensors or {}).items():
+        writer.add_tensor(gguf_name, value)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
