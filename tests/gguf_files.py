@@ -83,7 +83,7 @@ def write_gguf(path, family, config, tensors, qtype=gguf.GGMLQuantizationType.F3
     for key, value, kind in extra_metadata:
         writer.add_key_value(key, value, kind)
     if tokenizer is not None:
-        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_model(tokenizer.get("model", "gpt2"))
         writer.add_tokenizer_pre(tokenizer["pre"])
         writer.add_token_list(tokenizer["tokens"])
         writer.add_token_types(tokenizer["types"])

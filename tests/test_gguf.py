@@ -190,6 +190,18 @@ def test_unexpected_and_missing_tensors(tmp_path):
         qwen_np.load(path)
 
 
+@pytest.mark.parametrize("model,pre,merge,message", [
+    ("gpt2", "llama-bpe", "! \"", "unsupported pre-tokenizer tokenizer.ggml.pre = 'llama-bpe'; qwen_np knows qwen2, "),
+    ("llama", "default", "! \"", "unsupported tokenizer 'llama'; qwen_np builds byte-level BPE tokenizers"),
+    ("gpt2", "qwen2", "# $", "the merge '# \\$' in tokenizer.ggml.merges does not join two tokens")])
+def test_unsupported_tokenizers(tmp_path, model, pre, merge, message):
+    tokens = [chr(c) for c in range(ord("!"), ord("!") + 63)] + ['!"']  # one token per embedding row
+    tokenizer = {"model": model, "pre": pre, "tokens": tokens, "types": [1] * 64, "merges": [merge]}
+    path = random_gguf(tmp_path / "tok.gguf", "llama", small_config("llama"), tokenizer=tokenizer)
+    with pytest.raises(qwen_np.QwenNPError, match=message):
+        qwen_np.load(path)
+
+
 # ---------------------------------------------------------------------------------------------
 # The tokenizer from metadata: a Qwen2 GGUF carrying the real Qwen2.5 vocabulary
 
