@@ -7,6 +7,7 @@
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import download  # download.default_model_path(): the out-of-the-box model
 from .config import Config, QwenNPError, read_config
 from .model import KVCache, forward
 from .weights import load_params, load_tokenizer, read_json

@@ -90,7 +90,7 @@ def dequantize_q5_1(blocks):  # [N, 24] -> [N, 32]
 
 def bit_planes(qs, bits):  # [N, B] uint8 -> [N, B * 8 / bits]
     # Each group of 32 bytes holds 256 / bits values: plane s (bits s*bits .. s*bits+bits-1) of
-    # byte l is value 32*s + l of that group. Used for the 2-bit (Q2_K, Q3_K) and 1-bit layouts.
+    # byte l is value 32*s + l of that group. The K-quants pack their 4-, 2- and 1-bit parts so.
     N = qs.shape[0]
     shifts = np.arange(0, 8, bits, dtype=np.uint8).reshape(1, 1, -1, 1)
     planes = (qs.reshape(N, -1, 1, 32) >> shifts) & ((1 << bits) - 1)  # [N, groups, 8 / bits, 32]
@@ -288,9 +288,9 @@ def rope_scaling_from_gguf(key, path):  # -> config.json's rope_scaling dict, or
     if kind == "yarn":
         rope = {"rope_type": "yarn", "factor": key("rope.scaling.factor"),
                 "original_max_position_embeddings": key("rope.scaling.original_context_length")}
-        for gguf_name, name in (("rope.scaling.yarn_beta_fast", "beta_fast"), ("rope.scaling.yarn_beta_slow", "beta_slow")):
-            if key(gguf_name, None) is not None:
-                rope[name] = key(gguf_name)
+        for name in ("beta_fast", "beta_slow"):
+            if key(f"rope.scaling.yarn_{name}", None) is not None:
+                rope[name] = key(f"rope.scaling.yarn_{name}")
         return rope
     raise QwenNPError(f"{path}: unsupported RoPE scaling {kind!r}; qwen_np reads none, linear and yarn")
 

@@ -133,7 +133,8 @@ def qwen_tokenizer_metadata(directory):
             content = added[i]["content"]
             looks_special = content.startswith("<|") and content.endswith("|>")
             tokens.append(content)
-            types.append(gguf.TokenType.CONTROL if added[i]["special"] or looks_special else gguf.TokenType.USER_DEFINED)
+            control = added[i]["special"] or looks_special
+            types.append(gguf.TokenType.CONTROL if control else gguf.TokenType.USER_DEFINED)
         elif i in reverse:
             tokens.append(reverse[i])
             types.append(gguf.TokenType.NORMAL)

@@ -213,7 +213,8 @@ def qwen2_gguf(shared_data, tmp_path_factory):
     path = tmp_path_factory.mktemp("qwen2") / "qwen2-tokenizer.gguf"
     config = small_config("qwen2", vocab_size=151936, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                           num_attention_heads=2, num_key_value_heads=1)
-    random_gguf(path, "qwen2", config, qtype=Q.F16, tokenizer=qwen_tokenizer_metadata(shared_data / "qwen2.5-tokenizer"))
+    tokenizer = qwen_tokenizer_metadata(shared_data / "qwen2.5-tokenizer")
+    random_gguf(path, "qwen2", config, qtype=Q.F16, tokenizer=tokenizer)
     return path, qwen_np.load(path)
 
 

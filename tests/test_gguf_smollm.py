@@ -27,7 +27,8 @@ def test_smollm_config_and_chat_settings(smollm):
     assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.attention_bias) == (9, 3, 64, False)
     assert c.rope_parameters == {"rope_type": "default", "rope_theta": 100000.0}
     assert c.rms_norm_eps == pytest.approx(1e-5)
-    assert c.tie_word_embeddings and smollm.params["lm_head"]["weight"] is smollm.params["model"]["embed_tokens"]["weight"]
+    embeddings = smollm.params["model"]["embed_tokens"]["weight"]
+    assert c.tie_word_embeddings and smollm.params["lm_head"]["weight"] is embeddings
     assert smollm.params["model"]["embed_tokens"]["weight"].dtype == np.float32
     assert {k: v for k, v in smollm.tokenizer_config.items() if k != "chat_template"} == {
         "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>"}
