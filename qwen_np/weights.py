@@ -154,7 +154,11 @@ def load_params(directory, config):
         if found != shape:
             raise QwenNPError(f"{files[name]}: tensor {name!r} has shape {list(found)} but the config "
                               f"implies {list(shape)}")
-    flat = {name: read_tensor(files[name], name, *headers[files[name]][name]) for name in shapes}
+    return build_tree({name: read_tensor(files[name], name, *headers[files[name]][name]) for name in shapes})
+
+
+def build_tree(flat):
+    """The params tree of {dotted HF name: array}; without an lm_head the embeddings are tied."""
     params = nest(flat)
     if "lm_head" not in params:
         # Tied embeddings: the LM head is the embedding matrix itself (the same array, not a copy).
