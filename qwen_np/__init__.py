@@ -2,6 +2,11 @@
 
     model = qwen_np.load("path/to/checkpoint")
     logits, cache = qwen_np.forward(model.params, model.config, input_ids)
+    for piece in qwen_np.generate_text(model, "The capital of France is", max_new_tokens=20):
+        print(piece, end="")
+
+The functions `generate` and `chat` exported here share their names with the modules that
+define them; `from qwen_np.generate import top_k_filter` still reaches the module.
 """
 
 from dataclasses import dataclass
@@ -10,8 +15,11 @@ from pathlib import Path
 from .config import Config, QwenNPError, read_config
 from .model import KVCache, forward
 from .weights import load_params, load_tokenizer, read_json
+from .generate import GenerationStats, generate, generate_batch, generate_text
+from .chat import chat, chat_ids, render_chat, split_thinking
 
-__all__ = ["Model", "Config", "KVCache", "QwenNPError", "load", "forward"]
+__all__ = ["Model", "Config", "KVCache", "QwenNPError", "GenerationStats", "load", "forward", "generate",
+           "generate_batch", "generate_text", "chat", "chat_ids", "render_chat", "split_thinking"]
 
 
 @dataclass(frozen=True)

@@ -39,3 +39,51 @@ def reference_logits(model, input_ids, **kwargs):
     torch, _ = require_reference()
     with torch.no_grad():
         return model(torch.as_tensor(np.asarray(input_ids)), **kwargs).logits.float().numpy()
+
+
+def write_spelling_model(directory, tokenizer_dir, answer, starts, end_token, hidden_size=32):
+    """Writes a qwen2 checkpoint (with the real tokenizer files of `tokenizer_dir`) that always
+    answers `answer`, then `end_token`, whenever the prompt ends with one of the `starts` tokens.
+
+    Its one layer adds nothing (o_proj and down_proj are zero), so the logits depend on the last
+    token only: the embedding of a start token is basis vector 0, that of the answer's i-th token
+    basis vector i, and the LM head maps vector i to the answer's next token (to `end_token` after
+    the last). The answer's tokens must be distinct. Needs no torch. Returns the answer's token ids."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from safetensors.numpy import save_file
+    from tokenizers import Tokenizer
+
+    directory, tokenizer_dir = Path(directory), Path(tokenizer_dir)
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    ids = tokenizer.encode(answer, add_special_tokens=False).ids
+    if len(set(ids)) != len(ids) or len(ids) >= hidden_size or set(ids) & set(starts):
+        raise ValueError(f"cannot spell {answer!r} with distinct tokens in {hidden_size} dimensions")
+    V, D, F = 151936, hidden_size, 8
+    embed, head = np.zeros((V, D), np.float16), np.zeros((V, D), np.float16)
+    embed[list(starts), 0] = 1
+    for i, (token, following) in enumerate(zip(ids, ids[1:] + [end_token])):
+        embed[token, i + 1] = 1
+        head[token, i] = 10  # RMSNorm scales vector i to length sqrt(D): logit 10 * sqrt(D), all others 0
+    head[following, len(ids)] = 10
+    zeros = lambda *shape: np.zeros(shape, np.float16)  # noqa: E731
+    layer = "model.layers.0."
+    tensors = {"model.embed_tokens.weight": embed, "lm_head.weight": head, "model.norm.weight": np.ones(D, np.float16),
+               layer + "input_layernorm.weight": np.ones(D, np.float16),
+               layer + "post_attention_layernorm.weight": np.ones(D, np.float16),
+               **{layer + f"self_attn.{p}_proj.{w}": zeros(D, D) if w == "weight" else zeros(D)
+                  for p in "qkv" for w in ("weight", "bias")},
+               layer + "self_attn.o_proj.weight": zeros(D, D), layer + "mlp.gate_proj.weight": zeros(F, D),
+               layer + "mlp.up_proj.weight": zeros(F, D), layer + "mlp.down_proj.weight": zeros(D, F)}
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / "model.safetensors"))
+    config = dict(model_type="qwen2", vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                  tie_word_embeddings=False, eos_token_id=151643)
+    (directory / "config.json").write_text(json.dumps(config))
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [151645, 151643]}))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tokenizer_dir / name, directory / name)
+    return ids

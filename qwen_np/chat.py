@@ -1,0 +1,142 @@
+"""Chat templates: a checkpoint's own Jinja template rendered the way transformers'
+`apply_chat_template` renders it, so the token ids are the same; and the chat helper on top.
+
+    messages = [{"role": "user", "content": "Hi!"}]
+    reply = "".join(qwen_np.chat(model, messages, enable_thinking=False))
+    thinking, answer = qwen_np.split_thinking(reply)
+
+A template sees `messages`, `tools`, `documents`, `add_generation_prompt`, the tokenizer's named
+special tokens (`bos_token`, `eos_token`, ...) and any extra keyword, such as Qwen3's
+`enable_thinking`. Qwen2.5's default system prompt is written by its template itself.
+"""
+
+import json
+from datetime import datetime
+
+from jinja2 import TemplateError, nodes
+from jinja2.ext import Extension
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .config import QwenNPError
+from .generate import end_token_ids, generate_text
+
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # the names transformers accepts, first wins
+
+
+def raise_exception(message):
+    raise TemplateError(message)
+
+
+def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # transformers' own tojson: unlike Jinja's, it does not escape HTML characters.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def strftime_now(format):
+    return datetime.now().strftime(format)
+
+
+class GenerationBlock(Extension):
+    """`{% generation %}...{% endgeneration %}` marks assistant text for training masks; it renders its body."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.Scope(body, lineno=lineno)
+
+
+def compile_template(source):
+    # A sandbox, because a template is code downloaded with the checkpoint; trim_blocks and
+    # lstrip_blocks drop the newline and indentation around {% %} tags, as transformers does.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationBlock, "jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+    return env.from_string(source)
+
+
+def special_tokens(tokenizer_config):  # -> {"eos_token": "<|im_end|>", ...}, the names that are set
+    tokens = {}
+    for name in SPECIAL_TOKEN_NAMES:
+        value = tokenizer_config.get(name)
+        if isinstance(value, dict):  # an AddedToken saved as {"content": ..., ...}
+            value = value.get("content")
+        if value is not None:
+            tokens[name] = str(value)
+    return tokens
+
+
+def chat_template_source(tokenizer_config, tools=None):  # -> the template's text
+    template = tokenizer_config.get("chat_template")
+    if isinstance(template, list):  # older files: a list of named templates
+        named = {t["name"]: t["template"] for t in template}
+        template = named.get("tool_use") if tools and "tool_use" in named else named.get("default")
+    if not template:
+        raise QwenNPError("this checkpoint has no chat template (no chat_template in tokenizer_config.json and "
+                          "no chat_template.jinja); use generate with a plain prompt instead")
+    return template
+
+
+def normalise_message(message):  # -> a new dict, as transformers passes it to the template
+    # Keys set to None are dropped (templates handle a missing key, not a None one), and a
+    # message's reasoning is offered under each name a template may read.
+    message = {k: v for k, v in message.items() if v is not None}
+    reasoning = next((message[k] for k in REASONING_FIELDS if k in message), None)
+    if reasoning is not None:
+        message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+    return message
+
+
+def render_chat(tokenizer_config, messages, add_generation_prompt=False, tools=None, documents=None, **kwargs):
+    """The chat as the template writes it (a string), like apply_chat_template(..., tokenize=False).
+
+    messages: [{"role": "system" | "user" | "assistant" | "tool", "content": str, ...}, ...]
+    add_generation_prompt: end with the header of an assistant turn, for the model to write it.
+    kwargs: more template variables, e.g. enable_thinking=False for Qwen3.
+    """
+    template = compile_template(chat_template_source(tokenizer_config, tools))
+    variables = {**special_tokens(tokenizer_config), **kwargs}  # the caller's values win
+    try:
+        return template.render(messages=[normalise_message(m) for m in messages], tools=tools, documents=documents,
+                               add_generation_prompt=add_generation_prompt, **variables)
+    except TemplateError as e:
+        raise QwenNPError(f"the chat template failed: {e}") from None
+
+
+def chat_ids(model, messages, add_generation_prompt=False, **kwargs):  # -> list[int]
+    """The token ids of the rendered chat, like apply_chat_template(..., tokenize=True). The
+    template writes the special tokens as text; the tokenizer adds none of its own."""
+    if model.tokenizer is None:
+        raise QwenNPError(f"{model.path} has no tokenizer.json, so it cannot encode a chat")
+    text = render_chat(model.tokenizer_config, messages, add_generation_prompt, **kwargs)
+    return model.tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def split_thinking(text):  # -> (thinking, answer)
+    """Splits a Qwen3 reply "<think>\\n...\\n</think>\\n\\nanswer" into its two parts, the way the
+    template itself does; thinking is "" when there is none, answer "" while still thinking."""
+    if "</think>" in text:
+        thinking, answer = text.split("</think>", 1)
+        return thinking.split("<think>")[-1].strip("\n"), answer.lstrip("\n")
+    if text.lstrip().startswith("<think>"):  # cut off before the thinking ended
+        return text.lstrip()[len("<think>"):].strip("\n"), ""
+    return "", text
+
+
+def chat(model, messages, enable_thinking=None, tools=None, eos_token_id=None, **kwargs):
+    """Yields the assistant's reply to `messages` as text pieces (see `generate_text`).
+
+    enable_thinking: Qwen3 only; False asks for the answer without thinking (None: the template's
+    default, which thinks). Generation ends at the checkpoint's end tokens and at the tokenizer's
+    eos_token (<|im_end|> in Qwen chat models). Other keyword arguments are those of `generate`.
+    Returns (as StopIteration.value) a GenerationStats.
+    """
+    variables = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    ids = chat_ids(model, messages, add_generation_prompt=True, tools=tools, **variables)
+    ends = end_token_ids(model, eos_token_id)
+    eos_token = special_tokens(model.tokenizer_config).get("eos_token")
+    if eos_token is not None and model.tokenizer.token_to_id(eos_token) is not None:
+        ends.add(model.tokenizer.token_to_id(eos_token))
+    return (yield from generate_text(model, ids, eos_token_id=sorted(ends), **kwargs))

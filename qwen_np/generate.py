@@ -1,0 +1,360 @@
+"""Text generation: samplers, the prefill/decode loop, stopping, and streaming text.
+
+    for token in qwen_np.generate(model, "The capital of France is", max_new_tokens=20, temperature=0):
+        print(model.tokenizer.decode([token]), end="")
+
+The loop: one forward pass over the (left-padded) prompts fills the KV cache and gives the logits
+of each prompt's last position (prefill); then each step feeds back the tokens just chosen and
+reuses the cache (decode). Each step's logits go through the samplers in the reference's order
+(repetition penalty, temperature, top-k, top-p, min-p) and one token is drawn per prompt, or the
+argmax is taken when the temperature is 0 (greedy).
+
+The samplers are pure functions over a [B, V] float32 array of logits; they return a new array in
+which the tokens they rule out are -inf. Randomness comes only from the `numpy.random.Generator`
+passed to `sample`, made from the caller's seed, so a seeded run repeats exactly.
+"""
+
+import time
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from .config import QwenNPError
+from .model import forward
+from .ops import softmax
+
+NEG_INF = np.float32(-np.inf)
+
+# ---------------------------------------------------------------------------------------------
+# Samplers, in the order they are applied (transformers' RepetitionPenaltyLogitsProcessor,
+# TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper).
+
+
+def apply_repetition_penalty(logits, seen, penalty):  # [B, V], [B, V] bool, float -> [B, V]
+    # CTRL's penalty on every token seen so far, prompt included: a positive logit is divided by
+    # the penalty and a negative one multiplied, so that both become less likely (penalty > 1).
+    penalised = np.where(logits < 0, logits * np.float32(penalty), logits / np.float32(penalty))
+    return np.where(seen, penalised, logits)
+
+
+def apply_temperature(logits, temperature):  # [B, V], float > 0 -> [B, V]
+    # Below 1 sharpens the distribution, above 1 flattens it.
+    return logits / np.float32(temperature)
+
+
+def top_k_filter(logits, top_k, min_tokens_to_keep=1):  # [B, V] -> [B, V]
+    # Keeps the k largest logits (and any tied with the k-th, as the reference does).
+    k = min(max(top_k, min_tokens_to_keep), logits.shape[-1])
+    kth_largest = -np.partition(-logits, k - 1, axis=-1)[:, k - 1:k]  # [B, 1]
+    return np.where(logits < kth_largest, NEG_INF, logits)
+
+
+def top_p_filter(logits, top_p, min_tokens_to_keep=1):  # [B, V] -> [B, V]
+    # Nucleus sampling: keeps the most probable tokens whose probabilities add up to top_p, the
+    # token that crosses top_p included. Sorted ascending, the dropped tokens are the low tail
+    # whose cumulative probability stays within 1 - top_p.
+    order = np.argsort(logits, axis=-1)  # [B, V], least probable first
+    cumulative = np.cumsum(softmax(np.take_along_axis(logits, order, axis=-1)), axis=-1)  # [B, V]
+    drop_sorted = cumulative <= np.float32(1 - top_p)
+    drop_sorted[:, -min_tokens_to_keep:] = False
+    drop = np.empty_like(drop_sorted)
+    np.put_along_axis(drop, order, drop_sorted, axis=-1)  # back to vocabulary order
+    return np.where(drop, NEG_INF, logits)
+
+
+def min_p_filter(logits, min_p, min_tokens_to_keep=1):  # [B, V] -> [B, V]
+    # Keeps the tokens at least min_p times as probable as the most probable one.
+    probs = softmax(logits)  # [B, V]
+    drop = probs < np.float32(min_p) * probs.max(axis=-1, keepdims=True)
+    k = min(min_tokens_to_keep, probs.shape[-1])
+    best = np.argpartition(-probs, k - 1, axis=-1)[:, :k]  # [B, k], the k most probable
+    np.put_along_axis(drop, best, False, axis=-1)
+    return np.where(drop, NEG_INF, logits)
+
+
+def sample(logits, rng):  # [B, V], numpy Generator -> [B] int
+    # One draw per row from softmax(logits): the first token whose cumulative probability
+    # exceeds a uniform number. A token with probability 0 (-inf logit) is never drawn.
+    cdf = np.cumsum(softmax(logits.astype(np.float64)), axis=-1)  # [B, V]
+    u = rng.random((len(logits), 1)) * cdf[:, -1:]  # [B, 1], in [0, total)
+    return np.minimum((cdf <= u).sum(axis=-1), logits.shape[-1] - 1)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampler settings. temperature 0 means greedy; top_k 0, top_p 1 and min_p 0 turn a filter off."""
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+
+
+def choose_tokens(logits, seen, s, rng):  # [B, V], [B, V] bool, Sampling, Generator -> [B] int
+    """The next token of each row: the samplers in the reference's order, then a draw."""
+    if s.repetition_penalty != 1.0:  # applied in greedy decoding too, as the reference does
+        logits = apply_repetition_penalty(logits, seen, s.repetition_penalty)
+    if s.temperature == 0:  # greedy: the filters below never remove the most probable token
+        return logits.argmax(axis=-1)
+    if s.temperature != 1.0:
+        logits = apply_temperature(logits, s.temperature)
+    if s.top_k:
+        logits = top_k_filter(logits, s.top_k)
+    if s.top_p < 1.0:
+        logits = top_p_filter(logits, s.top_p)
+    if s.min_p:
+        logits = min_p_filter(logits, s.min_p)
+    return sample(logits, rng)
+
+
+def sampling_settings(generation_config, temperature=None, top_k=None, top_p=None, min_p=None,
+                      repetition_penalty=None):
+    """Sampling from the caller's values, else the checkpoint's generation_config.json, else the
+    reference's defaults: greedy unless `do_sample` is set (then temperature 1, top_k 50)."""
+    g = generation_config
+    if temperature is None:
+        temperature = g.get("temperature", 1.0) if g.get("do_sample", False) else 0.0
+    s = Sampling(temperature=float(temperature),
+                 top_k=int(top_k if top_k is not None else g.get("top_k", 50) or 0),
+                 top_p=float(top_p if top_p is not None else g.get("top_p", 1.0) or 1.0),
+                 min_p=float(min_p if min_p is not None else g.get("min_p", 0.0) or 0.0),
+                 repetition_penalty=float(repetition_penalty if repetition_penalty is not None
+                                          else g.get("repetition_penalty", 1.0) or 1.0))
+    checks = [(s.temperature >= 0, "temperature", s.temperature, "0 (greedy) or positive"),
+              (s.top_k >= 0, "top_k", s.top_k, "0 (off) or a positive integer"),
+              (0 < s.top_p <= 1, "top_p", s.top_p, "in (0, 1]"),
+              (0 <= s.min_p <= 1, "min_p", s.min_p, "in [0, 1]"),
+              (s.repetition_penalty > 0, "repetition_penalty", s.repetition_penalty, "positive (1 is off)")]
+    for ok, name, value, rule in checks:
+        if not ok:
+            raise QwenNPError(f"{name} must be {rule}, got {value}")
+    return s
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming text: decode incrementally without splitting a multi-byte character.
+
+
+def decode_step(tokenizer, ids, prefix_offset, read_offset):  # -> (new text, prefix_offset, read_offset)
+    """The text that ids[read_offset:] adds to the text of the tokens before it.
+
+    A byte-level BPE token can hold part of a UTF-8 character (one Chinese character or emoji is
+    often two or three tokens); decoded alone it ends in U+FFFD. Such text is held back until the
+    next tokens complete the character. Decoding only the few tokens from `prefix_offset` keeps a
+    step's cost constant. Start with offsets (0, 0), and pass back the offsets returned.
+    """
+    before = tokenizer.decode(ids[prefix_offset:read_offset], skip_special_tokens=False)
+    text = tokenizer.decode(ids[prefix_offset:], skip_special_tokens=False)
+    if len(text) > len(before) and not text.endswith("\ufffd"):
+        return text[len(before):], read_offset, len(ids)
+    return "", prefix_offset, read_offset
+
+
+def decode_rest(tokenizer, ids, prefix_offset, read_offset):  # -> text still held back at the end
+    before = tokenizer.decode(ids[prefix_offset:read_offset], skip_special_tokens=False)
+    return tokenizer.decode(ids[prefix_offset:], skip_special_tokens=False)[len(before):]
+
+
+def find_stop(text, stop):  # -> index of the first stop string in text, or -1
+    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return min(hits) if hits else -1
+
+
+def partial_stop(text, stop):  # -> length of the longest end of `text` that begins a stop string
+    return max((n for s in stop for n in range(min(len(s) - 1, len(text)), 0, -1)
+                if s.startswith(text[-n:])), default=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The prefill/decode loop
+
+
+class GenerationStats(NamedTuple):
+    """What a finished generation returns (as the generator's StopIteration value)."""
+    prefill_tokens: int  # real prompt tokens, all prompts together
+    prefill_seconds: float
+    decode_tokens: int  # tokens fed through the decode steps, all prompts together
+    decode_seconds: float
+    finish_reasons: tuple  # per prompt: "eos" (an end token), "stop" (a stop string) or "length"
+
+
+def prompt_ids(model, prompt):  # str or token ids -> list[int]
+    if isinstance(prompt, str):
+        if model.tokenizer is None:
+            raise QwenNPError(f"{model.path} has no tokenizer.json: pass the prompt as a list of token ids")
+        ids = model.tokenizer.encode(prompt).ids
+    else:
+        ids = [int(i) for i in np.asarray(prompt).reshape(-1)]
+    if not ids:
+        raise QwenNPError("the prompt is empty: give at least one token")
+    return ids
+
+
+def end_token_ids(model, eos_token_id=None):  # -> set of ints
+    """The end tokens: the caller's, else generation_config.json's, else config.json's (int or list)."""
+    ends = eos_token_id if eos_token_id is not None else model.generation_config.get(
+        "eos_token_id", model.config.eos_token_id)
+    if ends is None:
+        return set()
+    return {int(e) for e in ([ends] if isinstance(ends, (int, np.integer)) else ends)}
+
+
+def new_token_budget(config, generation_config, prompt_length, max_new_tokens):  # -> int
+    """max_new_tokens, checked against the context length; by default as many as fit, up to
+    generation_config.json's max_new_tokens (or 512)."""
+    room = config.max_position_embeddings - prompt_length
+    # Dynamic NTK RoPE stretches itself past max_position_embeddings, so the limit does not apply.
+    unlimited = config.rope_parameters["rope_type"] == "dynamic"
+    if max_new_tokens is None:
+        wanted = generation_config.get("max_new_tokens") or 512
+        max_new_tokens = wanted if unlimited else min(wanted, room)
+    if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
+        raise QwenNPError(f"max_new_tokens must be a positive integer, got {max_new_tokens}"
+                          + ("" if room > 0 else f" (the prompt's {prompt_length} tokens already fill the "
+                             f"context of {config.max_position_embeddings})"))
+    if not unlimited and prompt_length + max_new_tokens > config.max_position_embeddings:
+        raise QwenNPError(f"the prompt ({prompt_length} tokens) plus max_new_tokens ({max_new_tokens}) does not "
+                          f"fit in the model's context of max_position_embeddings={config.max_position_embeddings}; "
+                          f"shorten the prompt or lower max_new_tokens to {max(room, 0)}")
+    return int(max_new_tokens)
+
+
+def left_pad(prompts, pad_id):  # list of B id lists -> [B, T] int, [B, T] int (1 real, 0 padding)
+    T = max(map(len, prompts))
+    ids = np.full((len(prompts), T), pad_id, dtype=np.int64)
+    mask = np.zeros((len(prompts), T), dtype=np.int64)
+    for row, p in enumerate(prompts):
+        ids[row, T - len(p):], mask[row, T - len(p):] = p, 1
+    return ids, mask
+
+
+def keep_rows(cache, alive):  # KVCache, [b] bool -> KVCache of the alive rows only
+    return cache._replace(keys=tuple(k[alive] for k in cache.keys), values=tuple(v[alive] for v in cache.values),
+                          valid=cache.valid[alive])
+
+
+def generate_batch(model, prompts, max_new_tokens=None, temperature=None, top_k=None, top_p=None, min_p=None,
+                   repetition_penalty=None, seed=None, stop=None, eos_token_id=None):
+    """Generates from several prompts together; yields at each step one entry per prompt: its new
+    token id, or None once it has finished. Returns (as StopIteration.value) a GenerationStats.
+
+    prompts: strings or lists of token ids, of any lengths (they are left-padded together).
+    A prompt finishes at an end token (not yielded), after max_new_tokens, or after the token that
+    completes one of the `stop` strings (yielded; `generate_text` cuts the text at the stop string).
+    Sampling defaults come from the checkpoint's generation_config.json, see `sampling_settings`.
+    """
+    params, config = model.params, model.config
+    prompts = [prompt_ids(model, p) for p in prompts]
+    settings = sampling_settings(model.generation_config, temperature, top_k, top_p, min_p, repetition_penalty)
+    budget = new_token_budget(config, model.generation_config, max(map(len, prompts)), max_new_tokens)
+    ends = end_token_ids(model, eos_token_id)
+    stop = [stop] if isinstance(stop, str) else [s for s in (stop or ()) if s]
+    if stop and model.tokenizer is None:
+        raise QwenNPError("stop strings need a tokenizer, and this checkpoint has no tokenizer.json")
+    rng = np.random.default_rng(seed)
+    B, V = len(prompts), config.vocab_size
+    pad_id = config.pad_token_id if isinstance(config.pad_token_id, int) and 0 <= config.pad_token_id < V else 0
+    input_ids, attention_mask = left_pad(prompts, pad_id)  # [B, T] x2
+
+    seen = np.zeros((B, V), bool)  # [B, V]: tokens of each prompt so far, for the repetition penalty
+    for row, p in enumerate(prompts):
+        seen[row, p] = True
+    generated = [[] for _ in range(B)]
+    texts = [["", 0, 0] for _ in range(B)]  # per prompt: generated text, decode offsets (for stop strings)
+    reasons = ["length"] * B
+    rows = np.arange(B)  # the prompts still generating
+
+    start = time.perf_counter()
+    # Prefill: all prompt tokens in one pass; the LM head only at the last position.
+    logits, cache = forward(params, config, input_ids, attention_mask=attention_mask, last_only=True)
+    next_ids = choose_tokens(logits[:, -1], seen, settings, rng)  # [B]
+    prefill_seconds, decode_seconds, decode_tokens = time.perf_counter() - start, 0.0, 0
+
+    for step in range(budget):
+        out, alive = [None] * B, np.ones(len(rows), bool)
+        for j, (row, token) in enumerate(zip(rows, next_ids.tolist())):
+            if token in ends:
+                alive[j], reasons[row] = False, "eos"
+                continue
+            out[row] = token
+            generated[row].append(token)
+            if stop:
+                text, prefix, read = texts[row]
+                new, prefix, read = decode_step(model.tokenizer, generated[row], prefix, read)
+                texts[row] = [text + new, prefix, read]
+                # Only the end of the text can hold a stop string that was not there before.
+                if new and find_stop(texts[row][0][-(len(new) + max(map(len, stop))):], stop) >= 0:
+                    alive[j], reasons[row] = False, "stop"
+        if any(t is not None for t in out):
+            yield out
+        if step == budget - 1 or not alive.any():
+            break
+        if not alive.all():  # drop finished prompts from the batch
+            rows, next_ids, seen, cache = rows[alive], next_ids[alive], seen[alive], keep_rows(cache, alive)
+
+        start = time.perf_counter()
+        # Decode: one new token per prompt, attending to the cached keys and values.
+        seen[np.arange(len(rows)), next_ids] = True
+        logits, cache = forward(params, config, next_ids[:, None], cache)  # [b, 1, V]
+        next_ids = choose_tokens(logits[:, -1], seen, settings, rng)
+        decode_seconds += time.perf_counter() - start
+        decode_tokens += len(rows)
+
+    return GenerationStats(int(attention_mask.sum()), prefill_seconds, decode_tokens, decode_seconds, tuple(reasons))
+
+
+def generate(model, prompt, max_new_tokens=None, temperature=None, top_k=None, top_p=None, min_p=None,
+             repetition_penalty=None, seed=None, stop=None, eos_token_id=None):
+    """Yields the new token ids of one prompt (a string or a list of token ids), one at a time.
+
+    temperature=0 is greedy decoding; seed makes a sampled run repeat exactly. Arguments left as
+    None take the checkpoint's generation_config.json values (see `generate_batch`).
+    Returns (as StopIteration.value) a GenerationStats.
+    """
+    steps = generate_batch(model, [prompt], max_new_tokens, temperature, top_k, top_p, min_p,
+                           repetition_penalty, seed, stop, eos_token_id)
+    while True:
+        try:
+            (token,) = next(steps)
+        except StopIteration as done:
+            return done.value
+        yield token
+
+
+def generate_text(model, prompt, stop=None, **kwargs):
+    """Yields the completion of `prompt` as text, in pieces as they are produced: never half a
+    UTF-8 character, and never text past a stop string (the stop string itself is left out).
+    Keyword arguments are those of `generate`. Returns (as StopIteration.value) a GenerationStats."""
+    if model.tokenizer is None:
+        raise QwenNPError(f"{model.path} has no tokenizer.json, so it cannot produce text")
+    stop = [stop] if isinstance(stop, str) else [s for s in (stop or ()) if s]
+    tokens = generate(model, prompt, stop=stop, **kwargs)
+    ids, prefix, read, pending = [], 0, 0, ""  # pending: text that may begin a stop string
+    while True:
+        try:
+            ids.append(next(tokens))
+        except StopIteration as done:
+            stats = done.value
+            break
+        if pending is None:  # a stop string was found: nothing more is shown
+            continue
+        new, prefix, read = decode_step(model.tokenizer, ids, prefix, read)
+        pending += new
+        cut = find_stop(pending, stop)
+        if cut >= 0:
+            if pending[:cut]:
+                yield pending[:cut]
+            pending = None
+            continue
+        shown = len(pending) - partial_stop(pending, stop)
+        if shown:
+            yield pending[:shown]
+            pending = pending[shown:]
+    if pending is not None:  # generation ended without a stop string: flush what was held back
+        rest = pending + decode_rest(model.tokenizer, ids, prefix, read)
+        cut = find_stop(rest, stop)
+        rest = rest[:cut] if cut >= 0 else rest
+        if rest:
+            yield rest
+    return stats
