@@ -28,18 +28,24 @@ class Model:
     config: Config
     params: dict  # nested dict/list tree mirroring the checkpoint's tensor names
     tokenizer: object  # a tokenizers.Tokenizer, or None when the checkpoint has none
-    generation_config: dict  # generation_config.json, or {} when absent
-    tokenizer_config: dict  # tokenizer_config.json (+ chat_template.jinja), or {} when absent
+    generation_config: dict  # generation_config.json, or {} when absent (GGUF: its bos/eos ids)
+    tokenizer_config: dict  # tokenizer_config.json (+ chat_template.jinja), or {} (GGUF: template, bos/eos)
     path: Path
 
 
 def load(path):
-    """Loads a checkpoint directory (config.json + safetensors [+ tokenizer files])."""
+    """Loads a checkpoint directory (config.json + safetensors [+ tokenizer files]) or a .gguf file."""
     path = Path(path).expanduser()
     if not path.exists():
         raise QwenNPError(f"{path} does not exist")
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from .gguf import load_gguf  # imported here: the gguf package is only needed for GGUF files
+        config, params, tokenizer, generation_config, tokenizer_config = load_gguf(path)
+        return Model(config=config, params=params, tokenizer=tokenizer, generation_config=generation_config,
+                     tokenizer_config=tokenizer_config, path=path)
     if not path.is_dir():
-        raise QwenNPError(f"{path} is not a checkpoint directory (expected config.json and *.safetensors)")
+        raise QwenNPError(f"{path} is neither a checkpoint directory (config.json and *.safetensors) "
+                          f"nor a .gguf file")
     config = read_config(path)
     tokenizer_config = read_json(path / "tokenizer_config.json") or {}
     if (path / "chat_template.jinja").is_file():  # newer checkpoints keep the template beside

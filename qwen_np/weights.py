@@ -152,6 +152,11 @@ def load_params(directory, config):
             where = files.get(name, directory)
             raise QwenNPError(f"missing tensor {name!r} in {where} (the config calls for it)")
         flat[name] = read_checked(files[name], headers[files[name]], name, shape)
+    return build_tree(flat)
+
+
+def build_tree(flat):
+    """The params tree of {dotted HF name: array}; without an lm_head the embeddings are tied."""
     params = nest(flat)
     if "lm_head" not in params:
         # Tied embeddings: the LM head is the embedding matrix itself (the same array, not a copy).

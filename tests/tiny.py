@@ -14,6 +14,7 @@ FAMILIES = {  # name -> (config class, model class, extra config)
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 24}),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {**MOE, "shared_expert_intermediate_size": 48}),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {**MOE, "norm_topk_prob": True, "head_dim": 24}),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),  # a Qwen2 decoder without the q/k/v biases
 }
 
 

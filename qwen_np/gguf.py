@@ -1,0 +1,488 @@
+"""GGUF checkpoints (llama.cpp, Ollama, LM Studio): weights, config and tokenizer from one file.
+
+A GGUF file is: a header, key/value metadata (the config and the tokenizer, under llama.cpp's
+key names such as `qwen2.block_count` or `tokenizer.ggml.tokens`), a table of tensors (name,
+dims, type, offset), then the tensor data. The `gguf` package (the reader maintained by
+llama.cpp) parses the header and table; everything after that is here:
+
+1. the config, rebuilt from the metadata as a config.json-style dict (`config_from_gguf`);
+2. every tensor dequantized to float32 by our own NumPy dequantizers (one per block type,
+   each with its block layout in a comment), renamed onto the Hugging Face params tree, and
+   shape-checked by `weights.expected_shapes`, exactly like a safetensors checkpoint;
+3. a byte-level BPE `tokenizers.Tokenizer` built from the vocabulary and merges in the metadata.
+
+Two facts about the format the code depends on:
+- GGUF lists a tensor's dims fastest-varying first (`ne`), the reverse of a NumPy shape: a
+  `[out, in]` weight is stored with dims `[in, out]`.
+- llama.cpp's converter reorders the q/k projection rows of the `llama` architecture for its
+  interleaved RoPE; `unpermute_rope_rows` puts them back for our rotate-half RoPE.
+"""
+
+from pathlib import Path
+
+import numpy as np
+from gguf import GGUFReader  # the llama.cpp package (absolute import: not this module)
+
+from .config import QwenNPError, config_from_dict
+from .weights import build_tree, expected_shapes
+
+# GGUF architecture name -> our model_type (config.json's name for the family)
+ARCHITECTURES = {"qwen2": "qwen2", "qwen3": "qwen3", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe",
+                 "llama": "llama"}
+
+# ---------------------------------------------------------------------------------------------
+# Dequantizers. Each takes the raw blocks of a tensor, [N, bytes per block] uint8, and returns
+# their values, [N, values per block] float32. All scales are little-endian float16.
+# "Legacy" quants hold 32 values per block with one scale (d) and sometimes a minimum (m);
+# K-quants hold 256 values per super-block, split into sub-blocks with their own small scales.
+
+
+def f16(blocks, start):  # [N, bytes] uint8 -> [N, 1] float32: the float16 at byte `start` of each block
+    return blocks[:, start:start + 2].view(np.float16).astype(np.float32)
+
+
+def nibbles(qs):  # [N, 16] uint8 -> [N, 32]: value j in the low nibble of byte j, value j+16 in the high
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def dequantize_f32(blocks):  # [N, 4] -> [N, 1]
+    return blocks.view(np.float32).copy()
+
+
+def dequantize_f16(blocks):  # [N, 2] -> [N, 1]
+    return blocks.view(np.float16).astype(np.float32)
+
+
+def dequantize_bf16(blocks):  # [N, 2] -> [N, 1]
+    # bfloat16 is the top 16 bits of a float32: shift the bits up, then view them as float32.
+    return (blocks.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def dequantize_q8_0(blocks):  # [N, 34] -> [N, 32]
+    # d (f16) | 32 int8 values: x = d * q
+    return f16(blocks, 0) * blocks[:, 2:].view(np.int8)
+
+
+def dequantize_q4_0(blocks):  # [N, 18] -> [N, 32]
+    # d (f16) | 16 bytes of 4-bit values: x = d * (q - 8)
+    return f16(blocks, 0) * (nibbles(blocks[:, 2:]).astype(np.int8) - 8)
+
+
+def dequantize_q4_1(blocks):  # [N, 20] -> [N, 32]
+    # d (f16) | m (f16) | 16 bytes of 4-bit values: x = d * q + m
+    return f16(blocks, 0) * nibbles(blocks[:, 4:]) + f16(blocks, 2)
+
+
+def fifth_bits(qh, qs):  # [N, 4] uint8, [N, 16] uint8 -> [N, 32] 5-bit values
+    # qh is a little-endian u32 whose bit j is the fifth bit of value j.
+    return nibbles(qs) | (np.unpackbits(qh, axis=-1, bitorder="little") << 4)
+
+
+def dequantize_q5_0(blocks):  # [N, 22] -> [N, 32]
+    # d (f16) | qh (4 bytes: the fifth bits) | 16 bytes of low nibbles: x = d * (q - 16)
+    return f16(blocks, 0) * (fifth_bits(blocks[:, 2:6], blocks[:, 6:]).astype(np.int8) - 16)
+
+
+def dequantize_q5_1(blocks):  # [N, 24] -> [N, 32]
+    # d (f16) | m (f16) | qh (4 bytes) | 16 bytes of low nibbles: x = d * q + m
+    return f16(blocks, 0) * fifth_bits(blocks[:, 4:8], blocks[:, 8:]) + f16(blocks, 2)
+
+
+def bit_planes(qs, bits):  # [N, B] uint8 -> [N, B * 8 / bits]
+    # Each group of 32 bytes holds 256 / bits values: plane s (bits s*bits .. s*bits+bits-1) of
+    # byte l is value 32*s + l of that group. Used for the 2-bit (Q2_K, Q3_K) and 1-bit layouts.
+    N = qs.shape[0]
+    shifts = np.arange(0, 8, bits, dtype=np.uint8).reshape(1, 1, -1, 1)
+    planes = (qs.reshape(N, -1, 1, 32) >> shifts) & ((1 << bits) - 1)  # [N, groups, 8 / bits, 32]
+    return planes.reshape(N, -1)
+
+
+def dequantize_q2_k(blocks):  # [N, 84] -> [N, 256]
+    # scales (16 bytes: low nibble scale, high nibble min, one per 16 values) | 64 bytes of
+    # 2-bit values (two groups of 32 bytes, 4 planes each) | d (f16) | dmin (f16)
+    N = blocks.shape[0]
+    scales, d, dmin = blocks[:, :16], f16(blocks, 80), f16(blocks, 82)
+    q = bit_planes(blocks[:, 16:80], 2).reshape(N, 16, 16)  # [N, sub-block, value]
+    x = (d * (scales & 0x0F))[..., None] * q - (dmin * (scales >> 4))[..., None]
+    return x.reshape(N, 256)
+
+
+def dequantize_q3_k(blocks):  # [N, 110] -> [N, 256]
+    # hmask (32 bytes: the third bit, 8 planes) | 64 bytes of 2-bit values (as in Q2_K) |
+    # 12 bytes of sixteen 6-bit signed scales | d (f16). x = d * (scale - 32) * q, where
+    # q = low two bits, minus 4 when the hmask bit is clear.
+    N = blocks.shape[0]
+    low, high = bit_planes(blocks[:, 32:96], 2), bit_planes(blocks[:, :32], 1)
+    q = low.astype(np.int8) - 4 * (1 - high.astype(np.int8))  # [N, 256]
+    s = blocks[:, 96:108]
+    # Scale j: low 4 bits in byte j % 8 (low nibble for j < 8, high for j >= 8), high 2 bits in
+    # byte 8 + j % 4 at bit 2 * (j // 4).
+    scale_low = np.concatenate([s[:, :8] & 0x0F, s[:, :8] >> 4], axis=-1)  # [N, 16]
+    scale_high = ((s[:, None, 8:12] >> np.array([0, 2, 4, 6], np.uint8)[None, :, None]) & 3).reshape(N, 16)
+    scale = (scale_low | (scale_high << 4)).astype(np.int8) - 32
+    x = (f16(blocks, 108) * scale)[..., None] * q.reshape(N, 16, 16)
+    return x.reshape(N, 256)
+
+
+def k_scales_mins(s):  # [N, 12] uint8 -> [N, 8], [N, 8]: the 6-bit scales and mins of Q4_K and Q5_K
+    # Sub-blocks 0-3: scale = s[j] & 63, min = s[j+4] & 63. Sub-blocks 4-7: the low 4 bits come
+    # from s[j+4] (scale low nibble, min high nibble), the top 2 bits from the top of s[j-4], s[j].
+    scales = np.concatenate([s[:, 0:4] & 63, (s[:, 8:12] & 0x0F) | ((s[:, 0:4] >> 6) << 4)], axis=-1)
+    mins = np.concatenate([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], axis=-1)
+    return scales, mins
+
+
+def dequantize_q4_k(blocks):  # [N, 144] -> [N, 256]
+    # d (f16) | dmin (f16) | 12 bytes of 6-bit scales and mins | 128 bytes of 4-bit values:
+    # 4 chunks of 32 bytes, the low nibbles of chunk c are sub-block 2c, the high ones 2c+1.
+    # x = d * scale * q - dmin * min, per sub-block of 32 values.
+    N = blocks.shape[0]
+    scales, mins = k_scales_mins(blocks[:, 4:16])
+    q = bit_planes(blocks[:, 16:], 4).reshape(N, 8, 32)
+    x = (f16(blocks, 0) * scales)[..., None] * q - (f16(blocks, 2) * mins)[..., None]
+    return x.reshape(N, 256)
+
+
+def dequantize_q5_k(blocks):  # [N, 176] -> [N, 256]
+    # As Q4_K, plus qh (32 bytes) after the scales: bit j of qh[l] is the fifth bit of value l
+    # of sub-block j.
+    N = blocks.shape[0]
+    scales, mins = k_scales_mins(blocks[:, 4:16])
+    q = bit_planes(blocks[:, 48:], 4) | (bit_planes(blocks[:, 16:48], 1) << 4)
+    x = (f16(blocks, 0) * scales)[..., None] * q.reshape(N, 8, 32) - (f16(blocks, 2) * mins)[..., None]
+    return x.reshape(N, 256)
+
+
+def dequantize_q6_k(blocks):  # [N, 210] -> [N, 256]
+    # ql (128 bytes: low 4 bits) | qh (64 bytes: high 2 bits) | 16 int8 scales | d (f16).
+    # Two halves of 128 values; in half h, value i's low nibble is in ql[64h + i % 64] (low
+    # nibble for i < 64, high for i >= 64) and its high bits in plane i // 32 of qh[32h + i % 32].
+    # x = d * scale * (q - 32), one scale per 16 values.
+    N = blocks.shape[0]
+    ql, qh = blocks[:, :128], blocks[:, 128:192]
+    low = ((ql.reshape(N, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & 0x0F).reshape(N, 256)
+    q = (low | (bit_planes(qh, 2) << 4)).astype(np.int8) - 32
+    scale = blocks[:, 192:208].view(np.int8)
+    x = (f16(blocks, 208) * scale)[..., None] * q.reshape(N, 16, 16)
+    return x.reshape(N, 256)
+
+
+# ggml type name -> (values per block, bytes per block, dequantizer)
+DEQUANTIZERS = {
+    "F32": (1, 4, dequantize_f32), "F16": (1, 2, dequantize_f16), "BF16": (1, 2, dequantize_bf16),
+    "Q8_0": (32, 34, dequantize_q8_0), "Q4_0": (32, 18, dequantize_q4_0), "Q4_1": (32, 20, dequantize_q4_1),
+    "Q5_0": (32, 22, dequantize_q5_0), "Q5_1": (32, 24, dequantize_q5_1),
+    "Q2_K": (256, 84, dequantize_q2_k), "Q3_K": (256, 110, dequantize_q3_k), "Q4_K": (256, 144, dequantize_q4_k),
+    "Q5_K": (256, 176, dequantize_q5_k), "Q6_K": (256, 210, dequantize_q6_k),
+}
+
+
+def dequantize(raw, type_name, shape):  # raw bytes of one tensor -> float32 array of `shape`
+    block_values, block_bytes, dequantizer = DEQUANTIZERS[type_name]
+    blocks = np.ascontiguousarray(raw).view(np.uint8).reshape(-1, block_bytes)
+    return dequantizer(blocks).reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the file
+
+
+class Reader(GGUFReader):
+    """The gguf package's reader over a plain ndarray view of the file's memory map rather than
+    the np.memmap itself: slicing an np.memmap builds a memmap object per slice, and the reader
+    slices once per metadata string, so a 150k-token vocabulary parses ~4x faster this way."""
+
+    @property
+    def data(self):
+        return self._bytes
+
+    @data.setter
+    def data(self, memmap):
+        self._bytes = np.asarray(memmap)  # the same mapped bytes, no copy
+
+
+def read_gguf(path):  # -> {metadata key: value}, {tensor name: ReaderTensor}
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise QwenNPError(f"{path} is not a GGUF file (it does not start with the bytes 'GGUF')")
+    try:
+        reader = Reader(path)
+    except (ValueError, IndexError, KeyError, OverflowError) as e:
+        # The reader slices a memory map of the file: a file cut short shows up as a short read.
+        raise QwenNPError(f"{path} ({path.stat().st_size:,} bytes) is truncated or corrupt: "
+                          f"the GGUF reader failed with: {e}") from None
+    if reader.byte_order != "I":
+        raise QwenNPError(f"{path} is a big-endian GGUF file; qwen_np reads little-endian files only")
+    metadata = {key: field.contents() for key, field in reader.fields.items()}
+    return metadata, {tensor.name: tensor for tensor in reader.tensors}
+
+
+def numpy_shape(tensor):  # GGUF dims are fastest-varying first: reverse them for NumPy
+    return tuple(int(n) for n in reversed(tensor.shape.tolist()))
+
+
+def config_from_gguf(metadata, tensors, path):
+    """The Config of a GGUF file: its metadata renamed to config.json's keys, then the usual reader."""
+    arch = metadata.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise QwenNPError(f"{path}: unsupported GGUF architecture {arch!r}; "
+                          f"qwen_np reads {', '.join(ARCHITECTURES)}")
+    model_type = ARCHITECTURES[arch]
+
+    def key(name, default=KeyError):
+        if f"{arch}.{name}" in metadata:
+            return metadata[f"{arch}.{name}"]
+        if default is KeyError:
+            raise QwenNPError(f"{path}: the metadata has no {arch}.{name}")
+        return default
+
+    if "token_embd.weight" not in tensors:
+        raise QwenNPError(f"{path}: no token_embd.weight tensor (the token embeddings)")
+    hidden, heads = key("embedding_length"), key("attention.head_count")
+    head_dim = key("attention.key_length", hidden // heads)
+    if key("rope.dimension_count", head_dim) != head_dim:
+        raise QwenNPError(f"{path}: RoPE on {key('rope.dimension_count')} of {head_dim} head dimensions "
+                          f"(partial rotary) is not supported")
+    has_bias = "blk.0.attn_q.bias" in tensors
+    raw = {
+        "model_type": model_type,
+        "vocab_size": numpy_shape(tensors["token_embd.weight"])[0],  # the embedding rows, as in config.json
+        "hidden_size": hidden,
+        "intermediate_size": key("feed_forward_length", 0),  # absent when every layer is sparse
+        "num_hidden_layers": key("block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": key("attention.head_count_kv", heads),
+        "head_dim": head_dim,
+        "max_position_embeddings": key("context_length", 32768),
+        "rms_norm_eps": key("attention.layer_norm_rms_epsilon"),
+        "rope_theta": key("rope.freq_base", 10000.0),
+        "rope_scaling": rope_scaling_from_gguf(key, path),
+        "tie_word_embeddings": "output.weight" not in tensors,  # llama.cpp writes `output` only when untied
+        "qkv_bias": has_bias, "attention_bias": has_bias,  # the name Qwen2(-MoE) uses, and the others'
+        "bos_token_id": metadata.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": metadata.get("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": metadata.get("tokenizer.ggml.padding_token_id"),
+    }
+    if model_type.endswith("_moe"):
+        raw.update({
+            "num_experts": key("expert_count"),
+            "num_experts_per_tok": key("expert_used_count"),
+            "moe_intermediate_size": key("expert_feed_forward_length"),
+            "shared_expert_intermediate_size": key("expert_shared_feed_forward_length", 0),
+            # llama.cpp renormalises the top-k weights for Qwen3-MoE and not for Qwen2-MoE (so does
+            # transformers' GGUF loader); a file may say so itself.
+            "norm_topk_prob": key("expert_weights_norm", model_type == "qwen3_moe"),
+            # GGUF has no mlp_only_layers: a layer is sparse when the file holds its router.
+            "mlp_only_layers": [i for i in range(raw["num_hidden_layers"])
+                                if f"blk.{i}.ffn_gate_inp.weight" not in tensors],
+        })
+    return config_from_dict(raw, source=str(path))
+
+
+def rope_scaling_from_gguf(key, path):  # -> config.json's rope_scaling dict, or None
+    kind = key("rope.scaling.type", "none")
+    if kind == "none":
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": key("rope.scaling.factor")}
+    if kind == "yarn":
+        rope = {"rope_type": "yarn", "factor": key("rope.scaling.factor"),
+                "original_max_position_embeddings": key("rope.scaling.original_context_length")}
+        for gguf_name, name in (("rope.scaling.yarn_beta_fast", "beta_fast"), ("rope.scaling.yarn_beta_slow", "beta_slow")):
+            if key(gguf_name, None) is not None:
+                rope[name] = key(gguf_name)
+        return rope
+    raise QwenNPError(f"{path}: unsupported RoPE scaling {kind!r}; qwen_np reads none, linear and yarn")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor names: GGUF -> Hugging Face
+
+GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                "output.weight": "lm_head.weight"}
+LAYER_NAMES = {  # blk.N.<key> -> model.layers.N.<value>
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight", "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.weight": "self_attn.k_proj.weight", "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.weight": "self_attn.v_proj.weight", "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight", "attn_output.bias": "self_attn.o_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+    "ffn_gate_inp.weight": "mlp.gate.weight",  # the MoE router
+    "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
+    "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
+    "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
+    "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
+}
+EXPERT_NAMES = {  # one 3-D tensor [E, out, in] holding every expert's matrix
+    "ffn_gate_exps.weight": "gate_proj.weight", "ffn_up_exps.weight": "up_proj.weight",
+    "ffn_down_exps.weight": "down_proj.weight",
+}
+
+
+def hf_names(gguf_name, num_experts, path):  # -> [(HF name, expert index or None)]
+    if gguf_name in GLOBAL_NAMES:
+        return [(GLOBAL_NAMES[gguf_name], None)]
+    block, _, rest = gguf_name.partition(".")[2].partition(".")
+    if gguf_name.startswith("blk.") and block.isdigit():
+        if rest in LAYER_NAMES:
+            return [(f"model.layers.{block}.{LAYER_NAMES[rest]}", None)]
+        if rest in EXPERT_NAMES and num_experts:
+            return [(f"model.layers.{block}.mlp.experts.{e}.{EXPERT_NAMES[rest]}", e) for e in range(num_experts)]
+    raise QwenNPError(f"{path}: unexpected tensor {gguf_name!r} (not part of the models qwen_np reads)")
+
+
+def unpermute_rope_rows(w, num_heads):  # [num_heads * Dh, ...] -> [num_heads * Dh, ...]
+    # llama.cpp's converter reorders each head's rows of the llama q/k projections from the
+    # rotate-half pairing (row i with i + Dh/2) to the interleaved one (row 2i with 2i + 1):
+    # row 2i + j of a head holds original row j * Dh/2 + i. Reading [half, 2] as [2, half] undoes it.
+    return w.reshape(num_heads, -1, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def load_params(tensors, config, path):
+    """The params tree of a GGUF file, every tensor float32 and shape-checked against the config."""
+    shapes = expected_shapes(config)
+    plan = {}  # HF name -> (GGUF tensor, expert index or None)
+    for gguf_name, tensor in tensors.items():
+        for name, expert in hf_names(gguf_name, config.num_experts, path):
+            if name not in shapes:
+                raise QwenNPError(f"{path}: tensor {gguf_name!r} ({name}) is not part of this {config.model_type} "
+                                  f"config")
+            plan[name] = (tensor, expert)
+    missing = [name for name in shapes if name not in plan]
+    if missing:
+        raise QwenNPError(f"{path}: missing tensor(s) {', '.join(missing[:5])} (the config calls for them)")
+
+    arrays = {}  # GGUF name -> dequantized array (an expert tensor is read once for all its experts)
+    flat = {}
+    for name, (tensor, expert) in plan.items():
+        found = numpy_shape(tensor)[1:] if expert is not None else numpy_shape(tensor)
+        if np.prod(found) != np.prod(shapes[name]) or [n for n in found if n != 1] != [n for n in shapes[name] if n != 1]:
+            # Only dims of size 1 may differ: llama.cpp stores the [1, D] shared-expert gate as [D].
+            raise QwenNPError(f"{path}: tensor {tensor.name!r} has shape {list(found)} but the config implies "
+                              f"{list(shapes[name])} for {name}")
+        if tensor.name not in arrays:
+            arrays[tensor.name] = read_tensor(tensor, path)
+        value = arrays[tensor.name] if expert is None else arrays[tensor.name][expert]  # an expert is a view
+        flat[name] = value.reshape(shapes[name])
+    if config.model_type == "llama":
+        for i in range(config.num_hidden_layers):
+            for proj, heads in (("q_proj", config.num_attention_heads), ("k_proj", config.num_key_value_heads)):
+                for kind in ("weight", "bias"):
+                    name = f"model.layers.{i}.self_attn.{proj}.{kind}"
+                    if name in flat:
+                        flat[name] = unpermute_rope_rows(flat[name], heads)
+    return build_tree(flat)
+
+
+def read_tensor(tensor, path):  # -> float32 array of the tensor's NumPy shape
+    type_name = tensor.tensor_type.name
+    if type_name not in DEQUANTIZERS:
+        raise QwenNPError(f"{path}: tensor {tensor.name!r} has type {type_name}, which qwen_np cannot read "
+                          f"(it reads {', '.join(DEQUANTIZERS)})")
+    return dequantize(tensor.data, type_name, numpy_shape(tensor))
+
+
+# ---------------------------------------------------------------------------------------------
+# The tokenizer: byte-level BPE from tokenizer.ggml.* metadata
+
+TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values (llama.cpp's enum)
+
+# The pre-tokenizer split of Qwen2 (and Qwen2.5, Qwen3): letters keep one leading non-letter,
+# digits split one by one, punctuation runs keep trailing newlines.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS = {  # tokenizer.ggml.pre -> family, as llama.cpp groups them
+    "qwen2": "qwen2", "deepseek-r1-qwen": "qwen2",
+    "smollm": "starcoder", "starcoder": "starcoder", "refact": "starcoder", "codeshell": "starcoder",
+    "gpt-2": "gpt2", "gpt2": "gpt2", "phi-2": "gpt2", "mpt": "gpt2", "olmo": "gpt2",
+}
+
+
+def pre_tokenizer(pre, path):  # -> (normalizer or None, pre-tokenizer)
+    from tokenizers import Regex, normalizers, pre_tokenizers
+    family = PRE_TOKENIZERS.get(pre)
+    if family == "qwen2":  # as Qwen's tokenizer.json: NFC, the split above, then bytes to symbols
+        return normalizers.NFC(), pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    if family == "starcoder":  # SmolLM, StarCoder: every digit alone, then GPT-2's split
+        return None, pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                              pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    if family == "gpt2":  # GPT-2's split, built into the ByteLevel pre-tokenizer
+        return None, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    raise QwenNPError(f"{path}: unsupported pre-tokenizer tokenizer.ggml.pre = {pre!r}; "
+                      f"qwen_np knows {', '.join(PRE_TOKENIZERS)}")
+
+
+def bytes_to_unicode():  # {byte: symbol}: GPT-2's byte-level alphabet
+    # Printable bytes stand for themselves; the others (space, control bytes...) get symbols from 256 on.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def load_tokenizer(metadata, path):
+    """A `tokenizers.Tokenizer` from the metadata, or None when the file carries no vocabulary."""
+    if "tokenizer.ggml.tokens" not in metadata:
+        return None
+    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+    kind = metadata.get("tokenizer.ggml.model")
+    if kind != "gpt2" or "tokenizer.ggml.merges" not in metadata:
+        raise QwenNPError(f"{path}: unsupported tokenizer {kind!r}; qwen_np builds byte-level BPE "
+                          f"tokenizers ('gpt2', with merges)")
+    tokens = metadata["tokenizer.ggml.tokens"]
+    types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    # Every token is spelled in the byte-level alphabet; one that is not (a user-defined token
+    # stored with real spaces) is respelled from its UTF-8 bytes, as transformers does.
+    symbol = bytes_to_unicode()
+    alphabet = set(symbol.values())
+    vocab = {t if set(t) <= alphabet else "".join(symbol[b] for b in t.encode("utf-8")): i
+             for i, t in enumerate(tokens)}
+    merges = [tuple(merge.split(" ", 1)) for merge in metadata["tokenizer.ggml.merges"]]
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    normalizer, tokenizer.pre_tokenizer = pre_tokenizer(metadata.get("tokenizer.ggml.pre", "gpt2"), path)
+    if normalizer is not None:
+        tokenizer.normalizer = normalizer
+    tokenizer.decoder = decoders.ByteLevel()
+    # Control tokens (<|im_start|>, ...) are matched whole and are special; user-defined ones
+    # (<tool_call>, <think>, ...) are matched whole too but are ordinary text.
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, kind in zip(tokens, types)
+                                  if kind == TOKEN_CONTROL and set(t) <= alphabet])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t, kind in zip(tokens, types)
+                          if kind == TOKEN_USER_DEFINED and t in vocab])
+    bos, eos = metadata.get("tokenizer.ggml.bos_token_id"), metadata.get("tokenizer.ggml.eos_token_id")
+    add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token")) and bos is not None
+    add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token")) and eos is not None
+    if add_bos or add_eos:  # the file asks for BOS (or EOS) around every encoded text
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=[tokens[bos]] * add_bos + ["$A"] + [tokens[eos]] * add_eos,
+            special_tokens=[(tokens[i], i) for i, on in ((bos, add_bos), (eos, add_eos)) if on])
+    return tokenizer
+
+
+def chat_settings(metadata):  # -> tokenizer_config, generation_config as a checkpoint directory has them
+    tokens = metadata.get("tokenizer.ggml.tokens", [])
+    ids = {name: metadata[f"tokenizer.ggml.{key}_token_id"]
+           for name, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"))
+           if f"tokenizer.ggml.{key}_token_id" in metadata}
+    tokenizer_config = {f"{name}_token": tokens[i] for name, i in ids.items() if i < len(tokens)}
+    if "tokenizer.chat_template" in metadata:
+        tokenizer_config["chat_template"] = metadata["tokenizer.chat_template"]
+    generation_config = {f"{name}_token_id": i for name, i in ids.items()}
+    eot = metadata.get("tokenizer.ggml.eot_token_id")
+    if eot is not None and eot != ids.get("eos"):  # end of turn: chat stops there too
+        generation_config["eos_token_id"] = [i for i in (ids.get("eos"), eot) if i is not None]
+    return tokenizer_config, generation_config
+
+
+def load_gguf(path):
+    """(config, params, tokenizer, generation_config, tokenizer_config) of one .gguf file."""
+    path = Path(path)
+    metadata, tensors = read_gguf(path)
+    config = config_from_gguf(metadata, tensors, path)
+    params = load_params(tensors, config, path)
+    tokenizer_config, generation_config = chat_settings(metadata)
+    return config, params, load_tokenizer(metadata, path), generation_config, tokenizer_config

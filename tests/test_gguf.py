@@ -1,0 +1,248 @@
+"""GGUF files: our dequantizers against the gguf package's, tiny models of every family written
+as GGUF against transformers loading the same file, the config and the tokenizer from the
+metadata, and bad files."""
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+from gguf_files import (VARIED_TEXT, llama_cpp_permute, qwen_tokenizer_metadata, read_safetensors,
+                        write_gguf)
+from tiny import FAMILIES, reference_logits, tiny_model
+
+import qwen_np
+from qwen_np.config import config_from_dict
+from qwen_np.gguf import DEQUANTIZERS, dequantize, unpermute_rope_rows
+from qwen_np.weights import expected_shapes
+
+# ---------------------------------------------------------------------------------------------
+# Dequantizers
+
+SCALE_OFFSETS = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+@pytest.mark.parametrize("name", list(DEQUANTIZERS))
+def test_dequantizer_matches_the_gguf_package(name):
+    qtype = Q[name]
+    assert DEQUANTIZERS[name][:2] == gguf.GGML_QUANT_SIZES[qtype]  # values and bytes per block
+    rng = np.random.default_rng(0)
+    rows, cols = 6, 512
+    if name in SCALE_OFFSETS:  # the package cannot quantize K-quants: random blocks, finite f16 scales
+        block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
+        blocks = rng.integers(0, 256, (rows * cols // 256, block_bytes), dtype=np.uint8)
+        for offset in SCALE_OFFSETS[name]:
+            scales = (rng.normal(size=(len(blocks), 1)) * 0.01).astype(np.float16)
+            blocks[:, offset:offset + 2] = scales.view(np.uint8)
+        raw = blocks.reshape(rows, -1)
+    else:
+        raw = gguf.quants.quantize(rng.normal(size=(rows, cols)).astype(np.float32), qtype)
+    ours = dequantize(raw, name, (rows, cols))
+    assert ours.dtype == np.float32 and ours.shape == (rows, cols)
+    assert np.count_nonzero(ours) > rows * cols // 2
+    np.testing.assert_array_equal(ours, gguf.quants.dequantize(raw, qtype))
+
+
+def test_q8_0_and_q4_0_block_layouts_by_hand():
+    d = np.array([0.5], np.float16).view(np.uint8)
+    q8 = np.arange(-16, 16, dtype=np.int8)
+    block = np.concatenate([d, q8.view(np.uint8)])[None]  # [1, 34]: d, then 32 int8 values
+    np.testing.assert_array_equal(dequantize(block, "Q8_0", (32,)), 0.5 * q8)
+    codes = np.arange(32) % 16  # 4-bit codes; value j in byte j's low nibble, value j + 16 in its high one
+    packed = (codes[:16] | (codes[16:] << 4)).astype(np.uint8)
+    block = np.concatenate([d, packed])[None]  # [1, 18]
+    np.testing.assert_array_equal(dequantize(block, "Q4_0", (32,)), 0.5 * (codes - 8))
+
+
+def test_unpermute_undoes_llama_cpps_permutation():
+    w = np.random.default_rng(0).normal(size=(3 * 8, 5)).astype(np.float32)  # 3 heads of Dh = 8
+    permuted = llama_cpp_permute(w, 3)
+    assert not np.array_equal(permuted, w)
+    np.testing.assert_array_equal(unpermute_rope_rows(permuted, 3), w)
+    np.testing.assert_array_equal(unpermute_rope_rows(permuted[:, 0], 3), w[:, 0])  # a bias too
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole models: tiny random models of every family, written as GGUF
+
+# transformers' GGUF config reader ignores attention.key_length for qwen3 and the expert sizes of
+# the MoE families (it would take its own defaults), so it gets those models' config; it reads
+# qwen2 and llama from the file alone.
+CONFIG_FROM_FILE = {"qwen2", "llama"}
+CASES = [(family, Q.F32) for family in FAMILIES] + [(family, Q.Q8_0) for family in FAMILIES] + [
+    ("llama", Q.Q4_1), ("qwen2", Q.Q5_0)]
+STRUCTURE = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+             "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
+             "tie_word_embeddings", "rope_parameters", "attention_bias", "num_experts", "num_experts_per_tok",
+             "moe_intermediate_size", "shared_expert_intermediate_size", "norm_topk_prob", "mlp_only_layers")
+
+
+@pytest.mark.parametrize("family,qtype", CASES, ids=[f"{f}-{q.name}" for f, q in CASES])
+def test_tiny_gguf_matches_transformers(tmp_path, family, qtype, reference):
+    torch, transformers = reference
+    hf = tiny_model(family, tmp_path / "hf")
+    write_gguf(tmp_path / "model.gguf", family, hf.config.to_dict(), read_safetensors(tmp_path / "hf"), qtype)
+    model = qwen_np.load(tmp_path / "model.gguf")
+
+    # The config rebuilt from the metadata is the one config.json gives.
+    directory_config = config_from_dict(hf.config.to_dict())
+    for field in STRUCTURE:
+        assert getattr(model.config, field) == getattr(directory_config, field), field
+    assert model.config.rms_norm_eps == pytest.approx(directory_config.rms_norm_eps, rel=1e-6)  # stored as f32
+
+    kwargs = {} if family in CONFIG_FROM_FILE else {"config": hf.config}
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file="model.gguf", dtype=torch.float32, attn_implementation="eager", **kwargs)
+    ids = np.random.default_rng(1).integers(0, hf.config.vocab_size, (2, 9))
+    ours, _ = qwen_np.forward(model.params, model.config, ids)
+    np.testing.assert_allclose(ours, reference_logits(reference, ids), atol=1e-4, rtol=1e-4)
+    if qtype == Q.F32:  # unquantized, the file holds the original weights (llama's q/k rows put back)
+        np.testing.assert_allclose(ours, reference_logits(hf, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_moe_experts_are_views_of_one_array(tmp_path):
+    config = {**small_config("qwen3_moe"), "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+              "head_dim": 8}
+    model = qwen_np.load(random_gguf(tmp_path / "moe.gguf", "qwen3_moe", config))
+    experts = model.params["model"]["layers"][0]["mlp"]["experts"]
+    assert len(experts) == 4 and experts[0]["gate_proj"]["weight"].shape == (16, 32)
+    first, last = experts[0]["up_proj"]["weight"], experts[3]["up_proj"]["weight"]
+    assert first.base is not None and first.base is last.base and first.base.size == 4 * 16 * 32
+
+
+# ---------------------------------------------------------------------------------------------
+# Config from metadata, and bad files
+
+
+def small_config(model_type, **overrides):  # a config.json dict of a small random model
+    return {"model_type": model_type, "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+            "tie_word_embeddings": True, **overrides}
+
+
+def random_gguf(path, family, config, **kwargs):
+    """A GGUF file of a random model with this config (config.json dict)."""
+    shapes = expected_shapes(config_from_dict(config))
+    rng = np.random.default_rng(0)
+    tensors = {name: rng.normal(size=shape).astype(np.float32) for name, shape in shapes.items()}
+    return write_gguf(path, family, config, tensors, **kwargs)
+
+
+def test_rope_scaling_and_token_ids_from_metadata(tmp_path):
+    S = gguf.GGUFValueType
+    metadata = [("llama.rope.scaling.type", "yarn", S.STRING), ("llama.rope.scaling.factor", 4.0, S.FLOAT32),
+                ("llama.rope.scaling.original_context_length", 64, S.UINT32)]
+    model = qwen_np.load(random_gguf(tmp_path / "yarn.gguf", "llama", small_config("llama"), extra_metadata=metadata))
+    assert model.config.rope_parameters == {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                            "original_max_position_embeddings": 64}
+    assert model.tokenizer is None and model.generation_config == {}  # no vocabulary in this file
+
+    metadata = [("llama.rope.scaling.type", "longrope", S.STRING)]
+    with pytest.raises(qwen_np.QwenNPError, match="unsupported RoPE scaling 'longrope'"):
+        qwen_np.load(random_gguf(tmp_path / "long.gguf", "llama", small_config("llama"), extra_metadata=metadata))
+
+
+def test_unsupported_architecture(tmp_path):
+    path = tmp_path / "gemma.gguf"
+    writer = gguf.GGUFWriter(str(path), "gemma2")
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    with pytest.raises(qwen_np.QwenNPError, match="unsupported GGUF architecture 'gemma2'") as e:
+        qwen_np.load(path)
+    assert str(path) in str(e.value)
+
+
+def test_unsupported_tensor_type(tmp_path):
+    raw = np.random.default_rng(0).integers(0, 256, (64, 18), dtype=np.uint8)  # [64, 32] as IQ4_NL: 18 bytes a row
+    path = random_gguf(tmp_path / "iq4.gguf", "llama", small_config("llama"),
+                       raw_tensors={"blk.1.ffn_up.weight": (raw, Q.IQ4_NL)})
+    with pytest.raises(qwen_np.QwenNPError, match=r"tensor 'blk.1.ffn_up.weight' has type IQ4_NL, which qwen_np "
+                                                  r"cannot read \(it reads F32, F16, BF16, Q8_0") as e:
+        qwen_np.load(path)
+    assert str(path) in str(e.value)
+
+
+def test_truncated_and_foreign_files(tmp_path):
+    data = random_gguf(tmp_path / "full.gguf", "llama", small_config("llama")).read_bytes()
+    for cut in (len(data) // 2, 200):  # in the tensor data, in the metadata
+        path = tmp_path / f"cut{cut}.gguf"
+        path.write_bytes(data[:cut])
+        with pytest.raises(qwen_np.QwenNPError, match=rf"cut{cut}.gguf \({cut:,} bytes\) is truncated or corrupt"):
+            qwen_np.load(path)
+    path = tmp_path / "notes.gguf"
+    path.write_text("not a model")
+    with pytest.raises(qwen_np.QwenNPError, match="notes.gguf is not a GGUF file"):
+        qwen_np.load(path)
+
+
+def test_unexpected_and_missing_tensors(tmp_path):
+    path = random_gguf(tmp_path / "freqs.gguf", "llama", small_config("llama"),
+                       extra_tensors={"rope_freqs.weight": np.ones(4, np.float32)})
+    with pytest.raises(qwen_np.QwenNPError, match="unexpected tensor 'rope_freqs.weight'"):
+        qwen_np.load(path)
+    config = small_config("llama")
+    shapes = expected_shapes(config_from_dict(config))
+    tensors = {name: np.ones(shape, np.float32) for name, shape in shapes.items() if "layers.1.mlp.up" not in name}
+    path = write_gguf(tmp_path / "short.gguf", "llama", config, tensors)
+    with pytest.raises(qwen_np.QwenNPError, match=r"missing tensor\(s\) model.layers.1.mlp.up_proj.weight"):
+        qwen_np.load(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The tokenizer from metadata: a Qwen2 GGUF carrying the real Qwen2.5 vocabulary
+
+
+@pytest.fixture(scope="module")
+def qwen2_gguf(shared_data, tmp_path_factory):
+    """(path, model) of a small random Qwen2 model whose GGUF metadata holds the real Qwen2.5
+    tokenizer, written as llama.cpp's converter writes it."""
+    path = tmp_path_factory.mktemp("qwen2") / "qwen2-tokenizer.gguf"
+    config = small_config("qwen2", vocab_size=151936, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1)
+    random_gguf(path, "qwen2", config, qtype=Q.F16, tokenizer=qwen_tokenizer_metadata(shared_data / "qwen2.5-tokenizer"))
+    return path, qwen_np.load(path)
+
+
+def test_qwen2_gguf_tokenizer_reproduces_the_reference_vectors(qwen2_gguf, shared_data):
+    tokenizer = qwen2_gguf[1].tokenizer
+    vectors = shared_data / "tokenizer-vectors"
+    texts = (vectors / "ggml-vocab-qwen2.gguf.inp").read_text("utf-8").split("\n__ggml_vocab_test__\n")[:-1]
+    expected = (vectors / "ggml-vocab-qwen2.gguf.out").read_text().splitlines()
+    assert len(texts) == len(expected) == 43
+    for text, ids in zip(texts, expected):
+        assert tokenizer.encode(text).ids == [int(i) for i in ids.split()], text
+    golden = json.loads((vectors / "qwen2.5_hf_golden_tokens.json").read_text("utf-8"))
+    assert len(golden) == 51
+    for case in golden:
+        assert tokenizer.encode(case["text"]).ids == case["ids"], case["text"]
+
+
+def test_qwen2_gguf_tokenizer_is_the_directory_tokenizer(qwen2_gguf, shared_data):
+    from tokenizers import Tokenizer
+    ours = qwen2_gguf[1].tokenizer
+    directory = Tokenizer.from_file(str(shared_data / "qwen2.5-tokenizer" / "tokenizer.json"))
+    for text in (VARIED_TEXT, "cafe\u0301 vs café", "<tool_call>{}</tool_call> 151643"):  # NFD é: NFC as Qwen's
+        assert ours.encode(text).ids == directory.encode(text).ids, text
+        assert ours.decode(ours.encode(text).ids, skip_special_tokens=False) == directory.decode(
+            directory.encode(text).ids, skip_special_tokens=False)
+    assert ours.encode("<|im_start|>").ids == [151644]
+    assert ours.encode("<tool_call>").ids == [151657]  # user-defined: whole, though not special
+
+
+def test_qwen2_gguf_chat_settings(qwen2_gguf, shared_data):
+    model = qwen2_gguf[1]
+    template = json.loads((shared_data / "qwen2.5-tokenizer" / "tokenizer_config.json").read_text())["chat_template"]
+    assert model.tokenizer_config == {"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>",
+                                      "pad_token": "<|endoftext|>", "chat_template": template}
+    assert model.generation_config == {"bos_token_id": 151643, "eos_token_id": 151645, "pad_token_id": 151643}
+    assert model.config.vocab_size == 151936 and model.config.eos_token_id == 151645
+
+
+def test_qwen2_gguf_tokenizer_matches_transformers(qwen2_gguf, reference):
+    _, transformers = reference
+    path, model = qwen2_gguf
+    theirs = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    for text in VARIED_TEXT.split("\n") + [VARIED_TEXT]:
+        assert model.tokenizer.encode(text).ids == theirs(text)["input_ids"], text
