@@ -12,6 +12,7 @@ define them; `from qwen_np.generate import top_k_filter` still reaches the modul
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import download  # download.default_model_path(): the out-of-the-box model
 from .config import Config, QwenNPError, read_config
 from .model import KVCache, forward
 from .weights import load_params, load_tokenizer, read_json

@@ -90,7 +90,7 @@ def dequantize_q5_1(blocks):  # [N, 24] -> [N, 32]
 
 def bit_planes(qs, bits):  # [N, B] uint8 -> [N, B * 8 / bits]
     # Each group of 32 bytes holds 256 / bits values: plane s (bits s*bits .. s*bits+bits-1) of
-    # byte l is value 32*s + l of that group. Used for the 2-bit (Q2_K, Q3_K) and 1-bit layouts.
+    # byte l is value 32*s + l of that group. The K-quants pack their 4-, 2- and 1-bit parts so.
     N = qs.shape[0]
     shifts = np.arange(0, 8, bits, dtype=np.uint8).reshape(1, 1, -1, 1)
     planes = (qs.reshape(N, -1, 1, 32) >> shifts) & ((1 << bits) - 1)  # [N, groups, 8 / bits, 32]
@@ -178,7 +178,7 @@ DEQUANTIZERS = {
 
 
 def dequantize(raw, type_name, shape):  # raw bytes of one tensor -> float32 array of `shape`
-    block_values, block_bytes, dequantizer = DEQUANTIZERS[type_name]
+    _, block_bytes, dequantizer = DEQUANTIZERS[type_name]
     blocks = np.ascontiguousarray(raw).view(np.uint8).reshape(-1, block_bytes)
     return dequantizer(blocks).reshape(shape)
 
@@ -288,9 +288,9 @@ def rope_scaling_from_gguf(key, path):  # -> config.json's rope_scaling dict, or
     if kind == "yarn":
         rope = {"rope_type": "yarn", "factor": key("rope.scaling.factor"),
                 "original_max_position_embeddings": key("rope.scaling.original_context_length")}
-        for gguf_name, name in (("rope.scaling.yarn_beta_fast", "beta_fast"), ("rope.scaling.yarn_beta_slow", "beta_slow")):
-            if key(gguf_name, None) is not None:
-                rope[name] = key(gguf_name)
+        for name in ("beta_fast", "beta_slow"):
+            if key(f"rope.scaling.yarn_{name}", None) is not None:
+                rope[name] = key(f"rope.scaling.yarn_{name}")
         return rope
     raise QwenNPError(f"{path}: unsupported RoPE scaling {kind!r}; qwen_np reads none, linear and yarn")
 
@@ -358,11 +358,11 @@ def load_params(tensors, config, path):
     arrays = {}  # GGUF name -> dequantized array (an expert tensor is read once for all its experts)
     flat = {}
     for name, (tensor, expert) in plan.items():
-        found = numpy_shape(tensor)[1:] if expert is not None else numpy_shape(tensor)
-        if np.prod(found) != np.prod(shapes[name]) or [n for n in found if n != 1] != [n for n in shapes[name] if n != 1]:
+        found, wanted = numpy_shape(tensor), shapes[name] if expert is None else (config.num_experts, *shapes[name])
+        if [n for n in found if n != 1] != [n for n in wanted if n != 1]:
             # Only dims of size 1 may differ: llama.cpp stores the [1, D] shared-expert gate as [D].
             raise QwenNPError(f"{path}: tensor {tensor.name!r} has shape {list(found)} but the config implies "
-                              f"{list(shapes[name])} for {name}")
+                              f"{list(wanted)} ({name})")
         if tensor.name not in arrays:
             arrays[tensor.name] = read_tensor(tensor, path)
         value = arrays[tensor.name] if expert is None else arrays[tensor.name][expert]  # an expert is a view
@@ -394,10 +394,9 @@ TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values (ll
 # digits split one by one, punctuation runs keep trailing newlines.
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-PRE_TOKENIZERS = {  # tokenizer.ggml.pre -> family, as llama.cpp groups them
-    "qwen2": "qwen2", "deepseek-r1-qwen": "qwen2",
-    "smollm": "starcoder", "starcoder": "starcoder", "refact": "starcoder", "codeshell": "starcoder",
-    "gpt-2": "gpt2", "gpt2": "gpt2", "phi-2": "gpt2", "mpt": "gpt2", "olmo": "gpt2",
+PRE_TOKENIZERS = {  # tokenizer.ggml.pre -> family, as llama.cpp groups them ("gpt2": a file with no pre)
+    "qwen2": "qwen2", "deepseek-r1-qwen": "qwen2", "smollm": "starcoder", "starcoder": "starcoder",
+    "gpt-2": "gpt2", "gpt2": "gpt2",
 }
 
 
@@ -442,7 +441,12 @@ def load_tokenizer(metadata, path):
     vocab = {t if set(t) <= alphabet else "".join(symbol[b] for b in t.encode("utf-8")): i
              for i, t in enumerate(tokens)}
     merges = [tuple(merge.split(" ", 1)) for merge in metadata["tokenizer.ggml.merges"]]
+    for merge in merges:  # checked here: the tokenizers library panics on a merge outside the vocabulary
+        if len(merge) != 2 or merge[0] not in vocab or merge[1] not in vocab or merge[0] + merge[1] not in vocab:
+            raise QwenNPError(f"{path}: the merge {' '.join(merge)!r} in tokenizer.ggml.merges does not join two "
+                              f"tokens of the vocabulary into a third")
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    # Files older than tokenizer.ggml.pre (2024) get GPT-2's split, as transformers gives them.
     normalizer, tokenizer.pre_tokenizer = pre_tokenizer(metadata.get("tokenizer.ggml.pre", "gpt2"), path)
     if normalizer is not None:
         tokenizer.normalizer = normalizer

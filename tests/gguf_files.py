@@ -83,7 +83,7 @@ def write_gguf(path, family, config, tensors, qtype=gguf.GGMLQuantizationType.F3
     for key, value, kind in extra_metadata:
         writer.add_key_value(key, value, kind)
     if tokenizer is not None:
-        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_model(tokenizer.get("model", "gpt2"))
         writer.add_tokenizer_pre(tokenizer["pre"])
         writer.add_token_list(tokenizer["tokens"])
         writer.add_token_types(tokenizer["types"])
@@ -133,7 +133,8 @@ def qwen_tokenizer_metadata(directory):
             content = added[i]["content"]
             looks_special = content.startswith("<|") and content.endswith("|>")
             tokens.append(content)
-            types.append(gguf.TokenType.CONTROL if added[i]["special"] or looks_special else gguf.TokenType.USER_DEFINED)
+            control = added[i]["special"] or looks_special
+            types.append(gguf.TokenType.CONTROL if control else gguf.TokenType.USER_DEFINED)
         elif i in reverse:
             tokens.append(reverse[i])
             types.append(gguf.TokenType.NORMAL)

@@ -190,6 +190,18 @@ def test_unexpected_and_missing_tensors(tmp_path):
         qwen_np.load(path)
 
 
+@pytest.mark.parametrize("model,pre,merge,message", [
+    ("gpt2", "llama-bpe", "! \"", "unsupported pre-tokenizer tokenizer.ggml.pre = 'llama-bpe'; qwen_np knows qwen2, "),
+    ("llama", "default", "! \"", "unsupported tokenizer 'llama'; qwen_np builds byte-level BPE tokenizers"),
+    ("gpt2", "qwen2", "# $", "the merge '# \\$' in tokenizer.ggml.merges does not join two tokens")])
+def test_unsupported_tokenizers(tmp_path, model, pre, merge, message):
+    tokens = [chr(c) for c in range(ord("!"), ord("!") + 63)] + ['!"']  # one token per embedding row
+    tokenizer = {"model": model, "pre": pre, "tokens": tokens, "types": [1] * 64, "merges": [merge]}
+    path = random_gguf(tmp_path / "tok.gguf", "llama", small_config("llama"), tokenizer=tokenizer)
+    with pytest.raises(qwen_np.QwenNPError, match=message):
+        qwen_np.load(path)
+
+
 # ---------------------------------------------------------------------------------------------
 # The tokenizer from metadata: a Qwen2 GGUF carrying the real Qwen2.5 vocabulary
 
@@ -201,7 +213,8 @@ def qwen2_gguf(shared_data, tmp_path_factory):
     path = tmp_path_factory.mktemp("qwen2") / "qwen2-tokenizer.gguf"
     config = small_config("qwen2", vocab_size=151936, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                           num_attention_heads=2, num_key_value_heads=1)
-    random_gguf(path, "qwen2", config, qtype=Q.F16, tokenizer=qwen_tokenizer_metadata(shared_data / "qwen2.5-tokenizer"))
+    tokenizer = qwen_tokenizer_metadata(shared_data / "qwen2.5-tokenizer")
+    random_gguf(path, "qwen2", config, qtype=Q.F16, tokenizer=tokenizer)
     return path, qwen_np.load(path)
 
 
