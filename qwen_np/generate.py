@@ -188,13 +188,15 @@ def prompt_ids(model, prompt):  # str or token ids -> list[int]
         ids = [int(i) for i in np.asarray(prompt).reshape(-1)]
     if not ids:
         raise QwenNPError("the prompt is empty: give at least one token")
+    if min(ids) < 0 or max(ids) >= model.config.vocab_size:
+        raise QwenNPError(f"the prompt has token ids outside the vocabulary (0..{model.config.vocab_size - 1})")
     return ids
 
 
 def end_token_ids(model, eos_token_id=None):  # -> set of ints
     """The end tokens: the caller's, else generation_config.json's, else config.json's (int or list)."""
-    ends = eos_token_id if eos_token_id is not None else model.generation_config.get(
-        "eos_token_id", model.config.eos_token_id)
+    ends = next((e for e in (eos_token_id, model.generation_config.get("eos_token_id"), model.config.eos_token_id)
+                 if e is not None), None)
     if ends is None:
         return set()
     return {int(e) for e in ([ends] if isinstance(ends, (int, np.integer)) else ends)}
@@ -245,6 +247,8 @@ def generate_batch(model, prompts, max_new_tokens=None, temperature=None, top_k=
     Sampling defaults come from the checkpoint's generation_config.json, see `sampling_settings`.
     """
     params, config = model.params, model.config
+    if isinstance(prompts, str) or not len(prompts):
+        raise QwenNPError("generate_batch takes a list of prompts (for one prompt, use generate)")
     prompts = [prompt_ids(model, p) for p in prompts]
     settings = sampling_settings(model.generation_config, temperature, top_k, top_p, min_p, repetition_penalty)
     budget = new_token_budget(config, model.generation_config, max(map(len, prompts)), max_new_tokens)

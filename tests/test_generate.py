@@ -274,6 +274,16 @@ def test_generation_config_sets_the_defaults(tiny_models):
         qwen_np.generate(model, PROMPTS[1], max_new_tokens=7))  # the caller's temperature=0 wins: greedy
 
 
+def test_bad_prompts_are_clear_errors(tiny_models):
+    model, _ = tiny_models["qwen2"]  # vocab_size=128, no tokenizer
+    for prompt, message in [([], "empty"), ([3, 128], "outside the vocabulary"), ([-1, 2], "outside the vocabulary"),
+                            ("text", "no tokenizer.json")]:
+        with pytest.raises(qwen_np.QwenNPError, match=message):
+            next(qwen_np.generate(model, prompt))
+    with pytest.raises(qwen_np.QwenNPError, match="list of prompts"):
+        next(qwen_np.generate_batch(model, "one prompt"))
+
+
 def test_prompt_plus_max_new_tokens_must_fit_in_the_context(tiny_models):
     model, _ = tiny_models["qwen2"]  # max_position_embeddings=128
     with pytest.raises(qwen_np.QwenNPError, match="max_position_embeddings=128"):

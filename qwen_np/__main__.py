@@ -1,0 +1,179 @@
+"""The command line: stream a completion, or chat in the terminal.
+
+    python -m qwen_np generate --model PATH "The capital of France is"
+    python -m qwen_np chat --model PATH --system "Be brief." --no-think
+
+Both print prefill and decode speed (tokens/s) to stderr at the end. An error is one line on
+stderr and a non-zero exit status, never a traceback.
+"""
+
+import argparse
+import sys
+
+from .config import QwenNPError
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message
+        raise QwenNPError(f"{message} (see {self.prog} --help)")
+
+
+def number(kind, low, high=None, low_open=False, what=""):
+    """An argparse type: a `kind` number in [low, high] (low excluded when low_open)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if not (value > low if low_open else value >= low) or (high is not None and value > high) or value != value:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {what}")
+        return value
+    return parse
+
+
+def build_parser():
+    parser = Parser(prog="python -m qwen_np", description="Generate text or chat with a Qwen checkpoint, in NumPy.",
+                    epilog='examples:\n  python -m qwen_np generate --model PATH "The capital of France is"\n'
+                           '  python -m qwen_np chat --model PATH --system "Be brief." --no-think\n'
+                           'python -m qwen_np COMMAND --help lists the flags of a command.',
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat}")
+
+    def common(sub):
+        sub.add_argument("--model", metavar="PATH",
+                         help="checkpoint directory (config.json, *.safetensors, tokenizer.json); "
+                              "default: the project's default small model")
+        sampling = sub.add_argument_group("sampling (defaults: the checkpoint's generation_config.json)")
+        add = sampling.add_argument
+        add("--temperature", metavar="T", type=number(float, 0, what="use 0 (greedy) or a positive number"),
+            help="divide the logits by T; 0 = greedy (always the most probable token)")
+        add("--top-k", metavar="K", type=number(int, 0, what="use 0 (off) or a positive integer"),
+            help="sample only among the K most probable tokens (0 = off)")
+        add("--top-p", metavar="P", type=number(float, 0, 1, low_open=True, what="use a number in (0, 1]"),
+            help="sample only among the most probable tokens whose probabilities add up to P (1 = off)")
+        add("--min-p", metavar="P", type=number(float, 0, 1, what="use a number in [0, 1]"),
+            help="drop the tokens less than P times as probable as the most probable one (0 = off)")
+        add("--repetition-penalty", metavar="R", type=number(float, 0, low_open=True, what="use a positive number"),
+            help="make the tokens already in the text less likely (R > 1) or more likely (R < 1); 1 = off")
+        add("--seed", metavar="N", type=int, help="random seed, so that a sampled run repeats exactly")
+        add("--max-new-tokens", metavar="N", type=number(int, 1, what="use a positive integer"),
+            help="stop after N new tokens (default: as many as fit in the context, at most "
+                 "generation_config.json's max_new_tokens, else 512)")
+        add("--stop", action="append", metavar="TEXT",
+            help="stop when the output contains TEXT (TEXT is not printed); may be repeated")
+
+    gen = commands.add_parser("generate", help="stream the completion of a prompt",
+                              description="Stream the model's continuation of PROMPT to stdout.")
+    gen.add_argument("prompt", help='the text to continue; "-" reads it from stdin')
+    common(gen)
+
+    chat = commands.add_parser("chat", help="multi-turn chat in the terminal, using the chat template",
+                               description="Chat with an instruct model: one message per line on stdin, "
+                                           "until end of input or /exit.")
+    chat.add_argument("--system", metavar="TEXT", help="a system message to start the chat with")
+    chat.add_argument("--no-think", action="store_true",
+                      help="Qwen3: answer without thinking first (sets the template's enable_thinking=False)")
+    common(chat)
+    return parser
+
+
+def model_path(args):
+    if args.model is not None:
+        return args.model
+    try:
+        from .download import default_model_path  # another module provides the default model
+    except ImportError:
+        raise QwenNPError("no --model given and the default model is not available; pass --model PATH") from None
+    return default_model_path()
+
+
+def sampling_kwargs(args):
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                stop=args.stop)
+
+
+def stream(pieces, out):  # prints text pieces as they come; -> (the whole text, GenerationStats)
+    text = []
+    while True:
+        try:
+            piece = next(pieces)
+        except StopIteration as done:
+            return "".join(text), done.value
+        text.append(piece)
+        out.write(piece)
+        out.flush()
+
+
+def report(stats, err):  # stats: a list of GenerationStats
+    def rate(tokens, seconds):
+        return f"{tokens / seconds:.1f} tokens/s" if seconds > 0 else "n/a"
+    prefill_tokens, prefill_seconds = sum(s.prefill_tokens for s in stats), sum(s.prefill_seconds for s in stats)
+    decode_tokens, decode_seconds = sum(s.decode_tokens for s in stats), sum(s.decode_seconds for s in stats)
+    err.write(f"prefill: {prefill_tokens} tokens, {rate(prefill_tokens, prefill_seconds)}; "
+              f"decode: {decode_tokens} tokens, {rate(decode_tokens, decode_seconds)}\n")
+
+
+def run_generate(model, args):
+    from .generate import generate_text
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    _, stats = stream(generate_text(model, prompt, **sampling_kwargs(args)), sys.stdout)
+    sys.stdout.write("\n")
+    report([stats], sys.stderr)
+
+
+def run_chat(model, args):
+    from .chat import chat, split_thinking
+    interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input(), where available)
+        except ImportError:
+            pass
+        sys.stderr.write("Type a message and press Enter; /exit or Ctrl-D to leave.\n")
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    variables = {"enable_thinking": False} if args.no_think else {}
+    stats = []
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        if line.strip() == "/exit":
+            break
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        reply, turn = stream(chat(model, messages, **variables, **sampling_kwargs(args)), sys.stdout)
+        sys.stdout.write("\n")
+        stats.append(turn)
+        # The history keeps the answer only; Qwen3's template drops old thinking anyway.
+        messages.append({"role": "assistant", "content": split_thinking(reply)[1]})
+    if stats:
+        report(stats, sys.stderr)
+
+
+def main(argv=None):
+    try:
+        args = build_parser().parse_args(argv)
+        from . import load
+        model = load(model_path(args))
+        if model.tokenizer is None:
+            raise QwenNPError(f"{model.path} has no tokenizer.json; the command line needs one to read and write text")
+        (run_generate if args.command == "generate" else run_chat)(model, args)
+    except QwenNPError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("\n")
+        return 130
+    except BrokenPipeError:  # the reader of stdout went away (e.g. `| head`)
+        return 141
+    except OSError as e:  # unreadable files and the like
+        sys.stderr.write(f"error: {e}\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

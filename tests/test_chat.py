@@ -1,0 +1,163 @@
+"""Chat templates and tokenizers against the real Qwen2.5 and Qwen3 tokenizer files in ../shared/data:
+our template rendering gives the ids of transformers' apply_chat_template, our loaded tokenizer
+gives the reference token ids, and incremental decoding never splits a character."""
+
+import json
+
+import pytest
+from conftest import require_reference
+
+import qwen_np
+from qwen_np.chat import render_chat
+from qwen_np.generate import decode_rest, decode_step
+from qwen_np.weights import load_tokenizer, read_json
+
+TOKENIZERS = ["qwen2.5-tokenizer", "qwen3-tokenizer"]
+
+
+@pytest.fixture(scope="module")
+def qwen3_tokenizer(shared_data):
+    return load_tokenizer(shared_data / "qwen3-tokenizer")
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city, in °C",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "e.g. 北京 <city>"}},
+                   "required": ["city"]}}}
+
+CHATS = {
+    "user only": [{"role": "user", "content": "What is the capital of France?"}],
+    "with system": [{"role": "system", "content": "You are terse."},
+                    {"role": "user", "content": "你好！Say hi 👋"}],
+    "multi-turn": [{"role": "user", "content": "Hi"},
+                   {"role": "assistant", "content": "Hello! How can I help?"},
+                   {"role": "user", "content": "Name a prime.\nJust one."}],
+    "multi-turn with system and old thinking": [
+        {"role": "system", "content": "Think step by step."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "<think>\nTwo and two make four.\n</think>\n\n4"},
+        {"role": "user", "content": "And 3+3?"}],
+    "tool call": [{"role": "user", "content": "Weather in Paris?"},
+                  {"role": "assistant", "content": "", "tool_calls": [
+                      {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+                  {"role": "tool", "content": "{\"temp\": 21}"}],
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizers(shared_data):
+    """{name: (transformers' tokenizer, our Model-like holder)} for both real tokenizers."""
+    _, transformers = require_reference()
+    out = {}
+    for name in TOKENIZERS:
+        directory = shared_data / name
+        ours = qwen_np.Model(config=None, params=None, tokenizer=load_tokenizer(directory), generation_config={},
+                             tokenizer_config=read_json(directory / "tokenizer_config.json"), path=directory)
+        out[name] = (transformers.AutoTokenizer.from_pretrained(str(directory)), ours)
+    return out
+
+
+def reference_ids(tokenizer, messages, **kwargs):
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+TEMPLATE_CASES = [(name, thinking) for name in TOKENIZERS
+                  for thinking in ([None, True, False] if name == "qwen3-tokenizer" else [None])]
+
+
+@pytest.mark.parametrize("name, thinking", TEMPLATE_CASES)  # enable_thinking: a Qwen3 template variable
+@pytest.mark.parametrize("chat", CHATS)
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_chat_ids_equal_apply_chat_template(tokenizers, name, chat, thinking, add_generation_prompt):
+    reference, ours = tokenizers[name]
+    messages = CHATS[chat]
+    kwargs = {"add_generation_prompt": add_generation_prompt}
+    if thinking is not None:
+        kwargs["enable_thinking"] = thinking
+    if chat == "tool call":
+        kwargs["tools"] = [WEATHER_TOOL]
+    expected = reference_ids(reference, messages, **kwargs)
+    assert qwen_np.chat_ids(ours, messages, **kwargs) == expected
+    assert render_chat(ours.tokenizer_config, messages, **kwargs) == reference.apply_chat_template(
+        messages, tokenize=False, **kwargs)
+
+
+def test_templates_write_what_the_checkpoints_expect(tokenizers):
+    _, qwen25 = tokenizers["qwen2.5-tokenizer"]
+    _, qwen3 = tokenizers["qwen3-tokenizer"]
+    user = CHATS["user only"]
+    text = render_chat(qwen25.tokenizer_config, user, add_generation_prompt=True)
+    assert text.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud.")  # the default system prompt
+    assert text.endswith("<|im_start|>assistant\n")
+    no_think = render_chat(qwen3.tokenizer_config, user, add_generation_prompt=True, enable_thinking=False)
+    assert no_think.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    old = render_chat(qwen3.tokenizer_config, CHATS["multi-turn with system and old thinking"])
+    assert "Two and two" not in old  # the template drops the thinking of earlier turns
+    ids = qwen_np.chat_ids(qwen3, user, add_generation_prompt=True)
+    assert ids[0] == 151644 and ids.count(151645) == 1  # <|im_start|>, <|im_end|> as single special tokens
+
+
+def test_a_missing_or_failing_template_is_a_clear_error(tokenizers):
+    _, ours = tokenizers["qwen3-tokenizer"]
+    with pytest.raises(qwen_np.QwenNPError, match="no chat template"):
+        render_chat({}, CHATS["user only"])
+    failing = {"chat_template": "{{ raise_exception('only user messages, please') }}"}
+    with pytest.raises(qwen_np.QwenNPError, match="only user messages, please"):
+        render_chat(failing, CHATS["user only"])
+    assert render_chat({"chat_template": "{{ '%Y' | length }} {{ strftime_now('%Y') | length }} "
+                                        "{{ {'a': '<é>'} | tojson }} {{ eos_token }}", "eos_token": "<|im_end|>"},
+                       []) == '2 4 {"a": "<é>"} <|im_end|>'
+
+
+# --- tokenizer loading against the reference ids ----------------------------------------------
+
+def ggml_cases(directory):  # llama.cpp's .inp/.out pairs: [(text, ids)]
+    texts = (directory / "ggml-vocab-qwen2.gguf.inp").read_bytes().decode("utf-8").split("\n__ggml_vocab_test__\n")
+    lines = (directory / "ggml-vocab-qwen2.gguf.out").read_bytes().decode("utf-8").split("\n")
+    assert texts[-1] == "" and lines[-1] == ""
+    return [(text, [int(i) for i in line.split()]) for text, line in zip(texts[:-1], lines[:-1], strict=True)]
+
+
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_loaded_tokenizer_reproduces_the_reference_ids(shared_data, name, tmp_path):
+    tokenizer = load_tokenizer(shared_data / name)
+    vectors = shared_data / "tokenizer-vectors"
+    cases = ggml_cases(vectors) + [(c["text"], c["ids"]) for c in
+                                   json.loads((vectors / "qwen2.5_hf_golden_tokens.json").read_text("utf-8"))]
+    assert len(cases) == 43 + 51
+    assert any("<|im_start|>" in text for text, _ in cases)
+    for text, ids in cases:
+        assert tokenizer.encode(text).ids == ids, text
+        assert tokenizer.decode(ids, skip_special_tokens=False) == text
+    assert load_tokenizer(tmp_path) is None  # no tokenizer.json: None, not an error
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(qwen_np.QwenNPError, match="could not be read as a tokenizer"):
+        load_tokenizer(tmp_path)
+
+
+# --- incremental decoding ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, splits", [("我住在 巴黎，喜欢龘靐齉爩。", True),
+                                         ("Emoji: 🦙👋🏽🇫🇷 and 👨‍👩‍👧 done", True),
+                                         ("你好，世界！naïve café — ok", False)])
+def test_incremental_decoding_never_splits_a_character(qwen3_tokenizer, text, splits):
+    tokenizer = qwen3_tokenizer
+    ids = tokenizer.encode(text).ids
+    # Whether some token holds only part of a character (then decoded alone it ends in U+FFFD).
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids) == splits
+    pieces, prefix, read = [], 0, 0
+    for n in range(1, len(ids) + 1):  # as if the tokens arrived one at a time
+        piece, prefix, read = decode_step(tokenizer, ids[:n], prefix, read)
+        assert "\ufffd" not in piece
+        pieces.append(piece)
+    pieces.append(decode_rest(tokenizer, ids, prefix, read))
+    assert "".join(pieces) == text
+    assert ("" in pieces[:-1]) == splits  # a step that completed no character showed nothing
+
+
+def test_text_cut_off_mid_character_comes_out_at_the_end(qwen3_tokenizer):
+    tokenizer = qwen3_tokenizer
+    ids = tokenizer.encode(" 巴").ids[:1]  # the first of the two tokens of " 巴"
+    piece, prefix, read = decode_step(tokenizer, ids, 0, 0)
+    assert piece == ""  # held back, waiting for the rest of the character
+    assert decode_rest(tokenizer, ids, prefix, read) == " \ufffd"  # at the end, shown as it is

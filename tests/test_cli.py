@@ -1,0 +1,114 @@
+"""The command line as a user runs it: `python -m qwen_np ...` in a subprocess, on checkpoint
+directories that hold the real Qwen3 tokenizer files."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+import qwen_np
+from tiny import tiny_model, write_spelling_model
+
+ANSWER = "你好！🦙 巴黎是法国的首都。👋🏽 Done."
+
+
+def run(*args, stdin=""):  # -> CompletedProcess with text stdout/stderr
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    return subprocess.run([sys.executable, "-m", "qwen_np", *map(str, args)], input=stdin, capture_output=True,
+                          text=True, encoding="utf-8", cwd=ROOT, env=env, timeout=120)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert result.stdout == ""
+
+
+@pytest.fixture(scope="module")
+def spelling_dir(shared_data, tmp_path_factory):
+    """A checkpoint that answers ANSWER then <|im_end|> to any prompt ending in ":", "\\n" or "\\n\\n"."""
+    directory = tmp_path_factory.mktemp("spelling")
+    write_spelling_model(directory, shared_data / "qwen3-tokenizer", ANSWER, starts=[198, 271, 25], end_token=151645)
+    return directory
+
+
+def test_generate_streams_the_completion_and_reports_speed(spelling_dir):
+    result = run("generate", "--model", spelling_dir, "The answer is:")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ANSWER + "\n"
+    assert "Traceback" not in result.stderr
+    # 15 decode steps: one for each of the answer's 14 tokens after the first, one producing <|im_end|>
+    assert "prefill: 4 tokens" in result.stderr and "decode: 15 tokens" in result.stderr
+    assert result.stderr.count("tokens/s") == 2
+
+    stopped = run("generate", "--model", spelling_dir, "--stop", "首都", "--stop", "never", "The answer is:")
+    assert stopped.returncode == 0 and stopped.stdout == "你好！🦙 巴黎是法国的\n"
+    from_stdin = run("generate", "--model", spelling_dir, "--max-new-tokens", "3", "-", stdin="The answer is:")
+    assert from_stdin.returncode == 0 and from_stdin.stdout == "你好！🦙\n"
+
+
+def test_chat_is_multi_turn_with_the_template(spelling_dir):
+    result = run("chat", "--model", spelling_dir, "--system", "Be brief.", "--no-think",
+                 stdin="Hi!\n\nWhat is the capital of France?\n/exit\nnot read\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (ANSWER + "\n") * 2
+    # The second turn's prompt holds the system message, the first exchange and the no-think block.
+    model = qwen_np.load(spelling_dir)
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
+    first = qwen_np.chat_ids(model, history, add_generation_prompt=True, enable_thinking=False)
+    history += [{"role": "assistant", "content": ANSWER}, {"role": "user", "content": "What is the capital of France?"}]
+    second = qwen_np.chat_ids(model, history, add_generation_prompt=True, enable_thinking=False)
+    assert f"prefill: {len(first) + len(second)} tokens" in result.stderr
+    assert "tokens/s" in result.stderr and "Traceback" not in result.stderr
+
+    at_eof = run("chat", "--model", spelling_dir, stdin="Hi")  # no newline, no /exit: ends at end of input
+    assert at_eof.returncode == 0 and at_eof.stdout == ANSWER + "\n"
+
+
+def test_generate_on_a_random_model_matches_the_python_api(shared_data, tmp_path):
+    tiny_model("qwen3", tmp_path, vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               head_dim=16, tie_word_embeddings=True, max_position_embeddings=256)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((shared_data / "qwen3-tokenizer" / name).read_bytes())
+    model = qwen_np.load(tmp_path)
+    flags = ["--temperature", "0.9", "--top-k", "50", "--top-p", "0.95", "--min-p", "0.01",
+             "--repetition-penalty", "1.1", "--seed", "7", "--max-new-tokens", "16"]
+    result = run("generate", "--model", tmp_path, *flags, "你好，世界")
+    assert result.returncode == 0, result.stderr
+    expected = "".join(qwen_np.generate_text(model, "你好，世界", temperature=0.9, top_k=50, top_p=0.95, min_p=0.01,
+                                             repetition_penalty=1.1, seed=7, max_new_tokens=16))
+    assert result.stdout == expected + "\n"
+    assert expected != "".join(qwen_np.generate_text(model, "你好，世界", seed=8, max_new_tokens=16, temperature=0.9))
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_help_explains_every_flag(command):
+    result = run(command, "--help")
+    assert result.returncode == 0
+    for flag in ["--model", "--temperature", "--top-k", "--top-p", "--min-p", "--repetition-penalty", "--seed",
+                 "--max-new-tokens", "--stop"] + (["--system", "--no-think"] if command == "chat" else []):
+        assert flag in result.stdout
+    assert "greedy" in result.stdout and "generation_config.json" in result.stdout
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["generate", "--model", "/no/such/checkpoint", "hi"], ["/no/such/checkpoint", "does not exist"]),
+    (["generate", "--model", "{spelling}", "--temperature", "-1", "hi"], ["--temperature", "-1"]),
+    (["chat", "--model", "{spelling}", "--top-p", "0"], ["--top-p", "(0, 1]"]),
+    (["generate", "--model", "{spelling}", "--top-k", "2.5", "hi"], ["--top-k", "not an integer"]),
+    (["generate", "--model", "{spelling}", "--max-new-tokens", "0", "hi"], ["--max-new-tokens"]),
+    (["generate", "--model", "{spelling}", "--max-new-tokens", "300", "hi"], ["max_position_embeddings=256"]),
+    (["generate", "--model", "{spelling}", "--frobnicate", "hi"], ["unrecognized arguments: --frobnicate"]),
+    (["generate", "hi"], ["no --model given", "default model is not available"]),
+    (["generate", "--model", "{empty}", "hi"], ["config.json"]),
+    ([], ["required"]),
+])
+def test_errors_are_one_line_and_a_non_zero_exit(spelling_dir, tmp_path, args, fragments):
+    args = [a.format(spelling=spelling_dir, empty=tmp_path) for a in args]
+    assert_one_line_error(run(*args, stdin="hi\n"), *fragments)
