@@ -68,8 +68,9 @@ def qwen_tokenizer_dir(family="qwen3"):
     local = SHARED_DATA / f"{family}-tokenizer"
     if (local / "tokenizer.json").is_file():
         return local
+    from qwen_np.download import cache_dir
     repo = {"qwen3": "Qwen/Qwen3-0.6B", "qwen2.5": "Qwen/Qwen2.5-0.5B-Instruct"}[family]
-    cache = Path.home() / ".cache" / "qwen_np" / f"{family}-tokenizer"
+    cache = cache_dir() / f"{family}-tokenizer"
     cache.mkdir(parents=True, exist_ok=True)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if not (cache / name).is_file():
