@@ -1,0 +1,81 @@
+"""What every notebook shares, in one place: which model to load, where the real test data
+lives, and the residual stream layer by layer. Each notebook imports it first.
+
+The model is the one named by the QWEN_NP_MODEL environment variable when it is set (a GGUF
+file or a Hugging Face checkpoint directory), otherwise the out-of-the-box model that
+`qwen_np.download.default_model_path()` returns (downloaded once, then cached).
+"""
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: lets a clone import qwen_np uninstalled
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import qwen_np  # noqa: E402
+from qwen_np.model import decoder_layer, empty_cache, rope_frequencies  # noqa: E402
+from qwen_np.ops import causal_mask, embedding, rope_cos_sin  # noqa: E402
+
+SHARED_DATA = ROOT.parent / "shared" / "data"  # the team's real test data, beside the checkout
+np.set_printoptions(precision=4, suppress=True, linewidth=110)
+
+
+def model_path():
+    """QWEN_NP_MODEL when set, otherwise the out-of-the-box model."""
+    if os.environ.get("QWEN_NP_MODEL"):
+        return Path(os.environ["QWEN_NP_MODEL"]).expanduser()
+    from qwen_np.download import default_model_path
+    return Path(default_model_path())
+
+
+def load_model():
+    """qwen_np.load(model_path()), saying what was loaded and how long it took."""
+    path = model_path()
+    start = time.perf_counter()
+    model = qwen_np.load(path)
+    c = model.config
+    print(f"{path.name}: {c.model_type}, {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
+          f"{c.num_attention_heads} query / {c.num_key_value_heads} key-value heads, vocab {c.vocab_size} "
+          f"(loaded in {time.perf_counter() - start:.1f} s)")
+    return model
+
+
+def residual_stream(model, input_ids):  # [B, T] -> [L + 1] x [B, T, D]
+    """The embeddings, then the hidden state after every decoder layer: the same steps as
+    qwen_np.forward on a fresh prompt (full causal attention), stopping before the final norm."""
+    config, params = model.config, model.params
+    B, T = input_ids.shape
+    cache = empty_cache(config, B, T)
+    positions = np.broadcast_to(np.arange(T), (B, T))
+    cos, sin = rope_cos_sin(positions, *rope_frequencies(config, T))  # [B, T, Dh] x2
+    mask = causal_mask(T, T)[None, None]  # [1, 1, T, T]
+    x = embedding(input_ids, params["model"]["embed_tokens"]["weight"])  # [B, T, D]
+    states = [x]
+    for i, layer in enumerate(params["model"]["layers"]):
+        x, _ = decoder_layer(x, layer, config, cos, sin, mask, cache.keys[i], cache.values[i], 0)
+        states.append(x)
+    return states
+
+
+def qwen_tokenizer_dir(family="qwen3"):
+    """A directory with a real Qwen tokenizer.json and tokenizer_config.json: the team's copy in
+    ../shared/data when it is there, otherwise fetched once from the Hugging Face Hub."""
+    local = SHARED_DATA / f"{family}-tokenizer"
+    if (local / "tokenizer.json").is_file():
+        return local
+    from qwen_np.download import cache_dir
+    repo = {"qwen3": "Qwen/Qwen3-0.6B", "qwen2.5": "Qwen/Qwen2.5-0.5B-Instruct"}[family]
+    cache = cache_dir() / f"{family}-tokenizer"
+    cache.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if not (cache / name).is_file():
+            import urllib.request
+            part = cache / f".{name}.part"  # renamed only once complete: a failed fetch leaves no half file
+            urllib.request.urlretrieve(f"https://huggingface.co/{repo}/resolve/main/{name}", part)
+            part.replace(cache / name)
+    return cache

@@ -1,0 +1,110 @@
+"""The notebooks: each runs top to bottom in a fresh kernel (the asserts inside are real checks),
+none defines a function named like one of qwen_np's, and each committed notebook is the saved
+result of a clean top-to-bottom run, with what-you-will-learn and recap cells."""
+
+import ast
+import importlib
+import inspect
+import pkgutil
+
+import pytest
+
+import qwen_np
+from conftest import IN_CI, ROOT
+
+NOTEBOOK_DIR = ROOT / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+MODEL = "smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"  # in ../shared/data
+CELL_TIMEOUT = 300  # seconds; a notebook takes under two minutes in all
+
+
+def notebook_tools():
+    """nbformat and nbclient's NotebookClient, or a skip (a failure in CI) when not installed."""
+    try:
+        import ipykernel  # noqa: F401  (the kernel the notebooks run in)
+        import nbformat
+        from nbclient import NotebookClient
+    except ImportError as e:
+        message = f"the notebook tools are not installed ({e}); pip install -r requirements-dev.txt"
+        if IN_CI:
+            pytest.fail(f"{message} (CI must have them)")
+        pytest.skip(message)
+    return nbformat, NotebookClient
+
+
+def read(path):
+    nbformat, _ = notebook_tools()
+    return nbformat.read(path, as_version=4)
+
+
+def test_the_series_is_there():
+    assert [p.name[:2] for p in NOTEBOOKS] == [f"{i:02d}" for i in range(1, 13)], NOTEBOOKS
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_top_to_bottom(path, shared_data, monkeypatch):
+    _, NotebookClient = notebook_tools()
+    monkeypatch.setenv("QWEN_NP_MODEL", str(shared_data / MODEL))  # the kernel inherits it: no download
+    notebook = read(path)
+    client = NotebookClient(notebook, timeout=CELL_TIMEOUT, kernel_name="python3",
+                            resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
+    client.execute()  # raises CellExecutionError, showing the failing cell, on any error or failed assert
+
+
+def public_functions():
+    """{name: module} of every public function defined in a qwen_np module."""
+    names = {}
+    for info in pkgutil.iter_modules(qwen_np.__path__):
+        if info.name.startswith("_"):  # __main__ would run the command line
+            continue
+        module = importlib.import_module(f"qwen_np.{info.name}")
+        for name, function in inspect.getmembers(module, inspect.isfunction):
+            if not name.startswith("_") and function.__module__ == module.__name__:
+                names[name] = module.__name__
+    return names
+
+
+def defined_functions(source):
+    """Names that a cell's code defines as functions: `def name` or `name = lambda ...`."""
+    code = "\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!")))
+    names = []
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            names.append(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Lambda):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names += [t.id for t in targets if isinstance(t, ast.Name)]
+    return names
+
+
+def test_the_name_check_catches_a_redefinition():
+    cell = "def rms_norm(x, weight, eps):\n    return x\nsoftmax = lambda x: x\ndef helper(): pass"
+    assert defined_functions(cell) == ["rms_norm", "softmax", "helper"]
+    assert {"rms_norm", "softmax", "apply_rope", "forward", "top_p_filter"} <= set(public_functions())
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_defines_no_function_named_like_qwen_np(path):
+    package = public_functions()
+    clashes = [f"cell {i} defines {name!r}, a function of {package[name]}"
+               for i, cell in enumerate(read(path).cells) if cell.cell_type == "code"
+               for name in defined_functions(cell.source) if name in package]
+    assert not clashes, f"{path.name}: import it from qwen_np instead: {'; '.join(clashes)}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_notebook_is_a_clean_run(path):
+    cells = read(path).cells
+    code = [c for c in cells if c.cell_type == "code"]
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), \
+        f"{path.name} was not saved from one clean top-to-bottom run"
+    errors = [i for i, c in enumerate(code) if any(o.output_type == "error" for o in c.outputs)]
+    assert not errors, f"{path.name}: code cells {errors} were saved with an error"
+    assert cells[0].cell_type == "markdown" and "What you will learn" in cells[0].source
+    assert cells[-1].cell_type == "markdown" and cells[-1].source.startswith("## Recap")
+
+
+def test_readme_lists_every_notebook():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    missing = [p.name for p in NOTEBOOKS if p.name not in readme]
+    assert not missing, f"README.md does not list {missing}"
