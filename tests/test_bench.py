@@ -9,7 +9,7 @@ from conftest import ROOT, require_reference
 
 from qwen_np.bench import SMOKE_SHAPES, SMOKE_SIZES, figures
 
-FIGURES = {"load_s", "prefill_16_s", "prefill_32_s", "decode_short_tok_s", "decode_long_tok_s",
+FIGURES = {"load_s", "first_forward_s", "prefill_16_s", "prefill_32_s", "decode_short_tok_s", "decode_long_tok_s",
            "peak_rss_load_gb", "peak_rss_prefill_gb", "peak_rss_long_gb"}
 
 
