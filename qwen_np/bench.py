@@ -21,7 +21,6 @@ torch and transformers are imported only inside the reference worker: qwen_np ne
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -88,23 +87,22 @@ def write_checkpoint(directory, raw_config, seed=0):
 
 def costs(config):
     """Per-model figures from the config: float32 weight bytes, bytes read per decoded token,
-    and a function giving the FLOPs of a T-token prefill."""
-    shapes = expected_shapes(config)
-    sizes = {name: int(np.prod(shape)) for name, shape in shapes.items()}
+    KV cache bytes per position, and a function giving the FLOPs of a T-token prefill."""
+    sizes = {name: int(np.prod(shape)) for name, shape in expected_shapes(config).items()}
+    layers = sum(n for name, n in sizes.items() if name.startswith("model.layers."))
     experts = sum(n for name, n in sizes.items() if ".mlp.experts." in name)
     active = config.num_experts_per_tok / config.num_experts if config.num_experts else 0
-    embed = sizes["model.embed_tokens.weight"]
-    lm_head = sizes.get("lm_head.weight", embed)  # tied: the LM head reads the embedding matrix
-    per_token = sum(sizes.values()) - experts + experts * active - embed  # all layers, active experts only
-    attention_layers = config.num_hidden_layers * config.num_attention_heads * config.head_dim
+    per_token = layers - experts * (1 - active)  # every layer's weights, of the experts the active ones
+    lm_head = sizes.get("lm_head.weight", sizes["model.embed_tokens.weight"])  # tied: the embedding matrix
+    heads = config.num_hidden_layers * config.num_attention_heads * config.head_dim
 
-    def prefill_flops(T):  # matmuls only: every layer on T tokens, attention over the full T x T
-        # scores (both engines compute the masked half too), the LM head on the last token.
-        return 2 * T * per_token + 4 * T * T * attention_layers + 2 * lm_head
+    def prefill_flops(T):  # the matrix products: every layer on T tokens, causal attention
+        # (T (T + 1) / 2 query-key pairs, each a product with q and one with v), the LM head once.
+        return 2 * T * per_token + 2 * T * (T + 1) * heads + 2 * lm_head
 
     return dict(weight_bytes=4 * sum(sizes.values()), decode_bytes=4 * (per_token + lm_head),
-                kv_bytes_per_position=4 * 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim,
-                total_bytes=4 * (per_token - experts * active + experts + lm_head), prefill_flops=prefill_flops)
+                total_bytes=4 * (layers + lm_head), prefill_flops=prefill_flops,
+                kv_bytes_per_position=4 * 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,6 +114,8 @@ def peak_rss():  # bytes: the largest resident set this process has had
     if status.is_file():  # Linux: VmHWM. (ru_maxrss would include the parent's peak: it survives fork and exec.)
         line = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
         return 1024 * int(line.split()[1])
+    import resource  # elsewhere (Unix only)
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # macOS: bytes
 
 
