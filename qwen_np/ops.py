@@ -41,9 +41,12 @@ def silu(x):  # [...] -> [...]
     return x * sigmoid(x)
 
 
-def softmax(x, axis=-1):  # [..., S] -> [..., S], rows sum to one
-    e = np.exp(x - x.max(axis=axis, keepdims=True))  # subtracting the row max keeps exp() finite
-    return e / e.sum(axis=axis, keepdims=True)
+def softmax(x, axis=-1, out=None):  # [..., S] -> [..., S], rows sum to one
+    # exp(x - max) / sum, computed in one new buffer (or in `out`, which may be x itself).
+    e = np.subtract(x, x.max(axis=axis, keepdims=True), out=out)  # subtracting the row max keeps exp() finite
+    np.exp(e, out=e)
+    e /= e.sum(axis=axis, keepdims=True)
+    return e
 
 
 def mlp(x, gate_proj, up_proj, down_proj):  # [..., D], {weight: [F, D]} x2, {weight: [D, F]} -> [..., D]
@@ -165,17 +168,28 @@ def sliding_window_mask(num_new, num_total, window):  # -> [T, S] bool
     return (key_pos <= query_pos) & (key_pos > query_pos - window)
 
 
+QUERY_BLOCK = 256  # queries per step of `attention`: scores stay [B, H, 256, S] however long the prompt
+
+
 def attention(q, k, v, mask):  # [B, H, T, Dh], [B, K, S, Dh] x2, [B, 1, T, S] bool -> [B, H, T, Dh]
     B, H, T, Dh = q.shape
-    K, S = k.shape[1], k.shape[2]
+    K = k.shape[1]
     # Grouped-query attention: the G = H // K query heads of a group share one key/value head.
-    # Stacking a group's queries as rows ([B, K, G*T, Dh]) equals repeat_kv on k and v, no copy.
-    q = q.reshape(B, K, (H // K) * T, Dh)
-    scores = (q @ k.swapaxes(-1, -2)) * np.float32(Dh**-0.5)  # [B, K, G*T, S]
-    scores = scores.reshape(B, H, T, S)
-    # The mask always allows the query's own position, so no row is left empty.
-    weights = softmax(np.where(mask, scores, -np.inf))  # [B, H, T, S]
-    out = weights.reshape(B, K, (H // K) * T, S) @ v  # [B, K, G*T, Dh]
+    # k[:, :, None] broadcasts it over them: the same as repeat_kv, without the copy, and in
+    # decoding each head's scores are one matrix-vector product.
+    q = q.reshape(B, K, H // K, T, Dh) * np.float32(Dh**-0.5)  # [B, K, G, T, Dh]; scaling q = scaling the scores
+    k, v = k[:, :, None], v[:, :, None]  # [B, K, 1, S, Dh]
+    out = np.empty_like(q)
+    for t in range(0, T, QUERY_BLOCK):  # blocks of queries: the same result, a fraction of the memory
+        rows = slice(t, t + QUERY_BLOCK)
+        # Keys after the last one these queries may see are left out (their weights would be 0):
+        # with the causal mask most of the masked upper triangle is never computed.
+        seen = mask[:, 0, rows].any(axis=(0, 1)).nonzero()[0][-1] + 1
+        scores = q[..., rows, :] @ k[..., :seen, :].swapaxes(-1, -2)  # [B, K, G, rows, seen]
+        # Masked scores become -inf, in place; the mask always allows the query's own position,
+        # so no row is left empty.
+        np.copyto(scores, np.float32(-np.inf), where=~mask[:, :, None, rows, :seen])
+        out[..., rows, :] = softmax(scores, out=scores) @ v[..., :seen, :]  # softmax in place: our own array
     return out.reshape(B, H, T, Dh)
 
 

@@ -45,20 +45,32 @@ def read_safetensors_header(path):
     return tensors
 
 
+CHUNK = 1 << 22  # values read at a time when widening bf16/fp16 (8 MB of file)
+
+
 def read_tensor(path, name, dtype, shape, offset, nbytes):  # -> float32 array of `shape`
-    """One tensor widened to float32 in a single new array (no second full-size copy)."""
+    """One tensor read straight into its float32 array; bf16/fp16 widened chunk by chunk, so the
+    narrow copy never exists in full next to the wide one."""
     if dtype not in DTYPES:
         raise QwenNPError(f"{path}: tensor {name!r} has dtype {dtype}; qwen_np reads F32, F16 and BF16")
     count = int(np.prod(shape))
     if count * np.dtype(DTYPES[dtype]).itemsize != nbytes:
         raise QwenNPError(f"{path}: tensor {name!r} has {nbytes} bytes, not {count} {dtype} values")
-    raw = np.fromfile(path, dtype=DTYPES[dtype], count=count, offset=offset)
-    if dtype == "BF16":
-        # bfloat16 is the top 16 bits of a float32: shift the bits up, then view them as float32.
-        wide = raw.astype(np.uint32)
-        wide <<= 16
-        return wide.view(np.float32).reshape(shape)
-    return raw.astype(np.float32, copy=False).reshape(shape)
+    if dtype == "F32":
+        return np.fromfile(path, dtype=np.float32, count=count, offset=offset).reshape(shape)
+    out = np.empty(count, np.float32)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for start in range(0, count, CHUNK):
+            raw = np.fromfile(f, dtype=DTYPES[dtype], count=min(CHUNK, count - start))
+            if dtype == "BF16":
+                # bfloat16 is the top 16 bits of a float32: put the bits high, read them as float32.
+                bits = out.view(np.uint32)[start:start + raw.size]
+                bits[:] = raw
+                bits <<= 16
+            else:
+                out[start:start + raw.size] = raw
+    return out.reshape(shape)
 
 
 def checkpoint_files(directory):

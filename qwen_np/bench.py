@@ -1,0 +1,365 @@
+"""Speed and memory of qwen_np against `transformers`, measured in one run on this machine.
+
+    python -m qwen_np.bench                   # random checkpoints of real shapes, 3 rounds
+    python -m qwen_np.bench --model DIR       # a checkpoint of your own instead
+    python -m qwen_np.bench --smoke           # tiny shapes, one round: checks that the benchmark runs
+    python -m qwen_np.bench --bf16            # also time transformers in bfloat16
+
+Every measurement runs in a fresh worker process (`--worker ENGINE DIR`), one engine after the
+other and in alternating order round by round, so that both see the same noise from a shared
+machine. Each worker loads the checkpoint, prefills prompts, decodes greedily with the KV cache
+and reports its times and its peak resident memory as one JSON line. The table shows medians
+over rounds; the ratios are medians of the per-round ratios (paired). A third worker measures
+the machine's ceilings in each round: memory bandwidth (a float32 matrix-vector product over a
+matrix far larger than the caches) and float32 matmul GFLOP/s. Decode speed is reported as a
+fraction of the bandwidth ceiling (bytes of weights read per token, from the config) and
+prefill as a fraction of the matmul ceiling (FLOPs from the config).
+
+torch and transformers are imported only inside the reference worker: qwen_np never needs them.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .config import read_config
+from .weights import expected_shapes
+
+# Random checkpoints of real shapes (the released models' config.json, minus the tokenizer ids).
+SHAPES = {
+    "qwen2.5-0.5b": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=151936,
+                         hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0),
+    "qwen3-0.6b": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936,
+                       hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rope_theta=1000000.0),
+    # Not a released model: Qwen3-MoE with 8 experts, 2 active, to show that decoding reads the
+    # active experts only (about half of this model's weights per token).
+    "moe-8x-top2": dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936,
+                        hidden_size=1024, intermediate_size=3072, num_hidden_layers=16, num_attention_heads=16,
+                        num_key_value_heads=4, head_dim=128, num_experts=8, num_experts_per_tok=2,
+                        moe_intermediate_size=1024, norm_topk_prob=True, max_position_embeddings=40960,
+                        rope_theta=1000000.0),
+}
+COMMON = dict(rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu", torch_dtype="float32")
+SMOKE_SHAPES = {  # the same families, tiny
+    "tiny-qwen2": dict(SHAPES["qwen2.5-0.5b"], vocab_size=512, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    "tiny-qwen3": dict(SHAPES["qwen3-0.6b"], vocab_size=512, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32),
+    "tiny-moe": dict(SHAPES["moe-8x-top2"], vocab_size=512, hidden_size=64, intermediate_size=128,
+                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                     moe_intermediate_size=32),
+}
+SIZES = dict(prefill=[128, 1024], short_prompt=16, long_context=2048, new_tokens=64,
+             bandwidth_matrix=(8192, 16384), matmul_n=2048)  # the bandwidth matrix is 512 MB
+SMOKE_SIZES = dict(prefill=[16, 32], short_prompt=4, long_context=48, new_tokens=4,
+                   bandwidth_matrix=(1024, 2048), matmul_n=256)
+ENGINES = ("qwen_np", "transformers")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and what the config says a token costs
+
+
+def write_checkpoint(directory, raw_config, seed=0):
+    """config.json and a model.safetensors of random float32 weights with the config's shapes."""
+    from safetensors.numpy import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps({**COMMON, **raw_config}, indent=1))
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, shape in expected_shapes(read_config(directory)).items():
+        if name.endswith("norm.weight"):
+            tensors[name] = np.ones(shape, np.float32)
+        else:  # small weights, like a trained model's, keep activations in range for any depth
+            tensors[name] = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+
+
+def costs(config):
+    """Per-model figures from the config: float32 weight bytes, bytes read per decoded token,
+    KV cache bytes per position, and a function giving the FLOPs of a T-token prefill."""
+    sizes = {name: int(np.prod(shape)) for name, shape in expected_shapes(config).items()}
+    layers = sum(n for name, n in sizes.items() if name.startswith("model.layers."))
+    experts = sum(n for name, n in sizes.items() if ".mlp.experts." in name)
+    active = config.num_experts_per_tok / config.num_experts if config.num_experts else 0
+    per_token = layers - experts * (1 - active)  # every layer's weights, of the experts the active ones
+    lm_head = sizes.get("lm_head.weight", sizes["model.embed_tokens.weight"])  # tied: the embedding matrix
+    heads = config.num_hidden_layers * config.num_attention_heads * config.head_dim
+
+    def prefill_flops(T):  # the matrix products: every layer on T tokens, causal attention
+        # (T (T + 1) / 2 query-key pairs, each a product with q and one with v), the LM head once.
+        return 2 * T * per_token + 2 * T * (T + 1) * heads + 2 * lm_head
+
+    return dict(weight_bytes=4 * sum(sizes.values()), decode_bytes=4 * (per_token + lm_head),
+                total_bytes=4 * (layers + lm_head), prefill_flops=prefill_flops,
+                kv_bytes_per_position=4 * 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers: each prints one JSON line
+
+
+def peak_rss():  # bytes: the largest resident set this process has had
+    status = Path("/proc/self/status")
+    if status.is_file():  # Linux: VmHWM. (ru_maxrss would include the parent's peak: it survives fork and exec.)
+        line = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+        return 1024 * int(line.split()[1])
+    import resource  # elsewhere (Unix only)
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # macOS: bytes
+
+
+def measure(load, step, new_cache, vocab_size, sizes):
+    """Times one engine: `load()` -> model; `step(model, ids [1, T], cache)` -> (logits [1, V], cache);
+    `new_cache(model, capacity)` -> the cache to prefill into before decoding."""
+    def timed(f, *args):  # -> (f's result, seconds)
+        start = time.perf_counter()
+        result = f(*args)
+        return result, time.perf_counter() - start
+
+    model, load_s = timed(load)
+    load_rss = peak_rss()
+    rng = np.random.default_rng(0)
+
+    def prompt(n):
+        return rng.integers(0, vocab_size, (1, n))
+
+    _, first_s = timed(step, model, prompt(8), None)  # the first forward: thread pools, lazily mapped weights
+    prefill_s = {}
+    for n in sizes["prefill"]:  # the faster of two runs: the first of a new size also pays for fresh memory
+        prefill_s[str(n)] = min(timed(step, model, prompt(n), None)[1] for _ in range(2))
+    decode_tok_s, rss = {}, {"load": load_rss, "prefill": peak_rss()}
+    for name, n in (("short", sizes["short_prompt"]), ("long", sizes["long_context"])):
+        logits, cache = step(model, prompt(n), new_cache(model, n + sizes["new_tokens"]))
+        start = time.perf_counter()
+        for _ in range(sizes["new_tokens"]):  # greedy: the most likely token is the next input
+            logits, cache = step(model, logits.argmax(-1)[:, None], cache)
+        decode_tok_s[name] = sizes["new_tokens"] / (time.perf_counter() - start)
+    rss["long"] = peak_rss()
+    return dict(load_s=load_s, first_s=first_s, prefill_s=prefill_s, decode_tok_s=decode_tok_s, peak_rss=rss)
+
+
+def qwen_np_worker(directory, sizes):
+    import qwen_np
+    from qwen_np.model import empty_cache
+
+    def step(model, ids, cache):
+        logits, cache = qwen_np.forward(model.params, model.config, ids, cache, last_only=True)
+        return logits[:, -1], cache
+
+    def new_cache(model, capacity):  # room for prompt and answer: filled in place, never regrown
+        return empty_cache(model.config, 1, capacity)
+
+    return measure(lambda: qwen_np.load(directory), step, new_cache, read_config(directory).vocab_size, sizes)
+
+
+def transformers_worker(directory, sizes, threads, bf16=False):
+    import torch
+    import transformers
+
+    torch.set_num_threads(threads)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+
+    def load():
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            directory, dtype=dtype, attn_implementation="eager").eval()
+
+    def step(model, ids, cache):
+        with torch.inference_mode():  # logits_to_keep=1: the LM head on the last position, as generate() does
+            out = model(input_ids=torch.from_numpy(ids), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].float().numpy(), out.past_key_values
+
+    def new_cache(model, capacity):  # its default: a DynamicCache, created by the first call
+        return None
+
+    return measure(load, step, new_cache, read_config(directory).vocab_size, sizes)
+
+
+def ceilings_worker(sizes):
+    """This machine's best float32 memory bandwidth (bytes/s) and matmul rate (FLOP/s), now."""
+    def best_time(f, repeats):
+        f()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    rows, cols = sizes["bandwidth_matrix"]
+    W = np.ones((rows, cols), np.float32)  # ones, not zeros: zero pages would all share one page
+    x = np.ones(cols, np.float32)
+    bandwidth = W.nbytes / best_time(lambda: W @ x, 20)
+    del W
+    n = sizes["matmul_n"]
+    A = np.ones((n, n), np.float32)
+    flops = 2 * n**3 / best_time(lambda: A @ A, 10)
+    return dict(bandwidth=bandwidth, flops=flops)
+
+
+# ---------------------------------------------------------------------------------------------
+# The parent: rounds of workers, then the table and the JSON line
+
+
+def read_through(directory):
+    """Reads the checkpoint's files once, so that every engine loads them from the page cache."""
+    for path in Path(directory).glob("*.safetensors"):
+        with open(path, "rb", buffering=0) as f:
+            while f.read(1 << 26):
+                pass
+
+
+def run_worker(args, threads):
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
+               MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    root = str(Path(__file__).resolve().parent.parent)  # so the worker imports this qwen_np
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-m", "qwen_np.bench", "--threads", str(threads), "--worker", *args],
+                          env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"worker {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def median(values):
+    return float(np.median(values))
+
+
+def figures(sizes):
+    """(key, table label, how to read it from a worker's result) for every reported figure."""
+    short, long = sizes["short_prompt"], sizes["long_context"]
+    return ([("load_s", "load (s)", lambda r: r["load_s"]),
+             ("first_forward_s", "first forward, 8 tokens (s)", lambda r: r["first_s"])]
+            + [(f"prefill_{n}_s", f"prefill {n} tokens (s)", lambda r, n=n: r["prefill_s"][str(n)])
+               for n in sizes["prefill"]]
+            + [("decode_short_tok_s", f"decode after {short} (tok/s)", lambda r: r["decode_tok_s"]["short"]),
+               ("decode_long_tok_s", f"decode after {long} (tok/s)", lambda r: r["decode_tok_s"]["long"]),
+               ("peak_rss_load_gb", "peak RSS after load (GB)", lambda r: r["peak_rss"]["load"] / 1e9),
+               ("peak_rss_prefill_gb", f"peak RSS to prefill {max(sizes['prefill'])} (GB)",
+                lambda r: r["peak_rss"]["prefill"] / 1e9),
+               ("peak_rss_long_gb", f"peak RSS with {long} context (GB)", lambda r: r["peak_rss"]["long"] / 1e9)])
+
+
+def ceiling_fractions(config, sizes, medians, bandwidth, flops):
+    """qwen_np's prefill as a fraction of the matmul ceiling, decoding of the bandwidth ceiling
+    (after the long context the cache is read too: its bytes are counted)."""
+    c = costs(config)
+    long_bytes = c["decode_bytes"] + c["kv_bytes_per_position"] * (sizes["long_context"] + sizes["new_tokens"] / 2)
+    fractions = {f"prefill_{n}_s": c["prefill_flops"](n) / medians[f"prefill_{n}_s"] / flops for n in sizes["prefill"]}
+    fractions["decode_short_tok_s"] = medians["decode_short_tok_s"] * c["decode_bytes"] / bandwidth
+    fractions["decode_long_tok_s"] = medians["decode_long_tok_s"] * long_bytes / bandwidth
+    return fractions
+
+
+def summarise(config, runs, ceilings, sizes, engines):
+    """One model's figures: medians per engine, paired ratios qwen_np / reference (below 1 is
+    better for times and memory, above 1 for tokens/s), qwen_np against the ceilings."""
+    bandwidth, flops = median([x["bandwidth"] for x in ceilings]), median([x["flops"] for x in ceilings])
+    rows = figures(sizes)
+    summary = {e: {key: median([get(r[e]) for r in runs]) for key, _, get in rows} for e in engines}
+    for reference in engines[1:]:
+        summary["ratio" if reference == "transformers" else f"ratio_{reference}"] = {
+            key: median([get(r["qwen_np"]) / get(r[reference]) for r in runs]) for key, _, get in rows}
+    summary["of_ceiling"] = ceiling_fractions(config, sizes, summary["qwen_np"], bandwidth, flops)
+    summary["long_over_short"] = median([r["qwen_np"]["decode_tok_s"]["long"] / r["qwen_np"]["decode_tok_s"]["short"]
+                                         for r in runs])
+    c = costs(config)
+    summary["weights_gb"] = c["weight_bytes"] / 1e9
+    summary["kv_cache_gb"] = c["kv_bytes_per_position"] * (sizes["long_context"] + sizes["new_tokens"]) / 1e9
+    return summary
+
+
+def table(name, config, summary, sizes, engines):
+    """The printed table of one model."""
+    c = costs(config)
+    lines = [f"\n{name}: {c['weight_bytes'] / 4e6:.4g}M parameters, {c['weight_bytes'] / 1e9:.3g} GB float32; decoding "
+             f"reads {c['decode_bytes'] / 1e9:.3g} GB of weights per token"
+             + (f" (of {c['total_bytes'] / 1e9:.3g} GB: the active experts only)" if config.num_experts else "")
+             + f"; KV cache at {sizes['long_context'] + sizes['new_tokens']} positions {summary['kv_cache_gb']:.3g} GB",
+             f"{'':30}" + "".join(f"{e:>18}" for e in engines) + f"{'qwen_np/transf.':>17}{'of ceiling':>12}"]
+    for key, label, _ in figures(sizes):
+        fraction = summary["of_ceiling"].get(key)
+        lines.append(f"{label:30}" + "".join(f"{summary[e][key]:>18.3g}" for e in engines)
+                     + f"{summary['ratio'][key]:>16.2f}x" + (f"{fraction:>12.0%}" if fraction is not None else ""))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m qwen_np.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", action="append", type=Path, help="a checkpoint directory (repeatable)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="threads for both engines (default 2)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, one round")
+    parser.add_argument("--bf16", action="store_true", help="also time transformers in bfloat16")
+    parser.add_argument("--shapes", nargs="+", help=f"which random shapes (default all: {', '.join(SHAPES)})")
+    parser.add_argument("--checkpoints", type=Path, help="write (or reuse) the random checkpoints here")
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--sizes", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:  # a child process: measure, print one JSON line, exit
+        sizes = json.loads(args.sizes)
+        engine, *rest = args.worker
+        if engine == "ceilings":
+            result = ceilings_worker(sizes)
+        elif engine == "qwen_np":
+            result = qwen_np_worker(Path(rest[0]), sizes)
+        else:
+            result = transformers_worker(Path(rest[0]), sizes, args.threads, bf16=engine == "transformers-bf16")
+        print(json.dumps(result))
+        return
+
+    sizes = SMOKE_SIZES if args.smoke else SIZES
+    rounds = 1 if args.smoke else args.rounds
+    engines = ENGINES + (("transformers-bf16",) if args.bf16 else ())
+    with tempfile.TemporaryDirectory(prefix="qwen_np_bench_") as tmp:
+        if args.model:
+            models = {path.name: path for path in args.model}
+        else:
+            shapes = SMOKE_SHAPES if args.smoke else SHAPES
+            root = args.checkpoints or Path(tmp)
+            models = {name: root / name for name in (args.shapes or shapes)}
+            for name, path in models.items():
+                if not (path / "model.safetensors").is_file():
+                    print(f"writing a random {name} checkpoint to {path}", file=sys.stderr)
+                    write_checkpoint(path, shapes[name])
+            if hasattr(os, "sync"):
+                os.sync()  # let the written gigabytes reach the disk before anything is timed
+        configs = {name: read_config(path) for name, path in models.items()}
+
+        ceilings, runs = [], {name: [] for name in models}
+        for r in range(rounds):
+            ceilings.append(run_worker(["ceilings", "--sizes", json.dumps(sizes)], args.threads))
+            order = engines if r % 2 == 0 else engines[::-1]  # alternate who goes first
+            for name, path in models.items():
+                print(f"round {r + 1}/{rounds}: {name}", file=sys.stderr)
+                run = {}
+                for e in order:
+                    read_through(path)
+                    run[e] = run_worker([e, str(path), "--sizes", json.dumps(sizes)], args.threads)
+                runs[name].append(run)
+
+    bandwidth, flops = median([x["bandwidth"] for x in ceilings]), median([x["flops"] for x in ceilings])
+    summaries = {name: summarise(configs[name], runs[name], ceilings, sizes, engines) for name in models}
+    print(f"qwen_np against transformers (torch CPU, float32, eager attention), {args.threads} threads, "
+          f"{rounds} round(s): medians, and ratios as medians of each round's ratio. This machine's ceilings: "
+          f"{bandwidth / 1e9:.1f} GB/s memory bandwidth, {flops / 1e9:.0f} GFLOP/s float32 matmul.")
+    for name in models:
+        print(table(name, configs[name], summaries[name], sizes, engines))
+    print(json.dumps({"bench": "qwen_np", "rounds": rounds, "threads": args.threads, "sizes": sizes,
+                      "ceilings": {"bandwidth_gb_s": bandwidth / 1e9, "matmul_gflop_s": flops / 1e9},
+                      "models": summaries}))
+
+
+if __name__ == "__main__":
+    main()

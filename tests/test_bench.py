@@ -1,0 +1,35 @@
+"""The benchmark runs (`python -m qwen_np.bench --smoke`), so it cannot rot. Nothing is timed here:
+the figures of a smoke run mean nothing, only their presence and shape are checked."""
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT, require_reference
+
+from qwen_np.bench import SMOKE_SHAPES, SMOKE_SIZES, figures
+
+FIGURES = {"load_s", "first_forward_s", "prefill_16_s", "prefill_32_s", "decode_short_tok_s", "decode_long_tok_s",
+           "peak_rss_load_gb", "peak_rss_prefill_gb", "peak_rss_long_gb"}
+
+
+def test_smoke_run_prints_table_and_json():
+    require_reference()  # the reference worker imports torch and transformers
+    done = subprocess.run([sys.executable, "-m", "qwen_np.bench", "--smoke"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    *table, last = done.stdout.strip().splitlines()
+    result = json.loads(last)
+    assert result["bench"] == "qwen_np" and result["rounds"] == 1 and result["threads"] == 2
+    assert result["ceilings"]["bandwidth_gb_s"] > 0 and result["ceilings"]["matmul_gflop_s"] > 0
+    assert set(result["models"]) == set(SMOKE_SHAPES)
+    assert SMOKE_SIZES["prefill"] == [16, 32]
+    for name, model in result["models"].items():
+        assert set(model) == {"qwen_np", "transformers", "ratio", "of_ceiling", "long_over_short", "weights_gb",
+                              "kv_cache_gb"}, name
+        assert set(model["qwen_np"]) == set(model["transformers"]) == set(model["ratio"]) == FIGURES
+        assert set(model["of_ceiling"]) == {"prefill_16_s", "prefill_32_s", "decode_short_tok_s", "decode_long_tok_s"}
+        assert all(v > 0 for v in [*model["ratio"].values(), *model["of_ceiling"].values(), model["long_over_short"]])
+    text = "\n".join(table)
+    for label in [label for _, label, _ in figures(SMOKE_SIZES)] + list(SMOKE_SHAPES):
+        assert label in text
