@@ -21,7 +21,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .config import QwenNPError
-from .model import forward
+from .model import empty_cache, forward
 from .ops import softmax
 
 NEG_INF = np.float32(-np.inf)
@@ -271,7 +271,9 @@ def generate_batch(model, prompts, max_new_tokens=None, temperature=None, top_k=
 
     start = time.perf_counter()
     # Prefill: all prompt tokens in one pass; the LM head only at the last position.
-    logits, cache = forward(params, config, input_ids, attention_mask=attention_mask, last_only=True)
+    # The cache gets room for the whole answer now, so decoding never has to grow (copy) it.
+    cache = empty_cache(config, B, input_ids.shape[1] + budget)
+    logits, cache = forward(params, config, input_ids, cache, attention_mask=attention_mask, last_only=True)
     next_ids = choose_tokens(logits[:, -1], seen, settings, rng)  # [B]
     prefill_seconds, decode_seconds, decode_tokens = time.perf_counter() - start, 0.0, 0
 
