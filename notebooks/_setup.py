@@ -18,8 +18,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import qwen_np  # noqa: E402
-from qwen_np.model import decoder_layer, empty_cache, rope_frequencies  # noqa: E402
-from qwen_np.ops import causal_mask, embedding, rope_cos_sin  # noqa: E402
+from qwen_np.model import attention_inputs, decoder_layer, empty_cache  # noqa: E402
+from qwen_np.ops import embedding  # noqa: E402
 
 SHARED_DATA = ROOT.parent / "shared" / "data"  # the team's real test data, beside the checkout
 np.set_printoptions(precision=4, suppress=True, linewidth=110)
@@ -47,16 +47,15 @@ def load_model():
 
 def residual_stream(model, input_ids):  # [B, T] -> [L + 1] x [B, T, D]
     """The embeddings, then the hidden state after every decoder layer: the same steps as
-    qwen_np.forward on a fresh prompt (full causal attention), stopping before the final norm."""
+    qwen_np.forward on a fresh prompt, stopping before the final norm."""
     config, params = model.config, model.params
     B, T = input_ids.shape
     cache = empty_cache(config, B, T)
-    positions = np.broadcast_to(np.arange(T), (B, T))
-    cos, sin = rope_cos_sin(positions, *rope_frequencies(config, T))  # [B, T, Dh] x2
-    mask = causal_mask(T, T)[None, None]  # [1, 1, T, T]
+    cos, sin, masks = attention_inputs(config, np.ones((B, T), bool), T)  # RoPE [B, T, Dh] x2, masks [B, 1, T, T]
     x = embedding(input_ids, params["model"]["embed_tokens"]["weight"])  # [B, T, D]
     states = [x]
     for i, layer in enumerate(params["model"]["layers"]):
+        mask = masks[config.layer_types[i]]
         x, _ = decoder_layer(x, layer, config, cos, sin, mask, cache.keys[i], cache.values[i], 0)
         states.append(x)
     return states

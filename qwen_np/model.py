@@ -116,6 +116,25 @@ def decoder_layer(x, p, config, cos, sin, mask, k_cache, v_cache, start):
     return x + mlp(h, **p["mlp"]), None
 
 
+def attention_inputs(config, valid, num_new):  # [B, S] bool, T -> [B, T, Dh] x2, {layer type: [B, 1, T, S]}
+    """The RoPE cos/sin of the last `num_new` of S positions, and the attention mask of each layer
+    type; `valid` marks which positions hold real tokens (False: left padding)."""
+    S = valid.shape[1]
+    start = S - num_new
+    # Positions count real tokens only, so a left-padded prompt starts at position 0.
+    positions = np.maximum(valid.cumsum(axis=1)[:, start:] - 1, 0)  # [B, T]
+    inv_freq, attention_factor = rope_frequencies(config, int(positions.max()) + 1)
+    cos, sin = rope_cos_sin(positions, inv_freq, attention_factor)  # [B, T, Dh] x2
+
+    # A query sees real tokens (and itself, so that a padding row is never empty).
+    key_ok = valid[:, None, None, :] | np.eye(num_new, S, k=start, dtype=bool)[None, None]  # [B, 1, T, S]
+    full = causal_mask(num_new, S)[None, None] & key_ok
+    # Without a window (use_sliding_window off) a "sliding_attention" layer attends like any other.
+    sliding = full if config.sliding_window is None else sliding_window_mask(num_new, S, config.sliding_window)[
+        None, None] & key_ok
+    return cos, sin, {"full_attention": full, "sliding_attention": sliding}
+
+
 def forward(params, config, input_ids, cache=None, attention_mask=None, last_only=False, return_router=False):
     """Logits for `input_ids` [B, T] after the positions already in `cache`.
 
@@ -140,24 +159,13 @@ def forward(params, config, input_ids, cache=None, attention_mask=None, last_onl
         raise QwenNPError(f"the cache holds {cache.valid.shape[0]} sequences but input_ids has {B}")
     start, end = cache.length, cache.length + T
     cache.valid[:, start:end] = new_valid
-    valid = cache.valid[:, :end]  # [B, S]
-
-    # Positions count real tokens only, so a left-padded prompt starts at position 0.
-    positions = np.maximum(valid.cumsum(axis=1)[:, start:] - 1, 0)  # [B, T]
-    inv_freq, attention_factor = rope_frequencies(config, int(positions.max()) + 1)
-    cos, sin = rope_cos_sin(positions, inv_freq, attention_factor)  # [B, T, Dh] x2
-
-    # A query sees real tokens (and itself, so that a padding row is never empty).
-    key_ok = valid[:, None, None, :] | np.eye(T, end, k=start, dtype=bool)[None, None]  # [B, 1, T, S]
-    masks = {"full_attention": causal_mask(T, end)[None, None] & key_ok}
-    if config.sliding_window is not None:
-        masks["sliding_attention"] = sliding_window_mask(T, end, config.sliding_window)[None, None] & key_ok
+    cos, sin, masks = attention_inputs(config, cache.valid[:, :end], T)
 
     x = embedding(input_ids, params["model"]["embed_tokens"]["weight"])  # [B, T, D]
     router = []
     for i, layer in enumerate(params["model"]["layers"]):
-        kind = config.layer_types[i] if config.sliding_window is not None else "full_attention"
-        x, choice = decoder_layer(x, layer, config, cos, sin, masks[kind], cache.keys[i], cache.values[i], start)
+        mask = masks[config.layer_types[i]]
+        x, choice = decoder_layer(x, layer, config, cos, sin, mask, cache.keys[i], cache.values[i], start)
         router.append(choice)
     if last_only:
         x = x[:, -1:]
