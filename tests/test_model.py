@@ -5,11 +5,10 @@ import json
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
 
 import qwen_np
 from qwen_np.weights import read_safetensors_header
-from tiny import reference_logits, tiny_model
+from tiny import drop_tensor, edit_config, reference_logits, tiny_model
 
 rng = np.random.default_rng(0)
 TOL = dict(rtol=1e-4, atol=1e-4)
@@ -166,15 +165,6 @@ def test_missing_path_and_missing_config(tmp_path):
         qwen_np.load(tmp_path)
 
 
-def edit_config(directory, **changes):
-    raw = json.loads((directory / "config.json").read_text())
-    raw.update(changes)
-    for key, value in changes.items():
-        if value is None:
-            del raw[key]
-    (directory / "config.json").write_text(json.dumps(raw))
-
-
 def test_unsupported_model_type(checkpoint):
     edit_config(checkpoint, model_type="gpt2")
     with pytest.raises(qwen_np.QwenNPError, match="unsupported model_type 'gpt2'"):
@@ -207,9 +197,7 @@ def test_shape_mismatch_names_file_and_tensor(checkpoint):
 
 
 def test_missing_tensor_is_named(checkpoint):
-    tensors = load_file(checkpoint / "model.safetensors")
-    del tensors["model.layers.1.self_attn.k_proj.weight"]
-    save_file(tensors, checkpoint / "model.safetensors")
+    drop_tensor(checkpoint, "model.layers.1.self_attn.k_proj.weight")
     with pytest.raises(qwen_np.QwenNPError, match=r"missing tensor 'model\.layers\.1\.self_attn\.k_proj\.weight'"):
         qwen_np.load(checkpoint)
 

@@ -4,11 +4,10 @@ import json
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
 
 import qwen_np
 from qwen_np import ops
-from tiny import reference_logits, tiny_model
+from tiny import drop_tensor, edit_config, reference_logits, tiny_model
 
 rng = np.random.default_rng(1)
 TOL = dict(rtol=1e-4, atol=1e-4)
@@ -118,18 +117,14 @@ def test_default_return_value_is_unchanged(tmp_path):
 
 def test_missing_expert_tensor_is_named(tmp_path):
     tiny_model("qwen2_moe", tmp_path)
-    tensors = load_file(tmp_path / "model.safetensors")
-    del tensors["model.layers.1.mlp.experts.4.up_proj.weight"]
-    save_file(tensors, tmp_path / "model.safetensors")
+    drop_tensor(tmp_path, "model.layers.1.mlp.experts.4.up_proj.weight")
     with pytest.raises(qwen_np.QwenNPError, match=r"missing tensor 'model\.layers\.1\.mlp\.experts\.4\.up_proj"):
         qwen_np.load(tmp_path)
 
 
 def test_top_k_larger_than_number_of_experts(tmp_path):
     tiny_model("qwen3_moe", tmp_path)
-    raw = json.loads((tmp_path / "config.json").read_text())
-    raw["num_experts_per_tok"] = 7  # 6 experts
-    (tmp_path / "config.json").write_text(json.dumps(raw))
+    edit_config(tmp_path, num_experts_per_tok=7)  # 6 experts
     with pytest.raises(qwen_np.QwenNPError, match=r"num_experts_per_tok=7 must be between 1 and num_experts=6"):
         qwen_np.load(tmp_path)
 
@@ -137,10 +132,8 @@ def test_top_k_larger_than_number_of_experts(tmp_path):
 def test_published_qwen3_moe_config_names(tmp_path):
     """Released Qwen3-MoE config.json files say num_experts; transformers 5 writes num_local_experts."""
     tiny_model("qwen3_moe", tmp_path)
-    raw = json.loads((tmp_path / "config.json").read_text())
-    assert "num_local_experts" in raw
-    raw["num_experts"] = raw.pop("num_local_experts")
-    (tmp_path / "config.json").write_text(json.dumps(raw))
+    assert json.loads((tmp_path / "config.json").read_text())["num_local_experts"] == 6
+    edit_config(tmp_path, num_experts=6, num_local_experts=None)
     assert qwen_np.load(tmp_path).config.num_experts == 6
 
 

@@ -1,7 +1,10 @@
 """Tiny random models of every family, built in transformers and saved with save_pretrained,
 so the tests can push them through qwen_np's own loader. Imported by the tests (not a test)."""
 
+import json
+
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
 from conftest import require_reference
 
@@ -88,3 +91,20 @@ def write_spelling_model(directory, tokenizer_dir, answer, starts, end_token, hi
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(tokenizer_dir / name, directory / name)
     return ids
+
+
+def edit_config(directory, **changes):
+    """Rewrites directory/config.json with `changes`; a change to None deletes the key."""
+    raw = json.loads((directory / "config.json").read_text())
+    raw.update(changes)
+    for key, value in changes.items():
+        if value is None:
+            del raw[key]
+    (directory / "config.json").write_text(json.dumps(raw))
+
+
+def drop_tensor(directory, name):
+    """Rewrites directory/model.safetensors without the tensor `name`."""
+    tensors = load_file(directory / "model.safetensors")
+    del tensors[name]
+    save_file(tensors, directory / "model.safetensors")
