@@ -8,7 +8,9 @@ reported by name.
 """
 
 import json
+import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -166,7 +168,11 @@ def load_params(directory, config):
         if found != shape:
             raise QwenNPError(f"{files[name]}: tensor {name!r} has shape {list(found)} but the config "
                               f"implies {list(shape)}")
-    return build_tree({name: read_tensor(files[name], name, *headers[files[name]][name]) for name in shapes})
+    # Tensors are read by one thread per core: filling fresh memory is CPU work (the kernel
+    # maps and zeroes each page), and file reads and NumPy's copies release the GIL.
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        arrays = pool.map(lambda name: read_tensor(files[name], name, *headers[files[name]][name]), shapes)
+        return build_tree(dict(zip(shapes, arrays)))
 
 
 def build_tree(flat):
