@@ -34,12 +34,20 @@ class Model:
     path: Path
 
 
-def load(path):
-    """Loads a checkpoint directory (config.json + safetensors [+ tokenizer files]) or a .gguf file."""
+def load(path, mmap=False):
+    """Loads a checkpoint directory (config.json + safetensors [+ tokenizer files]) or a .gguf file.
+
+    mmap=True: float32 weights stay in the mapped file (read-only arrays) instead of being read
+    into memory: loading returns at once and the first forward pass reads what it needs, as
+    transformers does. Decoding is then a few percent slower (see the README's Speed and memory).
+    """
     path = Path(path).expanduser()
     if not path.exists():
         raise QwenNPError(f"{path} does not exist")
     if path.is_file() and path.suffix.lower() == ".gguf":
+        if mmap:
+            raise QwenNPError(f"{path}: mmap=True maps float32 safetensors checkpoints; a GGUF file is "
+                              f"always dequantized into memory")
         from .gguf import load_gguf  # imported here: the gguf package is only needed for GGUF files
         config, params, tokenizer, generation_config, tokenizer_config = load_gguf(path)
         return Model(config=config, params=params, tokenizer=tokenizer, generation_config=generation_config,
@@ -51,6 +59,6 @@ def load(path):
     tokenizer_config = read_json(path / "tokenizer_config.json") or {}
     if (path / "chat_template.jinja").is_file():  # newer checkpoints keep the template beside
         tokenizer_config = {**tokenizer_config, "chat_template": (path / "chat_template.jinja").read_text("utf-8")}
-    return Model(config=config, params=load_params(path, config), tokenizer=load_tokenizer(path),
+    return Model(config=config, params=load_params(path, config, mmap), tokenizer=load_tokenizer(path),
                  generation_config=read_json(path / "generation_config.json") or {},
                  tokenizer_config=tokenizer_config, path=path)

@@ -4,6 +4,7 @@
     python -m qwen_np.bench --model DIR       # a checkpoint of your own instead
     python -m qwen_np.bench --smoke           # tiny shapes, one round: checks that the benchmark runs
     python -m qwen_np.bench --bf16            # also time transformers in bfloat16
+    python -m qwen_np.bench --mmap            # also time qwen_np.load(..., mmap=True)
 
 Every measurement runs in a fresh worker process (`--worker ENGINE DIR`), one engine after the
 other and in alternating order round by round, so that both see the same noise from a shared
@@ -149,7 +150,7 @@ def measure(load, step, new_cache, vocab_size, sizes):
     return dict(load_s=load_s, first_s=first_s, prefill_s=prefill_s, decode_tok_s=decode_tok_s, peak_rss=rss)
 
 
-def qwen_np_worker(directory, sizes):
+def qwen_np_worker(directory, sizes, mmap=False):
     import qwen_np
     from qwen_np.model import empty_cache
 
@@ -160,7 +161,7 @@ def qwen_np_worker(directory, sizes):
     def new_cache(model, capacity):  # room for prompt and answer: filled in place, never regrown
         return empty_cache(model.config, 1, capacity)
 
-    return measure(lambda: qwen_np.load(directory), step, new_cache, read_config(directory).vocab_size, sizes)
+    return measure(lambda: qwen_np.load(directory, mmap=mmap), step, new_cache, read_config(directory).vocab_size, sizes)
 
 
 def transformers_worker(directory, sizes, threads, bf16=False):
@@ -301,6 +302,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="threads for both engines (default 2)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, one round")
     parser.add_argument("--bf16", action="store_true", help="also time transformers in bfloat16")
+    parser.add_argument("--mmap", action="store_true", help="also time qwen_np with mmap=True (float32 weights "
+                                                            "left in the mapped file)")
     parser.add_argument("--shapes", nargs="+", help=f"which random shapes (default all: {', '.join(SHAPES)})")
     parser.add_argument("--checkpoints", type=Path, help="write (or reuse) the random checkpoints here")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
@@ -312,8 +315,8 @@ def main(argv=None):
         engine, *rest = args.worker
         if engine == "ceilings":
             result = ceilings_worker(sizes)
-        elif engine == "qwen_np":
-            result = qwen_np_worker(Path(rest[0]), sizes)
+        elif engine in ("qwen_np", "qwen_np-mmap"):
+            result = qwen_np_worker(Path(rest[0]), sizes, mmap=engine == "qwen_np-mmap")
         else:
             result = transformers_worker(Path(rest[0]), sizes, args.threads, bf16=engine == "transformers-bf16")
         print(json.dumps(result))
@@ -321,7 +324,7 @@ def main(argv=None):
 
     sizes = SMOKE_SIZES if args.smoke else SIZES
     rounds = 1 if args.smoke else args.rounds
-    engines = ENGINES + (("transformers-bf16",) if args.bf16 else ())
+    engines = ENGINES + (("qwen_np-mmap",) if args.mmap else ()) + (("transformers-bf16",) if args.bf16 else ())
     with tempfile.TemporaryDirectory(prefix="qwen_np_bench_") as tmp:
         if args.model:
             models = {path.name: path for path in args.model}

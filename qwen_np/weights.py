@@ -11,6 +11,7 @@ import json
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
+from mmap import ACCESS_READ, mmap as memory_map
 from pathlib import Path
 
 import numpy as np
@@ -50,14 +51,17 @@ def read_safetensors_header(path):
 CHUNK = 1 << 22  # values read at a time when widening bf16/fp16 (8 MB of file)
 
 
-def read_tensor(path, name, dtype, shape, offset, nbytes):  # -> float32 array of `shape`
+def read_tensor(path, name, dtype, shape, offset, nbytes, mapped=None):  # -> float32 array of `shape`
     """One tensor read straight into its float32 array; bf16/fp16 widened chunk by chunk, so the
-    narrow copy never exists in full next to the wide one."""
+    narrow copy never exists in full next to the wide one. With `mapped` (the file's memory map),
+    a float32 tensor is a read-only view of the map instead: no copy at all."""
     if dtype not in DTYPES:
         raise QwenNPError(f"{path}: tensor {name!r} has dtype {dtype}; qwen_np reads F32, F16 and BF16")
     count = int(np.prod(shape))
     if count * np.dtype(DTYPES[dtype]).itemsize != nbytes:
         raise QwenNPError(f"{path}: tensor {name!r} has {nbytes} bytes, not {count} {dtype} values")
+    if dtype == "F32" and mapped is not None:
+        return np.frombuffer(mapped, np.float32, count, offset).reshape(shape)
     if dtype == "F32":
         return np.fromfile(path, dtype=np.float32, count=count, offset=offset).reshape(shape)
     out = np.empty(count, np.float32)
@@ -152,8 +156,13 @@ def nest(flat):
     return listify(tree)
 
 
-def load_params(directory, config):
-    """The params tree of a checkpoint directory, every tensor float32 and shape-checked."""
+def load_params(directory, config, mmap=False):
+    """The params tree of a checkpoint directory, every tensor float32 and shape-checked.
+
+    mmap: float32 tensors become read-only views of the files mapped into memory, as
+    transformers loads them: nothing is read until a forward pass touches it, and the pages are
+    shared with the OS file cache. bf16/fp16 tensors are widened into memory either way.
+    """
     directory = Path(directory)
     files = checkpoint_files(directory)
     shapes = expected_shapes(config)
@@ -170,9 +179,16 @@ def load_params(directory, config):
                               f"implies {list(shape)}")
     # Tensors are read by one thread per core: filling fresh memory is CPU work (the kernel
     # maps and zeroes each page), and file reads and NumPy's copies release the GIL.
+    maps = {f: map_file(f) for f in headers} if mmap else {}
     with ThreadPoolExecutor(os.cpu_count()) as pool:
-        arrays = pool.map(lambda name: read_tensor(files[name], name, *headers[files[name]][name]), shapes)
+        arrays = pool.map(lambda name: read_tensor(files[name], name, *headers[files[name]][name],
+                                                   maps.get(files[name])), shapes)
         return build_tree(dict(zip(shapes, arrays)))
+
+
+def map_file(path):  # -> the whole file mapped read-only; it stays mapped while a view of it lives
+    with open(path, "rb") as f:
+        return memory_map(f.fileno(), 0, access=ACCESS_READ)
 
 
 def build_tree(flat):

@@ -154,6 +154,12 @@ def test_unsupported_architecture(tmp_path):
     assert str(path) in str(e.value)
 
 
+def test_mmap_is_refused_for_gguf(tmp_path):
+    path = random_gguf(tmp_path / "m.gguf", "llama", small_config("llama"))
+    with pytest.raises(qwen_np.QwenNPError, match="m.gguf: mmap=True maps float32 safetensors checkpoints"):
+        qwen_np.load(path, mmap=True)
+
+
 def test_unsupported_tensor_type(tmp_path):
     raw = np.random.default_rng(0).integers(0, 256, (64, 18), dtype=np.uint8)  # [64, 32] as IQ4_NL: 18 bytes a row
     path = random_gguf(tmp_path / "iq4.gguf", "llama", small_config("llama"),

@@ -87,6 +87,22 @@ def test_bf16_checkpoint_in_shards(tmp_path):
     assert {info[0] for s in shards for info in read_safetensors_header(tmp_path / s).values()} == {"BF16"}
 
 
+def test_mmap_load_maps_float32_tensors_and_gives_the_same_logits(tmp_path):
+    reference = tiny_model("qwen3", tmp_path / "f32", tie_word_embeddings=False)
+    mapped = qwen_np.load(tmp_path / "f32", mmap=True)
+    weight = mapped.params["model"]["layers"][0]["self_attn"]["q_proj"]["weight"]
+    assert not weight.flags.owndata and not weight.flags.writeable  # a view of the file, not a copy
+    assert qwen_np.load(tmp_path / "f32").params["lm_head"]["weight"].flags.writeable  # the default reads
+    x = ids(2, 20)
+    np.testing.assert_allclose(qwen_np.forward(mapped.params, mapped.config, x)[0],
+                               reference_logits(reference, x), **TOL)
+    # A bf16 checkpoint has nothing to map as float32: it is widened into memory as usual.
+    import torch
+    tiny_model("qwen2", tmp_path / "bf16", dtype=torch.bfloat16)
+    widened = qwen_np.load(tmp_path / "bf16", mmap=True).params["model"]["embed_tokens"]["weight"]
+    assert widened.dtype == np.float32 and widened.flags.writeable
+
+
 def test_fp16_checkpoint(tmp_path):
     import torch
     compare("qwen3", tmp_path, dtype=torch.float16)
