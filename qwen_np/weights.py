@@ -177,10 +177,10 @@ def load_params(directory, config, mmap=False):
         if found != shape:
             raise QwenNPError(f"{files[name]}: tensor {name!r} has shape {list(found)} but the config "
                               f"implies {list(shape)}")
-    # Tensors are read by one thread per core: filling fresh memory is CPU work (the kernel
-    # maps and zeroes each page), and file reads and NumPy's copies release the GIL.
+    # Tensors are read by one thread per core (at most 8): filling fresh memory is CPU work (the
+    # kernel maps and zeroes each page), and file reads and NumPy's copies release the GIL.
     maps = {f: map_file(f) for f in headers} if mmap else {}
-    with ThreadPoolExecutor(os.cpu_count()) as pool:
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
         arrays = pool.map(lambda name: read_tensor(files[name], name, *headers[files[name]][name],
                                                    maps.get(files[name])), shapes)
         return build_tree(dict(zip(shapes, arrays)))
