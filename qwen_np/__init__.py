@@ -39,7 +39,8 @@ def load(path, mmap=False):
 
     mmap=True: float32 weights stay in the mapped file (read-only arrays) instead of being read
     into memory: loading returns at once and the first forward pass reads what it needs, as
-    transformers does. Decoding is then a few percent slower (see the README's Speed and memory).
+    transformers does. Decoding is then a few percent slower (see the README's Speed and memory),
+    and the files must not be rewritten while the model is in use.
     """
     path = Path(path).expanduser()
     if not path.exists():
