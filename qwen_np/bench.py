@@ -161,7 +161,8 @@ def qwen_np_worker(directory, sizes, mmap=False):
     def new_cache(model, capacity):  # room for prompt and answer: filled in place, never regrown
         return empty_cache(model.config, 1, capacity)
 
-    return measure(lambda: qwen_np.load(directory, mmap=mmap), step, new_cache, read_config(directory).vocab_size, sizes)
+    vocab_size = read_config(directory).vocab_size
+    return measure(lambda: qwen_np.load(directory, mmap=mmap), step, new_cache, vocab_size, sizes)
 
 
 def transformers_worker(directory, sizes, threads, bf16=False):
