@@ -34,21 +34,26 @@ class Model:
     path: Path
 
 
-def load(path, mmap=False):
+def load(path, mmap=False, low_memory=False):
     """Loads a checkpoint directory (config.json + safetensors [+ tokenizer files]) or a .gguf file.
 
     mmap=True: float32 weights stay in the mapped file (read-only arrays) instead of being read
     into memory: loading returns at once and the first forward pass reads what it needs, as
     transformers does. Decoding is then a few percent slower (see the README's Speed and memory),
     and the files must not be rewritten while the model is in use.
+
+    low_memory=True: weight matrices are kept in bfloat16 (as uint16 bits: NumPy has no
+    bfloat16), half the memory of float32, and widened to float32 a block at a time where they
+    are used. A bf16 checkpoint gives exactly the default's results; float32/fp16 weights are
+    rounded to bfloat16. Decoding is several times slower than the default.
     """
     path = Path(path).expanduser()
     if not path.exists():
         raise QwenNPError(f"{path} does not exist")
     if path.is_file() and path.suffix.lower() == ".gguf":
-        if mmap:
-            raise QwenNPError(f"{path}: mmap=True maps float32 safetensors checkpoints; a GGUF file is "
-                              f"always dequantized into memory")
+        if mmap or low_memory:
+            raise QwenNPError(f"{path}: {'mmap' if mmap else 'the low-memory mode'} is for safetensors "
+                              f"checkpoints; a GGUF file is always dequantized into float32")
         from .gguf import load_gguf  # imported here: the gguf package is only needed for GGUF files
         config, params, tokenizer, generation_config, tokenizer_config = load_gguf(path)
         return Model(config=config, params=params, tokenizer=tokenizer, generation_config=generation_config,
@@ -60,6 +65,6 @@ def load(path, mmap=False):
     tokenizer_config = read_json(path / "tokenizer_config.json") or {}
     if (path / "chat_template.jinja").is_file():  # newer checkpoints keep the template beside
         tokenizer_config = {**tokenizer_config, "chat_template": (path / "chat_template.jinja").read_text("utf-8")}
-    return Model(config=config, params=load_params(path, config, mmap), tokenizer=load_tokenizer(path),
+    return Model(config=config, params=load_params(path, config, mmap, low_memory), tokenizer=load_tokenizer(path),
                  generation_config=read_json(path / "generation_config.json") or {},
                  tokenizer_config=tokenizer_config, path=path)

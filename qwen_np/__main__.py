@@ -43,6 +43,9 @@ def build_parser():
         sub.add_argument("--model", metavar="PATH",
                          help="checkpoint directory (config.json, *.safetensors, tokenizer.json); "
                               "default: the project's default small model")
+        sub.add_argument("--low-memory", action="store_true",
+                         help="keep the weight matrices in bfloat16: half the memory, slower decoding "
+                              "(safetensors checkpoints)")
         sampling = sub.add_argument_group("sampling (defaults: the checkpoint's generation_config.json)")
         add = sampling.add_argument
         add("--temperature", metavar="T", type=number(float, 0, what="use 0 (greedy) or a positive number"),
@@ -157,7 +160,7 @@ def main(argv=None):
     try:
         args = build_parser().parse_args(argv)
         from . import load
-        model = load(model_path(args))
+        model = load(model_path(args), low_memory=args.low_memory)
         if model.tokenizer is None:
             raise QwenNPError(f"{model.path} has no tokenizer.json; the command line needs one to read and write text")
         (run_generate if args.command == "generate" else run_chat)(model, args)

@@ -5,6 +5,7 @@
     python -m qwen_np.bench --smoke           # tiny shapes, one round: checks that the benchmark runs
     python -m qwen_np.bench --bf16            # also time transformers in bfloat16
     python -m qwen_np.bench --mmap            # also time qwen_np.load(..., mmap=True)
+    python -m qwen_np.bench --low-memory      # also time qwen_np.load(..., low_memory=True)
 
 Every measurement runs in a fresh worker process (`--worker ENGINE DIR`), one engine after the
 other and in alternating order round by round, so that both see the same noise from a shared
@@ -64,6 +65,7 @@ SIZES = dict(prefill=[128, 1024], short_prompt=16, long_context=2048, new_tokens
 SMOKE_SIZES = dict(prefill=[16, 32], short_prompt=4, long_context=48, new_tokens=4,
                    bandwidth_matrix=(1024, 2048), matmul_n=256)
 ENGINES = ("qwen_np", "transformers")
+QWEN_NP_VARIANTS = {"qwen_np": {}, "qwen_np-mmap": dict(mmap=True), "qwen_np-low-memory": dict(low_memory=True)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +152,7 @@ def measure(load, step, new_cache, vocab_size, sizes):
     return dict(load_s=load_s, first_s=first_s, prefill_s=prefill_s, decode_tok_s=decode_tok_s, peak_rss=rss)
 
 
-def qwen_np_worker(directory, sizes, mmap=False):
+def qwen_np_worker(directory, sizes, **load_options):
     import qwen_np
     from qwen_np.model import empty_cache
 
@@ -162,7 +164,7 @@ def qwen_np_worker(directory, sizes, mmap=False):
         return empty_cache(model.config, 1, capacity)
 
     vocab_size = read_config(directory).vocab_size
-    return measure(lambda: qwen_np.load(directory, mmap=mmap), step, new_cache, vocab_size, sizes)
+    return measure(lambda: qwen_np.load(directory, **load_options), step, new_cache, vocab_size, sizes)
 
 
 def transformers_worker(directory, sizes, threads, bf16=False):
@@ -305,6 +307,8 @@ def main(argv=None):
     parser.add_argument("--bf16", action="store_true", help="also time transformers in bfloat16")
     parser.add_argument("--mmap", action="store_true", help="also time qwen_np with mmap=True (float32 weights "
                                                             "left in the mapped file)")
+    parser.add_argument("--low-memory", action="store_true", help="also time qwen_np with low_memory=True "
+                                                                  "(weight matrices in bfloat16)")
     parser.add_argument("--shapes", nargs="+", help=f"which random shapes (default all: {', '.join(SHAPES)})")
     parser.add_argument("--checkpoints", type=Path, help="write (or reuse) the random checkpoints here")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
@@ -316,8 +320,8 @@ def main(argv=None):
         engine, *rest = args.worker
         if engine == "ceilings":
             result = ceilings_worker(sizes)
-        elif engine in ("qwen_np", "qwen_np-mmap"):
-            result = qwen_np_worker(Path(rest[0]), sizes, mmap=engine == "qwen_np-mmap")
+        elif engine in QWEN_NP_VARIANTS:
+            result = qwen_np_worker(Path(rest[0]), sizes, **QWEN_NP_VARIANTS[engine])
         else:
             result = transformers_worker(Path(rest[0]), sizes, args.threads, bf16=engine == "transformers-bf16")
         print(json.dumps(result))
@@ -325,7 +329,8 @@ def main(argv=None):
 
     sizes = SMOKE_SIZES if args.smoke else SIZES
     rounds = 1 if args.smoke else args.rounds
-    engines = ENGINES + (("qwen_np-mmap",) if args.mmap else ()) + (("transformers-bf16",) if args.bf16 else ())
+    engines = (ENGINES + (("qwen_np-mmap",) if args.mmap else ()) + (("qwen_np-low-memory",) if args.low_memory else ())
+               + (("transformers-bf16",) if args.bf16 else ()))
     with tempfile.TemporaryDirectory(prefix="qwen_np_bench_") as tmp:
         if args.model:
             models = {path.name: path for path in args.model}

@@ -17,13 +17,29 @@ import numpy as np
 
 
 def embedding(input_ids, weight):  # [B, T] int, [V, D] -> [B, T, D]
-    return weight[input_ids]
+    rows = weight[input_ids]
+    return bf16_to_float32(rows) if rows.dtype == np.uint16 else rows
 
 
 def linear(x, weight, bias=None):  # [..., in], [out, in], [out] or None -> [..., out]
     # Weights keep the checkpoint's [out, in] layout; `weight.T` is a view, BLAS reads it transposed.
-    y = x @ weight.T
+    if weight.dtype == np.uint16:  # bf16 bits (load(..., low_memory=True)): widened a block of rows at a time
+        y = np.concatenate([x @ bf16_to_float32(weight[r:r + BF16_ROWS]).T
+                            for r in range(0, weight.shape[0], BF16_ROWS)], axis=-1)
+    else:
+        y = x @ weight.T
     return y if bias is None else y + bias
+
+
+BF16_ROWS = 4096  # rows of a bf16 weight widened at once: 16 MB of float32 for a hidden size of 1024
+
+
+def bf16_to_float32(bits):  # [...] uint16 -> [...] float32, exact
+    # NumPy has no bfloat16: its 16 bits are kept as uint16. A bfloat16 is the top half of a
+    # float32, so shifting the bits up 16 and reading them as float32 gives its exact value.
+    wide = bits.astype(np.uint32)
+    wide <<= 16
+    return wide.view(np.float32)
 
 
 def rms_norm(x, weight, eps):  # [..., D], [D] -> [..., D]
@@ -199,7 +215,7 @@ def attention(q, k, v, mask):  # [B, H, T, Dh], [B, K, S, Dh] x2, [B, 1, T, S] b
 
 def moe_route(x, gate_weight, top_k, norm_topk_prob):  # [N, D], [E, D] -> [N, k] int, [N, k], [N, E]
     # Softmax over all experts in float32, keep the k largest; renormalise them only if asked.
-    logits = x @ gate_weight.T  # [N, E]
+    logits = linear(x, gate_weight)  # [N, E]
     probs = softmax(logits)
     experts = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k]  # [N, k], best first
     weights = np.take_along_axis(probs, experts, axis=-1)  # [N, k]

@@ -48,35 +48,46 @@ def read_safetensors_header(path):
     return tensors
 
 
-CHUNK = 1 << 22  # values read at a time when widening bf16/fp16 (8 MB of file)
+CHUNK = 1 << 22  # values converted at a time when widening or narrowing (8 MB of file)
 
 
-def read_tensor(path, name, dtype, shape, offset, nbytes, mapped=None):  # -> float32 array of `shape`
+def read_tensor(path, name, dtype, shape, offset, nbytes, mapped=None, bf16=False):  # -> array of `shape`
     """One tensor read straight into its float32 array; bf16/fp16 widened chunk by chunk, so the
     narrow copy never exists in full next to the wide one. With `mapped` (the file's memory map),
-    a float32 tensor is a read-only view of the map instead: no copy at all."""
+    a float32 tensor is a read-only view of the map instead: no copy at all. With `bf16`, the
+    result is bfloat16 bits (uint16): a BF16 tensor as stored, F32/F16 rounded to bfloat16."""
     if dtype not in DTYPES:
         raise QwenNPError(f"{path}: tensor {name!r} has dtype {dtype}; qwen_np reads F32, F16 and BF16")
     count = int(np.prod(shape))
     if count * np.dtype(DTYPES[dtype]).itemsize != nbytes:
         raise QwenNPError(f"{path}: tensor {name!r} has {nbytes} bytes, not {count} {dtype} values")
-    if dtype == "F32" and mapped is not None:
+    if dtype == "F32" and mapped is not None and not bf16:
         return np.frombuffer(mapped, np.float32, count, offset).reshape(shape)
-    if dtype == "F32":
-        return np.fromfile(path, dtype=np.float32, count=count, offset=offset).reshape(shape)
-    out = np.empty(count, np.float32)
+    if dtype == ("BF16" if bf16 else "F32"):  # already in the wanted form
+        return np.fromfile(path, dtype=DTYPES[dtype], count=count, offset=offset).reshape(shape)
+    out = np.empty(count, np.uint16 if bf16 else np.float32)
     with open(path, "rb") as f:
         f.seek(offset)
         for start in range(0, count, CHUNK):
             raw = np.fromfile(f, dtype=DTYPES[dtype], count=min(CHUNK, count - start))
-            if dtype == "BF16":
+            chunk = out[start:start + raw.size]
+            if bf16:  # F32 or F16 -> bfloat16 bits
+                chunk[:] = float32_to_bf16(raw.astype(np.float32, copy=False))
+            elif dtype == "BF16":
                 # bfloat16 is the top 16 bits of a float32: put the bits high, read them as float32.
-                bits = out.view(np.uint32)[start:start + raw.size]
+                bits = chunk.view(np.uint32)
                 bits[:] = raw
                 bits <<= 16
             else:
-                out[start:start + raw.size] = raw
+                chunk[:] = raw
     return out.reshape(shape)
+
+
+def float32_to_bf16(x):  # [...] float32 -> [...] uint16 bfloat16 bits
+    # Keep the top 16 bits, rounded to nearest, ties to even (as torch's .to(torch.bfloat16)):
+    # add 0x7FFF plus the lowest kept bit, then drop the low 16 bits.
+    bits = x.view(np.uint32)
+    return ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16).astype(np.uint16)
 
 
 def checkpoint_files(directory):
@@ -156,12 +167,15 @@ def nest(flat):
     return listify(tree)
 
 
-def load_params(directory, config, mmap=False):
+def load_params(directory, config, mmap=False, low_memory=False):
     """The params tree of a checkpoint directory, every tensor float32 and shape-checked.
 
     mmap: float32 tensors become read-only views of the files mapped into memory, as
     transformers loads them: nothing is read until a forward pass touches it, and the pages are
     shared with the OS file cache. bf16/fp16 tensors are widened into memory either way.
+    low_memory: matrices (every 2-D tensor) are kept as bfloat16 bits (uint16), half the memory
+    of float32; `linear` and `embedding` widen them a block at a time as they are used. Vectors
+    (norm weights, biases) stay float32.
     """
     directory = Path(directory)
     files = checkpoint_files(directory)
@@ -182,7 +196,8 @@ def load_params(directory, config, mmap=False):
     maps = {f: map_file(f) for f in headers} if mmap else {}
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
         arrays = pool.map(lambda name: read_tensor(files[name], name, *headers[files[name]][name],
-                                                   maps.get(files[name])), shapes)
+                                                   maps.get(files[name]), low_memory and len(shapes[name]) == 2),
+                          shapes)
         return build_tree(dict(zip(shapes, arrays)))
 
 

@@ -15,7 +15,7 @@ FIGURES = {"load_s", "first_forward_s", "prefill_16_s", "prefill_32_s", "decode_
 
 def test_smoke_run_prints_table_and_json():
     require_reference()  # the reference worker imports torch and transformers
-    done = subprocess.run([sys.executable, "-m", "qwen_np.bench", "--smoke", "--mmap"], cwd=ROOT, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "qwen_np.bench", "--smoke", "--mmap", "--low-memory"], cwd=ROOT, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     *table, last = done.stdout.strip().splitlines()
@@ -25,10 +25,11 @@ def test_smoke_run_prints_table_and_json():
     assert set(result["models"]) == set(SMOKE_SHAPES)
     assert SMOKE_SIZES["prefill"] == [16, 32]
     for name, model in result["models"].items():
-        assert set(model) == {"qwen_np", "transformers", "qwen_np-mmap", "ratio", "ratio_qwen_np-mmap", "of_ceiling",
-                              "long_over_short", "weights_gb", "kv_cache_gb"}, name
-        assert (set(model["qwen_np"]) == set(model["transformers"]) == set(model["qwen_np-mmap"]) == set(model["ratio"])
-                == FIGURES)
+        variants = ["qwen_np-mmap", "qwen_np-low-memory"]
+        assert set(model) == {"qwen_np", "transformers", *variants, "ratio", *[f"ratio_{v}" for v in variants],
+                              "of_ceiling", "long_over_short", "weights_gb", "kv_cache_gb"}, name
+        for engine in ["qwen_np", "transformers", *variants, "ratio"]:
+            assert set(model[engine]) == FIGURES, engine
         assert set(model["of_ceiling"]) == {"prefill_16_s", "prefill_32_s", "decode_short_tok_s", "decode_long_tok_s"}
         assert all(v > 0 for v in [*model["ratio"].values(), *model["of_ceiling"].values(), model["long_over_short"]])
     text = "\n".join(table)

@@ -86,6 +86,11 @@ def test_generate_on_a_random_model_matches_the_python_api(shared_data, tmp_path
                                              repetition_penalty=1.1, seed=7, max_new_tokens=16))
     assert result.stdout == expected + "\n"
     assert expected != "".join(qwen_np.generate_text(model, "你好，世界", seed=8, max_new_tokens=16, temperature=0.9))
+    # --low-memory: the same as load(..., low_memory=True) (matrices rounded to bfloat16)
+    low = run("generate", "--model", tmp_path, "--low-memory", "--temperature", "0", "--max-new-tokens", "16", "你好")
+    assert low.returncode == 0, low.stderr
+    low_model = qwen_np.load(tmp_path, low_memory=True)
+    assert low.stdout == "".join(qwen_np.generate_text(low_model, "你好", temperature=0, max_new_tokens=16)) + "\n"
 
 
 @pytest.mark.parametrize("command", ["generate", "chat"])
@@ -93,7 +98,7 @@ def test_help_explains_every_flag(command):
     result = run(command, "--help")
     assert result.returncode == 0
     for flag in ["--model", "--temperature", "--top-k", "--top-p", "--min-p", "--repetition-penalty", "--seed",
-                 "--max-new-tokens", "--stop"] + (["--system", "--no-think"] if command == "chat" else []):
+                 "--max-new-tokens", "--stop", "--low-memory"] + (["--system", "--no-think"] if command == "chat" else []):
         assert flag in result.stdout
     assert "greedy" in result.stdout and "generation_config.json" in result.stdout
 

@@ -154,10 +154,12 @@ def test_unsupported_architecture(tmp_path):
     assert str(path) in str(e.value)
 
 
-def test_mmap_is_refused_for_gguf(tmp_path):
+def test_mmap_and_low_memory_are_refused_for_gguf(tmp_path):
     path = random_gguf(tmp_path / "m.gguf", "llama", small_config("llama"))
-    with pytest.raises(qwen_np.QwenNPError, match="m.gguf: mmap=True maps float32 safetensors checkpoints"):
+    with pytest.raises(qwen_np.QwenNPError, match="m.gguf: mmap is for safetensors checkpoints"):
         qwen_np.load(path, mmap=True)
+    with pytest.raises(qwen_np.QwenNPError, match="m.gguf: the low-memory mode is for safetensors checkpoints"):
+        qwen_np.load(path, low_memory=True)
 
 
 def test_unsupported_tensor_type(tmp_path):

@@ -103,6 +103,45 @@ def test_mmap_load_maps_float32_tensors_and_gives_the_same_logits(tmp_path):
     assert widened.dtype == np.float32 and widened.flags.writeable
 
 
+def test_low_memory_keeps_bf16_matrices_and_gives_the_default_logits(tmp_path):
+    import torch
+    tiny_model("qwen2", tmp_path, dtype=torch.bfloat16, tie_word_embeddings=False, max_shard_size="40KB")
+    default, low = qwen_np.load(tmp_path), qwen_np.load(tmp_path, low_memory=True)
+    layer = low.params["model"]["layers"][0]
+    assert layer["self_attn"]["q_proj"]["weight"].dtype == np.uint16  # bf16 bits as stored
+    assert low.params["lm_head"]["weight"].dtype == low.params["model"]["embed_tokens"]["weight"].dtype == np.uint16
+    assert layer["self_attn"]["q_proj"]["bias"].dtype == layer["input_layernorm"]["weight"].dtype == np.float32
+    x = ids(2, 20)
+    # Widening bf16 is exact, so the results are the default's to the last bit.
+    np.testing.assert_array_equal(qwen_np.forward(low.params, low.config, x)[0],
+                                  qwen_np.forward(default.params, default.config, x)[0])
+
+
+def test_low_memory_rounds_float32_weights_to_bf16_as_torch_does(tmp_path, monkeypatch):
+    import torch
+    monkeypatch.setattr(qwen_np.ops, "BF16_ROWS", 48)  # the LM head (vocab 128) in three blocks
+    reference = tiny_model("qwen3", tmp_path)
+    low = qwen_np.load(tmp_path, low_memory=True)
+    with torch.no_grad():  # the reference with every matrix rounded to bfloat16, vectors as they are
+        for p in reference.parameters():
+            if p.ndim == 2:
+                p.copy_(p.to(torch.bfloat16).float())
+    x = ids(2, 20)
+    np.testing.assert_allclose(qwen_np.forward(low.params, low.config, x)[0], reference_logits(reference, x), **TOL)
+
+
+def test_float32_to_bf16_rounds_to_nearest_even():
+    import torch
+    from qwen_np.ops import bf16_to_float32
+    from qwen_np.weights import float32_to_bf16
+    values = np.concatenate([rng.standard_normal(10000).astype(np.float32),
+                             # halfway between two bfloat16 values: ties go to the even one
+                             np.array([0x3F808000, 0x3F818000, 0xBF808000], np.uint32).view(np.float32)])
+    expected = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(float32_to_bf16(values), expected)
+    np.testing.assert_array_equal(bf16_to_float32(expected), torch.from_numpy(values).to(torch.bfloat16).float())
+
+
 def test_fp16_checkpoint(tmp_path):
     import torch
     compare("qwen3", tmp_path, dtype=torch.float16)

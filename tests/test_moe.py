@@ -108,6 +108,18 @@ def test_router_statistics_match_reference_router_logits(tmp_path):
         np.testing.assert_allclose(weights.reshape(-1, 3), top_w.numpy(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe"])
+def test_low_memory_gives_the_default_logits(tmp_path, family):
+    # Router, experts, shared expert and its gate are all matrices: bf16 bits, widened where used.
+    import torch
+    tiny_model(family, tmp_path, dtype=torch.bfloat16)
+    default, low = qwen_np.load(tmp_path), qwen_np.load(tmp_path, low_memory=True)
+    assert low.params["model"]["layers"][0]["mlp"]["gate"]["weight"].dtype == np.uint16
+    x = np.random.default_rng(1).integers(0, 128, (2, 16))
+    np.testing.assert_array_equal(qwen_np.forward(low.params, low.config, x)[0],
+                                  qwen_np.forward(default.params, default.config, x)[0])
+
+
 def test_default_return_value_is_unchanged(tmp_path):
     tiny_model("qwen3_moe", tmp_path)
     model = qwen_np.load(tmp_path)
