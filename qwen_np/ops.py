@@ -1,4 +1,5 @@
-"""Pure operators of the Qwen decoder, each a small function over float32 NumPy arrays.
+"""Pure operators of the Qwen decoder, each a small function over float32 NumPy arrays (in the
+low-memory mode, weight matrices arrive as bfloat16 bits, which `linear` and `embedding` widen).
 
 Shape legend (used in every comment of the package):
     B batch, T new tokens, S cached + new positions, D hidden size, H query heads,
