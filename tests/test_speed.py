@@ -198,8 +198,10 @@ def test_loading_keeps_freed_memory_for_reuse(tmp_path):
         return json.loads(done.stdout)
 
     pages = 8 * (3 << 20) // 4096
-    default, kept = rounds("-"), rounds(str(tmp_path))
-    assert min(default[1:]) > pages / 2, default  # the control: glibc's defaults give the memory back
+    default = rounds("-")
+    if min(default[1:]) < pages / 2:  # the control: here glibc's defaults give the memory back
+        pytest.skip(f"this C library keeps freed memory by itself (page faults per round: {default})")
+    kept = rounds(str(tmp_path))
     assert max(kept[1:]) < pages / 20, kept
 
 
