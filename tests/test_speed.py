@@ -9,10 +9,9 @@ import subprocess
 import sys
 import tracemalloc
 
-from pathlib import Path
-
 import numpy as np
 import pytest
+from conftest import ROOT
 
 import qwen_np
 from qwen_np import model as model_module
@@ -194,7 +193,7 @@ def test_loading_keeps_freed_memory_for_reuse(tmp_path):
 
     def rounds(checkpoint):
         done = subprocess.run([sys.executable, "-c", FAULTS_PER_ROUND, checkpoint], capture_output=True, text=True,
-                              cwd=Path(qwen_np.__file__).parent.parent, check=True)
+                              cwd=ROOT, check=True)
         return json.loads(done.stdout)
 
     pages = 8 * (3 << 20) // 4096
