@@ -1,6 +1,7 @@
 """What the speed of qwen_np rests on, checked without timing anything (the machine is shared):
 every activation is float32, a decode step copies no weight, loading makes no second copy of
-the weights, and the blocked attention equals the reference's on prompts longer than a block."""
+the weights, freed temporaries are reused without page faults after loading, and the blocked
+attention equals the reference's on prompts longer than a block."""
 
 import functools
 import inspect
