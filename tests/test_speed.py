@@ -1,6 +1,6 @@
 """What the speed of qwen_np rests on, checked without timing anything (the machine is shared):
-every activation is float32, a decode step copies no weight, loading makes no second copy of
-the weights, freed temporaries are reused without page faults after loading, and the blocked
+every activation is float32, a decode step copies no weight, the KV cache keeps its keys
+position-minor, loading makes no second copy of the weights, freed temporaries are reused without page faults after loading, and the blocked
 attention equals the reference's on prompts longer than a block."""
 
 import functools
@@ -18,6 +18,7 @@ import qwen_np
 from qwen_np import model as model_module
 from qwen_np import ops
 from qwen_np.bench import SMOKE_SHAPES, write_checkpoint
+from qwen_np.generate import keep_rows
 from qwen_np.model import empty_cache
 
 # Random checkpoints of every family (no reference needed), with the less common paths switched
@@ -127,6 +128,22 @@ def test_decode_step_copies_no_weight(family, tmp_path):
     assert smallest == 128 * 1024
     assert peak < smallest / 4, f"a decode step allocated {peak} bytes at its peak; the smallest weight has {smallest}"
     assert cache.length == 41 and cache.keys[0].shape[2] == 64  # written in place, not re-allocated
+
+
+def test_cache_keeps_keys_position_minor(models):
+    # Decoding reads each head's keys as one row-major [Dh, S] matrix (see empty_cache): the
+    # stride between positions is one float, through prefill, growth and dropping finished rows.
+    m = models("qwen3")
+    def position_minor(cache):
+        return all(k.strides[2] == 4 and k.shape[2] == v.shape[2] for k, v in zip(cache.keys, cache.values))
+
+    cache = empty_cache(m.config, 2, 8)
+    assert position_minor(cache)
+    _, cache = qwen_np.forward(m.params, m.config, np.ones((2, 6), int), cache)
+    _, grown = qwen_np.forward(m.params, m.config, np.ones((2, 5), int), cache)  # 11 > 8: the cache grows
+    assert grown.keys[0].shape[2] == 16 and position_minor(grown)
+    np.testing.assert_array_equal(grown.keys[0][:, :, :6], cache.keys[0][:, :, :6])  # copied as it was
+    assert position_minor(keep_rows(grown, np.array([False, True])))
 
 
 def traced_peak_of_load(path):  # -> (model, the largest memory NumPy held while loading, in bytes)
