@@ -191,10 +191,11 @@ QUERY_BLOCK = 256  # queries per step of `attention`: scores stay [B, H, 256, S]
 def attention(q, k, v, mask):  # [B, H, T, Dh], [B, K, S, Dh] x2, [B, 1, T, S] bool -> [B, H, T, Dh]
     B, H, T, Dh = q.shape
     K = k.shape[1]
+    G = H // K
     # Grouped-query attention: the G = H // K query heads of a group share one key/value head.
     # k[:, :, None] broadcasts it over them: the same as repeat_kv, without the copy, and in
     # decoding each head's scores are one matrix-vector product.
-    q = q.reshape(B, K, H // K, T, Dh) * np.float32(Dh**-0.5)  # [B, K, G, T, Dh]; scaling q = scaling the scores
+    q = q.reshape(B, K, G, T, Dh) * np.float32(Dh**-0.5)  # [B, K, G, T, Dh]; scaling q = scaling the scores
     k = k[:, :, None]  # [B, K, 1, S, Dh]
     out = np.empty_like(q)
     for t in range(0, T, QUERY_BLOCK):  # blocks of queries: the same result, a fraction of the memory
@@ -210,7 +211,7 @@ def attention(q, k, v, mask):  # [B, H, T, Dh], [B, K, S, Dh] x2, [B, 1, T, S] b
         # The G heads of a group share their values: one [G * rows, seen] @ [seen, Dh] product
         # per group reads each value head once (a product per query head would read it G times).
         grouped = probs.reshape(B, K, -1, seen) @ v[:, :, :seen]  # [B, K, G * rows, Dh]
-        out[..., rows, :] = grouped.reshape(B, K, H // K, -1, Dh)
+        out[..., rows, :] = grouped.reshape(B, K, G, -1, Dh)
     return out.reshape(B, H, T, Dh)
 
 

@@ -1,7 +1,8 @@
 """What the speed of qwen_np rests on, checked without timing anything (the machine is shared):
 every activation is float32, a decode step copies no weight, the KV cache keeps its keys
-position-minor, loading makes no second copy of the weights, freed temporaries are reused without page faults after loading, and the blocked
-attention equals the reference's on prompts longer than a block."""
+position-minor, loading makes no second copy of the weights, freed temporaries are reused
+without page faults after loading, and the blocked attention equals the reference's on prompts
+longer than a block."""
 
 import functools
 import inspect
@@ -134,8 +135,9 @@ def test_cache_keeps_keys_position_minor(models):
     # Decoding reads each head's keys as one row-major [Dh, S] matrix (see empty_cache): the
     # stride between positions is one float, through prefill, growth and dropping finished rows.
     m = models("qwen3")
+
     def position_minor(cache):
-        return all(k.strides[2] == 4 and k.shape[2] == v.shape[2] for k, v in zip(cache.keys, cache.values))
+        return all(k.strides[2] == k.itemsize and k.shape == v.shape for k, v in zip(cache.keys, cache.values))
 
     cache = empty_cache(m.config, 2, 8)
     assert position_minor(cache)
