@@ -17,10 +17,10 @@ from . import download  # download.default_model_path(): the out-of-the-box mode
 from .config import Config, QwenNPError, read_config
 from .model import KVCache, forward
 from .weights import load_params, load_tokenizer, read_json
-from .generate import GenerationStats, generate, generate_batch, generate_text
+from .generate import GenerationStats, Past, generate, generate_batch, generate_text
 from .chat import chat, chat_ids, render_chat, split_thinking
 
-__all__ = ["Model", "Config", "KVCache", "QwenNPError", "GenerationStats", "load", "forward", "generate",
+__all__ = ["Model", "Config", "KVCache", "QwenNPError", "GenerationStats", "Past", "load", "forward", "generate",
            "generate_batch", "generate_text", "chat", "chat_ids", "render_chat", "split_thinking",
            "keep_freed_memory"]
 

@@ -113,7 +113,9 @@ def report(stats, err):  # stats: a list of GenerationStats
         return f"{tokens / seconds:.1f} tokens/s" if seconds > 0 else "n/a"
     prefill_tokens, prefill_seconds = sum(s.prefill_tokens for s in stats), sum(s.prefill_seconds for s in stats)
     decode_tokens, decode_seconds = sum(s.decode_tokens for s in stats), sum(s.decode_seconds for s in stats)
-    err.write(f"prefill: {prefill_tokens} tokens, {rate(prefill_tokens, prefill_seconds)}; "
+    reused = sum(s.reused_tokens for s in stats)  # prompt tokens a chat took from its cache instead
+    cached = f" (and {reused} from the cache)" if reused else ""
+    err.write(f"prefill: {prefill_tokens} tokens{cached}, {rate(prefill_tokens, prefill_seconds)}; "
               f"decode: {decode_tokens} tokens, {rate(decode_tokens, decode_seconds)}\n")
 
 
@@ -136,7 +138,7 @@ def run_chat(model, args):
         sys.stderr.write("Type a message and press Enter; /exit or Ctrl-D to leave.\n")
     messages = [{"role": "system", "content": args.system}] if args.system else []
     variables = {"enable_thinking": False} if args.no_think else {}
-    stats = []
+    stats, past = [], None  # past: the conversation's KV cache, so each turn prefills only its new tokens
     while True:
         try:
             line = input("> " if interactive else "")
@@ -147,9 +149,10 @@ def run_chat(model, args):
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        reply, turn = stream(chat(model, messages, **variables, **sampling_kwargs(args)), sys.stdout)
+        reply, turn = stream(chat(model, messages, past=past, **variables, **sampling_kwargs(args)), sys.stdout)
         sys.stdout.write("\n")
         stats.append(turn)
+        past = turn.past
         # The history keeps the answer only; Qwen3's template drops old thinking anyway.
         messages.append({"role": "assistant", "content": split_thinking(reply)[1]})
     if stats:

@@ -130,7 +130,8 @@ def chat(model, messages, enable_thinking=None, tools=None, eos_token_id=None, *
 
     enable_thinking: Qwen3 only; False asks for the answer without thinking (None: the template's
     default, which thinks). Generation ends at the checkpoint's end tokens and at the tokenizer's
-    eos_token (<|im_end|> in Qwen chat models). Other keyword arguments are those of `generate`.
+    eos_token (<|im_end|> in Qwen chat models). Other keyword arguments are those of `generate`;
+    past=stats.past from the previous turn reuses the KV cache of the conversation so far.
     Returns (as StopIteration.value) a GenerationStats.
     """
     variables = {} if enable_thinking is None else {"enable_thinking": enable_thinking}

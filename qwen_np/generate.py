@@ -21,7 +21,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .config import QwenNPError
-from .model import empty_cache, forward
+from .model import KVCache, copy_cache, empty_cache, forward
 from .ops import softmax
 
 NEG_INF = np.float32(-np.inf)
@@ -170,13 +170,43 @@ def partial_stop(text, stop):  # -> length of the longest end of `text` that beg
 # The prefill/decode loop
 
 
+class Past(NamedTuple):
+    """A finished one-prompt generation, kept for the next one (the next turn of a chat): the token
+    ids its KV cache holds (the prompt and the answer, but for the last token chosen) and the cache.
+    Passed as `past=`, the prompt tokens it already holds are not computed again. It is only read:
+    the same Past can start several generations."""
+    ids: tuple
+    cache: KVCache
+
+
 class GenerationStats(NamedTuple):
     """What a finished generation returns (as the generator's StopIteration value)."""
-    prefill_tokens: int  # real prompt tokens, all prompts together
+    prefill_tokens: int  # prompt tokens run through the prefill, all prompts together
     prefill_seconds: float
     decode_tokens: int  # tokens fed through the decode steps, all prompts together
     decode_seconds: float
     finish_reasons: tuple  # per prompt: "eos" (an end token), "stop" (a stop string) or "length"
+    reused_tokens: int = 0  # prompt tokens taken from `past` instead of the prefill
+    past: Past | None = None  # one prompt: what to pass as `past=` to the next generation
+
+
+def reusable_length(past, ids):  # Past, list[int] -> how many leading ids past's cache can supply
+    # The tokens both start with; never the prompt's last token, which must run through the model
+    # to give the logits of the first new token. A cache entry depends only on the tokens up to
+    # its position (causal attention), so the entries of a common start are the same.
+    n = 0
+    for cached, wanted in zip(past.ids, ids[:-1]):
+        if cached != wanted:
+            break
+        n += 1
+    return n
+
+
+def check_past(past, config):
+    keys = past.cache.keys if isinstance(past, Past) else ()
+    if len(keys) != config.num_hidden_layers or keys[0].shape[:2] + keys[0].shape[3:] != (
+            1, config.num_key_value_heads, config.head_dim):
+        raise QwenNPError("past= must be the `past` of an earlier one-prompt generation with this model")
 
 
 def prompt_ids(model, prompt):  # str or token ids -> list[int]
@@ -237,7 +267,7 @@ def keep_rows(cache, alive):  # KVCache, [b] bool -> KVCache of the alive rows o
 
 
 def generate_batch(model, prompts, max_new_tokens=None, temperature=None, top_k=None, top_p=None, min_p=None,
-                   repetition_penalty=None, seed=None, stop=None, eos_token_id=None):
+                   repetition_penalty=None, seed=None, stop=None, eos_token_id=None, past=None):
     """Generates from several prompts together; yields at each step one entry per prompt: its new
     token id, or None once it has finished. Returns (as StopIteration.value) a GenerationStats.
 
@@ -245,6 +275,8 @@ def generate_batch(model, prompts, max_new_tokens=None, temperature=None, top_k=
     A prompt finishes at an end token (not yielded), after max_new_tokens, or after the token that
     completes one of the `stop` strings (yielded; `generate_text` cuts the text at the stop string).
     Sampling defaults come from the checkpoint's generation_config.json, see `sampling_settings`.
+    past: the `past` of an earlier one-prompt generation (GenerationStats.past): the tokens this
+    prompt shares with its start are taken from its cache, only the rest is prefilled.
     """
     params, config = model.params, model.config
     if isinstance(prompts, str) or not len(prompts):
@@ -270,10 +302,19 @@ def generate_batch(model, prompts, max_new_tokens=None, temperature=None, top_k=
     rows = np.arange(B)  # the prompts still generating
 
     start = time.perf_counter()
-    # Prefill: all prompt tokens in one pass; the LM head only at the last position.
-    # The cache gets room for the whole answer now, so decoding never has to grow (copy) it.
-    cache = empty_cache(config, B, input_ids.shape[1] + budget)
-    logits, cache = forward(params, config, input_ids, cache, attention_mask=attention_mask, last_only=True)
+    # Prefill: all prompt tokens in one pass (but those `past` holds); the LM head only at the last
+    # position. The cache gets room for the whole answer now, so decoding never has to grow (copy) it.
+    capacity, reused = input_ids.shape[1] + budget, 0
+    if past is None:
+        cache = empty_cache(config, B, capacity)
+    else:
+        if B != 1:
+            raise QwenNPError(f"past= continues one prompt, not a batch of {B}")
+        check_past(past, config)
+        reused = reusable_length(past, prompts[0])
+        cache = copy_cache(past.cache, reused, capacity)  # a copy: `past` itself stays as it was
+    logits, cache = forward(params, config, input_ids[:, reused:], cache, attention_mask=attention_mask[:, reused:],
+                            last_only=True)
     next_ids = choose_tokens(logits[:, -1], seen, settings, rng)  # [B]
     prefill_seconds, decode_seconds, decode_tokens = time.perf_counter() - start, 0.0, 0
 
@@ -307,19 +348,23 @@ def generate_batch(model, prompts, max_new_tokens=None, temperature=None, top_k=
         decode_seconds += time.perf_counter() - start
         decode_tokens += len(rows)
 
-    return GenerationStats(int(attention_mask.sum()), prefill_seconds, decode_tokens, decode_seconds, tuple(reasons))
+    # One prompt: its cache holds the prompt and every generated token fed back (the last chosen is not).
+    after = Past(tuple((prompts[0] + generated[0])[:cache.length]), cache) if B == 1 else None
+    return GenerationStats(int(attention_mask.sum()) - reused, prefill_seconds, decode_tokens, decode_seconds,
+                           tuple(reasons), reused, after)
 
 
 def generate(model, prompt, max_new_tokens=None, temperature=None, top_k=None, top_p=None, min_p=None,
-             repetition_penalty=None, seed=None, stop=None, eos_token_id=None):
+             repetition_penalty=None, seed=None, stop=None, eos_token_id=None, past=None):
     """Yields the new token ids of one prompt (a string or a list of token ids), one at a time.
 
     temperature=0 is greedy decoding; seed makes a sampled run repeat exactly. Arguments left as
-    None take the checkpoint's generation_config.json values (see `generate_batch`).
+    None take the checkpoint's generation_config.json values (see `generate_batch`). past: the
+    `past` of the returned stats of an earlier call, whose cached tokens this prompt need not recompute.
     Returns (as StopIteration.value) a GenerationStats.
     """
     steps = generate_batch(model, [prompt], max_new_tokens, temperature, top_k, top_p, min_p,
-                           repetition_penalty, seed, stop, eos_token_id)
+                           repetition_penalty, seed, stop, eos_token_id, past)
     while True:
         try:
             (token,) = next(steps)

@@ -42,22 +42,25 @@ def empty_cache(config, batch_size, capacity):
                    np.zeros((B, C), bool), 0)
 
 
+def copy_cache(cache, length, capacity):
+    """A new cache holding the first `length` positions of `cache`, with room for `capacity`."""
+    def copied(a):  # [B, K, C, Dh] or [B, C] -> the same with capacity `capacity`
+        axis = 2 if a.ndim == 4 else 1
+        shape = a.shape[:axis] + (capacity,) + a.shape[axis + 1:]
+        new = np.zeros_like(a, shape=shape)  # in a's memory layout (keys stay position-minor)
+        kept = (slice(None),) * axis + (slice(0, length),)
+        new[kept] = a[kept]
+        return new
+
+    return KVCache(tuple(map(copied, cache.keys)), tuple(map(copied, cache.values)), copied(cache.valid), length)
+
+
 def grow_cache(cache, needed):
     """The same cache with room for at least `needed` positions (capacity doubles when full)."""
     capacity = cache.valid.shape[1]
     if needed <= capacity:
         return cache
-    new_capacity = max(needed, 2 * capacity)
-
-    def grown(a):  # [B, K, C, Dh] or [B, C] -> the same with capacity new_capacity
-        axis = 2 if a.ndim == 4 else 1
-        shape = a.shape[:axis] + (new_capacity,) + a.shape[axis + 1:]
-        bigger = np.zeros_like(a, shape=shape)  # in a's memory layout (keys stay position-minor)
-        bigger[(slice(None),) * axis + (slice(0, capacity),)] = a
-        return bigger
-
-    return KVCache(tuple(map(grown, cache.keys)), tuple(map(grown, cache.values)),
-                   grown(cache.valid), cache.length)
+    return copy_cache(cache, cache.length, max(needed, 2 * capacity))
 
 
 def rope_frequencies(config, seq_len):  # -> [Dh/2], attention_factor

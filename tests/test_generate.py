@@ -297,6 +297,50 @@ def test_prompt_plus_max_new_tokens_must_fit_in_the_context(tiny_models):
     assert new_token_budget(dynamic, {}, 100, 200) == 200  # dynamic NTK RoPE extends past the limit
 
 
+
+def tokens_and_stats(generator):  # -> (every token it yields, its GenerationStats)
+    tokens = []
+    while True:
+        try:
+            tokens.append(next(generator))
+        except StopIteration as done:
+            return tokens, done.value
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "qwen3_moe"])
+def test_a_past_prefills_only_what_the_prompt_adds_and_stays_reusable(tiny_models, family):
+    model, _ = tiny_models[family]
+
+    def greedy(prompt, past=None):
+        return tokens_and_stats(qwen_np.generate(model, prompt, max_new_tokens=10, temperature=0, past=past))
+
+    answer, stats = greedy(PROMPTS[0])
+    held = PROMPTS[0] + answer[:-1]  # the last token chosen never ran through the model
+    assert stats.past.ids == tuple(held) and stats.past.cache.length == len(held)
+    assert (stats.prefill_tokens, stats.reused_tokens) == (len(PROMPTS[0]), 0)
+
+    follow_up = PROMPTS[0] + answer + [5, 6, 7]  # the next turn: the conversation so far, then more
+    branch = PROMPTS[0][:4] + [1, 2, 3]  # shares only its first 4 tokens with the past
+    for prompt, shared in [(follow_up, len(held)), (branch, 4), (held, len(held) - 1), (follow_up, len(held))]:
+        tokens, again = greedy(prompt, stats.past)
+        assert (again.reused_tokens, again.prefill_tokens) == (shared, len(prompt) - shared)
+        # The same tokens as without the past; the follow-up a second time after the branch,
+        # whose new tokens would have overwritten the past's cache had it been written in place.
+        assert tokens == greedy(prompt)[0]
+
+
+def test_a_past_must_come_from_one_prompt_of_the_same_model(tiny_models):
+    model, _ = tiny_models["qwen2"]
+    _, stats = tokens_and_stats(qwen_np.generate(model, PROMPTS[1], max_new_tokens=3))
+    other, _ = tiny_models["qwen3"]
+    for call in [lambda: qwen_np.generate(other, PROMPTS[1], past=stats.past),
+                 lambda: qwen_np.generate(model, PROMPTS[1], past=(stats.past.ids, "not a cache")),
+                 lambda: qwen_np.generate_batch(model, PROMPTS, past=stats.past)]:
+        with pytest.raises(qwen_np.QwenNPError, match="past="):
+            next(call())
+    _, batch = tokens_and_stats(qwen_np.generate_batch(model, PROMPTS, max_new_tokens=3))
+    assert batch.past is None  # a batch leaves none: its rows are left-padded and dropped as they end
+
 # --- text: stop strings and streaming --------------------------------------------------------
 
 ANSWER = "你好！🦙 巴黎是法国的首都。👋🏽 Done."  # " 巴" is two tokens; each emoji one
