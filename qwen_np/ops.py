@@ -23,16 +23,26 @@ def embedding(input_ids, weight):  # [B, T] int, [V, D] -> [B, T, D]
 
 
 def linear(x, weight, bias=None):  # [..., in], [out, in], [out] or None -> [..., out]
-    # Weights keep the checkpoint's [out, in] layout; `weight.T` is a view, BLAS reads it transposed.
     if weight.dtype == np.uint16:  # bf16 bits (load(..., low_memory=True)): widened a block of rows at a time
-        y = np.concatenate([x @ bf16_to_float32(weight[r:r + BF16_ROWS]).T
+        y = np.concatenate([times_transposed(x, bf16_to_float32(weight[r:r + BF16_ROWS]))
                             for r in range(0, weight.shape[0], BF16_ROWS)], axis=-1)
     else:
-        y = x @ weight.T
+        y = times_transposed(x, weight)
     return y if bias is None else y + bias
 
 
+def times_transposed(x, weight):  # [..., in], [out, in] -> [..., out]: x @ weight.T
+    # Weights keep the checkpoint's [out, in] layout; `weight.T` is a view, BLAS reads it transposed.
+    if x.ndim > 1 and 1 < x.shape[-2] <= FEW_ROWS:
+        # The same product written (weight @ x^T)^T: for a few rows OpenBLAS runs this form faster
+        # (1.2-1.6x for 16-128 rows on the project's machine; no gain from 256 rows on). The result
+        # is a transposed view, which NumPy reads like any other array.
+        return (weight @ x.swapaxes(-1, -2)).swapaxes(-1, -2)
+    return x @ weight.T
+
+
 BF16_ROWS = 4096  # rows of a bf16 weight widened at once: 16 MB of float32 for a hidden size of 1024
+FEW_ROWS = 128  # up to this many rows (a short prompt, a chat turn's new tokens), (W @ x^T)^T
 
 
 def bf16_to_float32(bits):  # [...] uint16 -> [...] float32, exact

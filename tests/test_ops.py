@@ -56,6 +56,16 @@ def test_masks():
                                   [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]])
 
 
+def test_linear_is_x_times_w_transposed_for_any_number_of_rows():
+    w, b = randn(48, 32), randn(48)
+    for shape in [(32,), (1, 32), (3, 1, 32), (2, 5, 32), (1, ops.FEW_ROWS, 32), (1, ops.FEW_ROWS + 1, 32), (300, 32)]:
+        x = randn(*shape)
+        # float64 products as the check: the float32 ones differ in rounding between BLAS calls
+        np.testing.assert_allclose(ops.linear(x, w, b), x.astype(np.float64) @ w.T.astype(np.float64) + b,
+                                   rtol=1e-5, atol=1e-5)
+        assert ops.linear(x, w).dtype == np.float32
+
+
 def test_sigmoid_does_not_overflow():
     np.testing.assert_allclose(ops.sigmoid(np.array([-1000.0, 0.0, 1000.0], np.float32)), [0, 0.5, 1])
 
