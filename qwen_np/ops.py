@@ -34,9 +34,9 @@ def linear(x, weight, bias=None):  # [..., in], [out, in], [out] or None -> [...
 def times_transposed(x, weight):  # [..., in], [out, in] -> [..., out]: x @ weight.T
     # Weights keep the checkpoint's [out, in] layout; `weight.T` is a view, BLAS reads it transposed.
     if x.ndim > 1 and 1 < x.shape[-2] <= FEW_ROWS:
-        # The same product written (weight @ x^T)^T: for a few rows OpenBLAS runs this form faster
-        # (1.2-1.6x for 16-128 rows on the project's machine; no gain from 256 rows on). The result
-        # is a transposed view, which NumPy reads like any other array.
+        # The same product written (weight @ x^T)^T: for a few rows OpenBLAS runs this form faster,
+        # with one thread or two (1.2-1.6x for 16-128 rows on the project's machine; no gain from
+        # 256 rows on). The result is a transposed view, which NumPy reads like any other array.
         return (weight @ x.swapaxes(-1, -2)).swapaxes(-1, -2)
     return x @ weight.T
 
