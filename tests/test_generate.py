@@ -297,7 +297,6 @@ def test_prompt_plus_max_new_tokens_must_fit_in_the_context(tiny_models):
     assert new_token_budget(dynamic, {}, 100, 200) == 200  # dynamic NTK RoPE extends past the limit
 
 
-
 def tokens_and_stats(generator):  # -> (every token it yields, its GenerationStats)
     tokens = []
     while True:
@@ -341,6 +340,7 @@ def test_a_past_must_come_from_one_prompt_of_the_same_model(tiny_models):
     _, batch = tokens_and_stats(qwen_np.generate_batch(model, PROMPTS, max_new_tokens=3))
     assert batch.past is None  # a batch leaves none: its rows are left-padded and dropped as they end
 
+
 # --- text: stop strings and streaming --------------------------------------------------------
 
 ANSWER = "你好！🦙 巴黎是法国的首都。👋🏽 Done."  # " 巴" is two tokens; each emoji one
@@ -373,10 +373,11 @@ def test_stop_strings_end_the_text_before_them(spelling):
     assert "".join(qwen_np.generate_text(model, "The answer is:", stop="not there")) == ANSWER
     tokens = list(qwen_np.generate(model, "The answer is:", stop=["首都"]))
     assert tokens == ids[:ids.index(106114) + 1]  # up to the token that completes the stop string
-    stats = _drain(qwen_np.generate(model, "The answer is:", stop=["首都"]))
+    stats = tokens_and_stats(qwen_np.generate(model, "The answer is:", stop=["首都"]))[1]
     assert stats.finish_reasons == ("stop",)
-    assert _drain(qwen_np.generate(model, "The answer is:")).finish_reasons == ("eos",)
-    assert _drain(qwen_np.generate(model, "The answer is:", max_new_tokens=3)).finish_reasons == ("length",)
+    assert tokens_and_stats(qwen_np.generate(model, "The answer is:"))[1].finish_reasons == ("eos",)
+    stats = tokens_and_stats(qwen_np.generate(model, "The answer is:", max_new_tokens=3))[1]
+    assert stats.finish_reasons == ("length",)
 
 
 def test_stop_string_helpers():
@@ -397,11 +398,3 @@ def test_chat_stops_at_im_end_and_splits_thinking(spelling):
     assert qwen_np.split_thinking("<think>\nhmm, Paris.\n</think>\n\nParis.") == ("hmm, Paris.", "Paris.")
     assert qwen_np.split_thinking("Paris.") == ("", "Paris.")
     assert qwen_np.split_thinking("<think>\nstill thinking") == ("still thinking", "")
-
-
-def _drain(generator):  # -> the generator's return value
-    while True:
-        try:
-            next(generator)
-        except StopIteration as done:
-            return done.value
