@@ -18,6 +18,7 @@ class QwenNPError(ValueError):
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "llama")
 REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+DEFAULT_KV_HEADS = {"qwen2": 32, "qwen3": 32, "qwen2_moe": 16, "qwen3_moe": 4}  # the reference's; llama: none
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,11 @@ def config_from_dict(raw, source="config"):
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise QwenNPError(f"{source}: unsupported model_type {model_type!r}; "
                           f"qwen_np supports {', '.join(SUPPORTED_MODEL_TYPES)}")
+    quantization = raw.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else quantization
+        raise QwenNPError(f"{source}: this checkpoint is quantized (quantization_config: quant_method {method!r}); "
+                          "qwen_np reads float32, float16 and bfloat16 checkpoints, and quantized GGUF files")
     missing = [k for k in REQUIRED_KEYS if k not in raw]
     if model_type.endswith("_moe"):
         missing += [k for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size") if k not in raw]
@@ -94,15 +100,18 @@ def config_from_dict(raw, source="config"):
     n_heads = raw["num_attention_heads"]
     # Qwen3 declares head_dim with default 128; the others derive it from the hidden size.
     head_dim = get("head_dim", 128 if model_type == "qwen3" else raw["hidden_size"] // n_heads)
-    default_kv_heads = 4 if model_type == "qwen3_moe" else n_heads
+    # num_key_value_heads: the family's default when absent, one per query head when null.
+    kv_heads = raw.get("num_key_value_heads", DEFAULT_KV_HEADS.get(model_type)) or n_heads
     use_sliding = bool(raw.get("use_sliding_window", False))
-    sliding_window = get("sliding_window", 4096) if use_sliding else None
+    sliding_window = raw.get("sliding_window", 4096) if use_sliding else None  # an explicit null: no window
     layer_types = tuple(raw["layer_types"]) if raw.get("layer_types") else default_layer_types(
         model_type, n_layers, sliding_window, get("max_window_layers", 28))
     if len(layer_types) != n_layers:
         raise QwenNPError(f"{source}: layer_types has {len(layer_types)} entries for {n_layers} layers")
-    if model_type in ("qwen2", "qwen2_moe"):
-        attention_bias = bool(get("qkv_bias", True))  # Qwen2 always has q/k/v biases; Qwen2-MoE by qkv_bias
+    if model_type == "qwen2":
+        attention_bias = True  # Qwen2 always has q/k/v biases, whatever the config says
+    elif model_type == "qwen2_moe":
+        attention_bias = bool(get("qkv_bias", True))
     else:
         attention_bias = bool(get("attention_bias", False))
 
@@ -118,7 +127,7 @@ def config_from_dict(raw, source="config"):
         intermediate_size=raw["intermediate_size"],
         num_hidden_layers=n_layers,
         num_attention_heads=n_heads,
-        num_key_value_heads=get("num_key_value_heads", default_kv_heads),
+        num_key_value_heads=kv_heads,
         head_dim=head_dim,
         max_position_embeddings=get("max_position_embeddings", 32768),
         rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
@@ -130,7 +139,7 @@ def config_from_dict(raw, source="config"):
         num_experts=num_experts,
         num_experts_per_tok=top_k,
         moe_intermediate_size=get("moe_intermediate_size", 0),
-        shared_expert_intermediate_size=get("shared_expert_intermediate_size", 0)
+        shared_expert_intermediate_size=get("shared_expert_intermediate_size", 5632)
         if model_type == "qwen2_moe" else 0,
         norm_topk_prob=bool(get("norm_topk_prob", False)),
         decoder_sparse_step=get("decoder_sparse_step", 1),

@@ -180,13 +180,13 @@ def load_params(directory, config, mmap=False, low_memory=False):
     directory = Path(directory)
     files = checkpoint_files(directory)
     shapes = expected_shapes(config)
-    if "lm_head.weight" in shapes and "lm_head.weight" not in files:
-        del shapes["lm_head.weight"]  # absent lm_head: tied to the embeddings, as the reference does
     headers = {f: read_safetensors_header(f) for f in sorted(set(files.values()))}
     # Check every name and shape from the headers first, so a bad checkpoint fails before any reading.
     for name, shape in shapes.items():
         if name not in files or name not in headers[files[name]]:
-            raise QwenNPError(f"missing tensor {name!r} in {files.get(name, directory)} (the config calls for it)")
+            untied = " with tie_word_embeddings false" if name == "lm_head.weight" else ""
+            raise QwenNPError(f"missing tensor {name!r} in {files.get(name, directory)} (the config{untied} "
+                              "calls for it)")
         found = headers[files[name]][name][1]
         if found != shape:
             raise QwenNPError(f"{files[name]}: tensor {name!r} has shape {list(found)} but the config "

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import qwen_np
-from qwen_np.weights import read_safetensors_header
+from qwen_np.config import config_from_dict
+from qwen_np.weights import expected_shapes, read_safetensors_header
 from tiny import drop_tensor, edit_config, reference_logits, tiny_model
 
 rng = np.random.default_rng(0)
@@ -192,6 +193,53 @@ def test_old_config_format_reads_the_same(tmp_path):
     np.testing.assert_allclose(qwen_np.forward(model.params, model.config, x)[0], reference_logits(ref, x), **TOL)
 
 
+SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4)
+DEFAULTS_CASES = {  # name -> (transformers config class, config.json with a key absent, null or unusual)
+    "qwen2, no num_key_value_heads": ("Qwen2Config", dict(model_type="qwen2")),  # the class default: 32
+    "qwen3, null num_key_value_heads": ("Qwen3Config", dict(model_type="qwen3", num_key_value_heads=None)),
+    "qwen2_moe, no num_key_value_heads": ("Qwen2MoeConfig", dict(model_type="qwen2_moe", num_experts=4,
+                                                                  num_experts_per_tok=2, moe_intermediate_size=32)),
+    "qwen3_moe, no num_key_value_heads": ("Qwen3MoeConfig", dict(model_type="qwen3_moe", num_experts=4,
+                                                                  num_experts_per_tok=2, moe_intermediate_size=32)),
+    "llama, no num_key_value_heads": ("LlamaConfig", dict(model_type="llama")),
+    "qwen3, sliding on, window null": ("Qwen3Config", dict(model_type="qwen3", num_key_value_heads=2,
+                                                           use_sliding_window=True, sliding_window=None,
+                                                           max_window_layers=2)),
+    "qwen2, sliding on, no window": ("Qwen2Config", dict(model_type="qwen2", num_key_value_heads=2,
+                                                         use_sliding_window=True, max_window_layers=2)),
+    "qwen3_moe, sliding on, window null": ("Qwen3MoeConfig", dict(model_type="qwen3_moe", num_experts=4,
+                                                                   num_experts_per_tok=2, moe_intermediate_size=32,
+                                                                   use_sliding_window=True, sliding_window=None)),
+}
+
+
+@pytest.mark.parametrize("case", DEFAULTS_CASES)
+def test_keys_left_out_or_null_take_the_reference_values(reference, case):
+    """Hand-written config.json files leave keys out that save_pretrained always writes."""
+    _, transformers = reference
+    class_name, raw = DEFAULTS_CASES[case]
+    raw = {**SIZES, **raw}
+    ours = config_from_dict(raw)
+    theirs = getattr(transformers, class_name)(**{k: v for k, v in raw.items() if k != "model_type"})
+    assert ours.num_key_value_heads == theirs.num_key_value_heads
+    assert ours.sliding_window == (getattr(theirs, "sliding_window", None) or None)  # Qwen2-MoE says 0 for none
+    # Qwen3-MoE has no layer_types: every layer is windowed when sliding_window is set.
+    expected = getattr(theirs, "layer_types", None) or [
+        "full_attention" if getattr(theirs, "sliding_window", None) is None else "sliding_attention"] * 4
+    assert ours.layer_types == tuple(expected)
+
+
+def test_qwen2_moe_shared_expert_size_defaults_as_the_reference():
+    raw = dict(SIZES, model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    assert config_from_dict(raw).shared_expert_intermediate_size == 5632  # Qwen2MoeConfig's default
+    assert expected_shapes(config_from_dict(raw))["model.layers.0.mlp.shared_expert.up_proj.weight"] == (5632, 64)
+
+
+def test_qwen2_always_has_q_k_v_biases():
+    config = config_from_dict(dict(SIZES, model_type="qwen2", qkv_bias=False, attention_bias=False))
+    assert "model.layers.0.self_attn.q_proj.bias" in expected_shapes(config)  # Qwen2Attention: bias=True
+
+
 def test_forward_with_cache_continues_where_prefill_stopped(tmp_path):
     model = qwen_np.load(tiny_model("qwen2", tmp_path) and tmp_path)
     x = ids(2, 10)
@@ -254,6 +302,19 @@ def test_shape_mismatch_names_file_and_tensor(checkpoint):
 def test_missing_tensor_is_named(checkpoint):
     drop_tensor(checkpoint, "model.layers.1.self_attn.k_proj.weight")
     with pytest.raises(qwen_np.QwenNPError, match=r"missing tensor 'model\.layers\.1\.self_attn\.k_proj\.weight'"):
+        qwen_np.load(checkpoint)
+
+
+def test_quantized_checkpoint_is_refused_by_name(checkpoint):
+    edit_config(checkpoint, quantization_config={"quant_method": "gptq", "bits": 4})
+    with pytest.raises(qwen_np.QwenNPError, match="quantized .*quant_method 'gptq'"):
+        qwen_np.load(checkpoint)
+
+
+def test_untied_checkpoint_without_lm_head_is_refused(checkpoint):
+    # transformers would start the head from random numbers; the embeddings are not a stand-in.
+    drop_tensor(checkpoint, "lm_head.weight")
+    with pytest.raises(qwen_np.QwenNPError, match="missing tensor 'lm_head.weight'.*tie_word_embeddings false"):
         qwen_np.load(checkpoint)
 
 
