@@ -232,22 +232,40 @@ def end_token_ids(model, eos_token_id=None):  # -> set of ints
     return {int(e) for e in ([ends] if isinstance(ends, (int, np.integer)) else ends)}
 
 
+def context_length(config):  # -> int, or None when RoPE sets no limit
+    """How many positions the model can attend over: max_position_embeddings, or more where the
+    RoPE scaling says so."""
+    rope = config.rope_parameters
+    if rope["rope_type"] == "dynamic":  # dynamic NTK RoPE stretches itself to any length
+        return None
+    if rope["rope_type"] in ("yarn", "llama3") and rope.get("factor"):
+        # YaRN (and Llama 3's scaling) stretch the original context `factor` times; Qwen's model
+        # cards add YaRN to config.json and leave max_position_embeddings at the original 32768.
+        return max(config.max_position_embeddings, int(rope["factor"] * rope["original_max_position_embeddings"]))
+    return config.max_position_embeddings
+
+
+def context_source(config):  # -> where context_length comes from, for messages
+    if context_length(config) == config.max_position_embeddings:
+        return f"max_position_embeddings={config.max_position_embeddings}"
+    return "the RoPE scaling's factor times original_max_position_embeddings"
+
+
 def new_token_budget(config, generation_config, prompt_length, max_new_tokens):  # -> int
     """max_new_tokens, checked against the context length; by default as many as fit, up to
     generation_config.json's max_new_tokens (or 512)."""
-    room = config.max_position_embeddings - prompt_length
-    # Dynamic NTK RoPE stretches itself past max_position_embeddings, so the limit does not apply.
-    unlimited = config.rope_parameters["rope_type"] == "dynamic"
+    context = context_length(config)
+    room = None if context is None else context - prompt_length
     if max_new_tokens is None:
         wanted = generation_config.get("max_new_tokens") or 512
-        max_new_tokens = wanted if unlimited else min(wanted, room)
+        max_new_tokens = wanted if room is None else min(wanted, room)
     if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
         raise QwenNPError(f"max_new_tokens must be a positive integer, got {max_new_tokens}"
-                          + ("" if room > 0 else f" (the prompt's {prompt_length} tokens already fill the "
-                             f"context of {config.max_position_embeddings})"))
-    if not unlimited and prompt_length + max_new_tokens > config.max_position_embeddings:
+                          + ("" if room is None or room > 0 else
+                             f" (the prompt's {prompt_length} tokens already fill the context of {context})"))
+    if room is not None and max_new_tokens > room:
         raise QwenNPError(f"the prompt ({prompt_length} tokens) plus max_new_tokens ({max_new_tokens}) does not "
-                          f"fit in the model's context of max_position_embeddings={config.max_position_embeddings}; "
+                          f"fit in the model's context of {context} positions ({context_source(config)}); "
                           f"shorten the prompt or lower max_new_tokens to {max(room, 0)}")
     return int(max_new_tokens)
 

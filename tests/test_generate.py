@@ -297,6 +297,20 @@ def test_prompt_plus_max_new_tokens_must_fit_in_the_context(tiny_models):
     assert new_token_budget(dynamic, {}, 100, 200) == 200  # dynamic NTK RoPE extends past the limit
 
 
+def test_yarn_generates_past_max_position_embeddings_as_transformers_does(reference, tmp_path):
+    # As Qwen's model cards set it up: YaRN added, max_position_embeddings left at the original.
+    torch, _ = reference
+    yarn = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 16}
+    ref = tiny_model("qwen2", tmp_path, max_position_embeddings=16, rope_parameters=yarn)
+    model = qwen_np.load(tmp_path)
+    prompt = list(range(10, 22))
+    expected = ref.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=40)[0, len(prompt):].tolist()
+    assert list(qwen_np.generate(model, prompt, max_new_tokens=40, temperature=0)) == expected  # to position 52
+    assert new_token_budget(model.config, {}, 12, None) == 52  # the default: what fits in 4 x 16
+    with pytest.raises(qwen_np.QwenNPError, match="context of 64 positions .*factor times original"):
+        new_token_budget(model.config, {}, 12, 53)
+
+
 def tokens_and_stats(generator):  # -> (every token it yields, its GenerationStats)
     tokens = []
     while True:
