@@ -104,8 +104,11 @@ def checkpoint_files(directory):
         return {name: directory / f for name, f in weight_map.items()}
     files = sorted(directory.glob("*.safetensors"))
     if not files:
+        pickled = sorted(f.name for pattern in ("pytorch_model*.bin", "*.pt", "*.pth") for f in directory.glob(pattern))
+        found = f"; found only PyTorch pickle weights ({', '.join(pickled)}), which qwen_np does not read" \
+            if pickled else ""
         raise QwenNPError(f"no weights in {directory}: expected model.safetensors or "
-                          f"model.safetensors.index.json")
+                          f"model.safetensors.index.json{found}")
     return {name: f for f in files for name in read_safetensors_header(f)}
 
 

@@ -332,6 +332,9 @@ def test_no_weights(checkpoint):
     (checkpoint / "model.safetensors").unlink()
     with pytest.raises(qwen_np.QwenNPError, match="no weights in"):
         qwen_np.load(checkpoint)
+    (checkpoint / "pytorch_model.bin").write_bytes(b"")  # an old checkpoint: pickled torch tensors
+    with pytest.raises(qwen_np.QwenNPError, match=r"found only PyTorch pickle weights \(pytorch_model\.bin\)"):
+        qwen_np.load(checkpoint)
 
 
 def test_token_ids_outside_the_vocabulary(checkpoint):
