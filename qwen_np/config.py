@@ -7,6 +7,7 @@
 """
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,45 @@ SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "llama")
 REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 DEFAULT_KV_HEADS = {"qwen2": 32, "qwen3": 32, "qwen2_moe": 16, "qwen3_moe": 4}  # the reference's; llama: none
+MOE_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+            "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers")
+
+
+def is_int(value, least=0):  # an int (JSON true/false are not) of at least `least`
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def is_number(value):  # an int or a float, finite
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+VALUE_KINDS = {  # what a key must hold where config.json has it (null takes the default) -> (test, keys)
+    "a positive integer": (lambda v: is_int(v, 1), (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window", "num_experts",
+        "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step", "original_max_position_embeddings")),
+    "an integer >= 0": (is_int, ("max_window_layers", "shared_expert_intermediate_size")),
+    "a number > 0": (lambda v: is_number(v) and v > 0, (
+        "rope_theta", "factor", "low_freq_factor", "high_freq_factor", "attention_factor")),
+    "a number >= 0": (lambda v: is_number(v) and v >= 0, ("rms_norm_eps", "beta_fast", "beta_slow", "mscale",
+                                                          "mscale_all_dim")),
+    "true or false": (lambda v: isinstance(v, bool), (
+        "tie_word_embeddings", "use_sliding_window", "attention_bias", "qkv_bias", "mlp_bias", "norm_topk_prob",
+        "truncate")),
+    "a token id or a list of token ids": (lambda v: is_int(v) or isinstance(v, list) and all(map(is_int, v)), (
+        "bos_token_id", "eos_token_id", "pad_token_id")),
+    "a list of layer indices": (lambda v: isinstance(v, list) and all(map(is_int, v)), ("mlp_only_layers",)),
+    "a list of 'full_attention' and 'sliding_attention'": (
+        lambda v: isinstance(v, list) and set(v) <= {"full_attention", "sliding_attention"}, ("layer_types",)),
+}
+
+
+def check_values(raw, source):
+    """Every key that qwen_np reads holds a value of the kind the reference expects."""
+    for kind, (test, keys) in VALUE_KINDS.items():
+        for key in keys:
+            if raw.get(key) is not None and not test(raw[key]):
+                raise QwenNPError(f"{source}: {key} must be {kind}, got {raw[key]!r}")
 
 
 @dataclass(frozen=True)
@@ -36,6 +76,7 @@ class Config:
     tie_word_embeddings: bool = False
     rope_parameters: dict = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0})
     attention_bias: bool = False  # q/k/v biases (Qwen2 and Qwen2-MoE have them; o_proj too in Qwen3)
+    mlp_bias: bool = False  # biases in the MLP's projections (only Llama checkpoints may have them)
     sliding_window: int | None = None  # None unless use_sliding_window is on
     layer_types: tuple = ()  # "full_attention" or "sliding_attention" for each layer
     # Mixture of experts (num_experts == 0 for dense models)
@@ -91,6 +132,10 @@ def config_from_dict(raw, source="config"):
         missing += [k for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size") if k not in raw]
     if missing:
         raise QwenNPError(f"{source}: missing required key(s) {', '.join(missing)}")
+    # Keys the reference ignores are not checked: the MoE ones in a dense model, the window when it is off.
+    ignored = (() if model_type.endswith("_moe") else MOE_KEYS) + (() if raw.get("use_sliding_window") else (
+        "sliding_window", "max_window_layers"))
+    check_values({k: v for k, v in raw.items() if k not in ignored}, source)
 
     def get(key, default):  # a key that is present but null takes the default, as in the reference
         value = raw.get(key)
@@ -106,6 +151,12 @@ def config_from_dict(raw, source="config"):
     sliding_window = raw.get("sliding_window", 4096) if use_sliding else None  # an explicit null: no window
     layer_types = tuple(raw["layer_types"]) if raw.get("layer_types") else default_layer_types(
         model_type, n_layers, sliding_window, get("max_window_layers", 28))
+    if n_heads % kv_heads:
+        absent = "" if "num_key_value_heads" in raw else f" (absent: the reference's default for {model_type})"
+        raise QwenNPError(f"{source}: num_attention_heads={n_heads} is not a multiple of "
+                          f"num_key_value_heads={kv_heads}{absent}")
+    if head_dim % 2:
+        raise QwenNPError(f"{source}: head_dim={head_dim} must be even (RoPE rotates pairs of dimensions)")
     if len(layer_types) != n_layers:
         raise QwenNPError(f"{source}: layer_types has {len(layer_types)} entries for {n_layers} layers")
     if model_type == "qwen2":
@@ -134,6 +185,7 @@ def config_from_dict(raw, source="config"):
         tie_word_embeddings=bool(get("tie_word_embeddings", False)),
         rope_parameters=read_rope_parameters(raw, source),
         attention_bias=attention_bias,
+        mlp_bias=bool(get("mlp_bias", False)) if model_type == "llama" else False,
         sliding_window=sliding_window,
         layer_types=layer_types,
         num_experts=num_experts,
@@ -166,7 +218,10 @@ def default_layer_types(model_type, n_layers, sliding_window, max_window_layers)
 
 def read_rope_parameters(raw, source):
     """One rope dict from either format: `rope_scaling` + top-level `rope_theta`, or `rope_parameters`."""
-    rope = dict(raw.get("rope_scaling") or raw.get("rope_parameters") or {})  # the reference's priority
+    rope = raw.get("rope_scaling") or raw.get("rope_parameters") or {}  # the reference's priority
+    if not isinstance(rope, dict):
+        raise QwenNPError(f"{source}: rope_scaling / rope_parameters must be an object, got {rope!r}")
+    rope = dict(rope)
     rope.setdefault("rope_type", rope.get("type", "default"))
     rope.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
     rope.pop("type", None)
@@ -177,6 +232,9 @@ def read_rope_parameters(raw, source):
         # A top-level original_max_position_embeddings wins, as in the reference.
         original = raw.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
         rope["original_max_position_embeddings"] = original or raw.get("max_position_embeddings", 32768)
-    if rope["rope_type"] != "default" and rope.get("factor") is None and rope["rope_type"] != "yarn":
-        raise QwenNPError(f"{source}: rope type {rope['rope_type']!r} needs a 'factor'")
+    needs = {"linear": ("factor",), "dynamic": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}
+    for key in needs.get(rope["rope_type"], ()):
+        if rope.get(key) is None:
+            raise QwenNPError(f"{source}: rope type {rope['rope_type']!r} needs a {key!r}")
+    check_values(rope, f"{source}: rope parameters")
     return rope

@@ -124,6 +124,9 @@ def expected_shapes(config):
     def mlp(prefix, F):
         shapes.update({f"{prefix}.gate_proj.weight": (F, D), f"{prefix}.up_proj.weight": (F, D),
                        f"{prefix}.down_proj.weight": (D, F)})
+        if config.mlp_bias:
+            shapes.update({f"{prefix}.gate_proj.bias": (F,), f"{prefix}.up_proj.bias": (F,),
+                           f"{prefix}.down_proj.bias": (D,)})
 
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}"

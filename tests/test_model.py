@@ -2,6 +2,7 @@
 and the loader's errors on bad input."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -42,6 +43,12 @@ def test_qwen2_tied_embeddings_share_one_array(tmp_path):
     assert "lm_head.weight" not in read_safetensors_header(tmp_path / "model.safetensors")
     params = qwen_np.load(tmp_path).params
     assert params["lm_head"]["weight"] is params["model"]["embed_tokens"]["weight"]
+
+
+def test_llama_with_attention_and_mlp_biases(tmp_path):
+    compare("llama", tmp_path, attention_bias=True, mlp_bias=True)  # tiny_model makes the biases nonzero
+    layer = qwen_np.load(tmp_path).params["model"]["layers"][0]
+    assert "bias" in layer["self_attn"]["o_proj"] and "bias" in layer["mlp"]["down_proj"]
 
 
 def test_qwen3_q_k_norm_and_explicit_head_dim(tmp_path):
@@ -195,10 +202,11 @@ def test_old_config_format_reads_the_same(tmp_path):
 
 SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4)
 DEFAULTS_CASES = {  # name -> (transformers config class, config.json with a key absent, null or unusual)
-    "qwen2, no num_key_value_heads": ("Qwen2Config", dict(model_type="qwen2")),  # the class default: 32
+    "qwen2, no num_key_value_heads": ("Qwen2Config", dict(model_type="qwen2", num_attention_heads=32)),  # 32
     "qwen3, null num_key_value_heads": ("Qwen3Config", dict(model_type="qwen3", num_key_value_heads=None)),
-    "qwen2_moe, no num_key_value_heads": ("Qwen2MoeConfig", dict(model_type="qwen2_moe", num_experts=4,
-                                                                  num_experts_per_tok=2, moe_intermediate_size=32)),
+    "qwen2_moe, no num_key_value_heads": ("Qwen2MoeConfig", dict(model_type="qwen2_moe", num_attention_heads=16,
+                                                                  num_experts=4, num_experts_per_tok=2,
+                                                                  moe_intermediate_size=32)),  # 16
     "qwen3_moe, no num_key_value_heads": ("Qwen3MoeConfig", dict(model_type="qwen3_moe", num_experts=4,
                                                                   num_experts_per_tok=2, moe_intermediate_size=32)),
     "llama, no num_key_value_heads": ("LlamaConfig", dict(model_type="llama")),
@@ -230,13 +238,15 @@ def test_keys_left_out_or_null_take_the_reference_values(reference, case):
 
 
 def test_qwen2_moe_shared_expert_size_defaults_as_the_reference():
-    raw = dict(SIZES, model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    raw = dict(SIZES, model_type="qwen2_moe", num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+               moe_intermediate_size=32)
     assert config_from_dict(raw).shared_expert_intermediate_size == 5632  # Qwen2MoeConfig's default
     assert expected_shapes(config_from_dict(raw))["model.layers.0.mlp.shared_expert.up_proj.weight"] == (5632, 64)
 
 
 def test_qwen2_always_has_q_k_v_biases():
-    config = config_from_dict(dict(SIZES, model_type="qwen2", qkv_bias=False, attention_bias=False))
+    config = config_from_dict(dict(SIZES, model_type="qwen2", num_key_value_heads=2, qkv_bias=False,
+                                   attention_bias=False))
     assert "model.layers.0.self_attn.q_proj.bias" in expected_shapes(config)  # Qwen2Attention: bias=True
 
 
@@ -278,6 +288,37 @@ def test_missing_required_key(checkpoint):
     edit_config(checkpoint, hidden_size=None)
     with pytest.raises(qwen_np.QwenNPError, match="missing required key.*hidden_size"):
         qwen_np.load(checkpoint)
+
+
+BAD_VALUES = [  # (config.json changes, the error's words)
+    (dict(hidden_size="64"), "hidden_size must be a positive integer, got '64'"),
+    (dict(num_attention_heads=0), "num_attention_heads must be a positive integer, got 0"),
+    (dict(num_hidden_layers=3.0), "num_hidden_layers must be a positive integer, got 3.0"),
+    (dict(tie_word_embeddings="false"), "tie_word_embeddings must be true or false, got 'false'"),
+    (dict(rms_norm_eps=-1e-6), "rms_norm_eps must be a number >= 0"),
+    (dict(eos_token_id="151645"), "eos_token_id must be a token id or a list of token ids"),
+    (dict(layer_types=["full_attention", "bogus", "full_attention"]), "layer_types must be a list of"),
+    (dict(num_key_value_heads=3), "num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
+    (dict(head_dim=15), "head_dim=15 must be even"),
+    (dict(use_sliding_window=True, sliding_window=0), "sliding_window must be a positive integer"),
+    (dict(rope_parameters=[1e4]), "rope_scaling / rope_parameters must be an object"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": "1e4"}), "rope parameters: rope_theta must be a"),
+    (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 0}), "factor must be a number > 0"),
+    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "high_freq_factor": 4.0}),
+     "rope type 'llama3' needs a 'low_freq_factor'"),
+]
+
+
+@pytest.mark.parametrize("changes, message", BAD_VALUES)
+def test_config_values_of_the_wrong_kind_are_named(checkpoint, changes, message):
+    edit_config(checkpoint, **changes)
+    with pytest.raises(qwen_np.QwenNPError, match=re.escape(message)):
+        qwen_np.load(checkpoint)
+
+
+def test_keys_the_reference_ignores_are_not_checked(checkpoint):
+    edit_config(checkpoint, num_experts="none", norm_topk_prob="n/a", use_sliding_window=False, sliding_window=0)
+    assert qwen_np.load(checkpoint).config.sliding_window is None
 
 
 def test_malformed_config(checkpoint):

@@ -153,7 +153,8 @@ def test_rope_init_functions_match_reference(reference, case):
     hf = transformers.Qwen3Config(hidden_size=64, num_attention_heads=4, head_dim=32, max_position_embeddings=128,
                                   rope_parameters=dict(rope))
     raw = dict(model_type="qwen3", vocab_size=10, hidden_size=64, intermediate_size=8, num_hidden_layers=1,
-               num_attention_heads=4, head_dim=32, max_position_embeddings=128, rope_parameters=dict(rope))
+               num_attention_heads=4, num_key_value_heads=4, head_dim=32, max_position_embeddings=128,
+               rope_parameters=dict(rope))
     ours = rope_frequencies(config_from_dict(raw), call.get("seq_len", 1))
     if rope_type == "default":
         ref = type(transformers.Qwen3ForCausalLM(transformers.Qwen3Config(

@@ -29,6 +29,12 @@ def tiny_model(family, directory, dtype=None, max_shard_size=None, **overrides):
     config = getattr(transformers, config_name)(**{**BASE, **extra, **overrides})
     config._attn_implementation = "eager"
     model = getattr(transformers, model_name)(config).eval()
+    with torch.no_grad():  # transformers starts biases at 0 and norm weights at 1: make them count
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, 0.1)
+            elif "norm" in name:
+                param.normal_(1.0, 0.1)
     save = model if dtype is None else getattr(transformers, model_name)(config).to(dtype).eval()
     if dtype is not None:
         save.load_state_dict(model.state_dict())
