@@ -30,7 +30,14 @@ def raise_exception(message):
 
 def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
     # transformers' own tojson: unlike Jinja's, it does not escape HTML characters.
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys,
+                      default=plain_value)
+
+
+def plain_value(x):  # NumPy scalars and arrays in tool arguments become JSON numbers and lists
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    raise TypeError(f"{type(x).__name__} is not JSON serializable")
 
 
 def strftime_now(format):
@@ -71,12 +78,28 @@ def special_tokens(tokenizer_config):  # -> {"eos_token": "<|im_end|>", ...}, th
 def chat_template_source(tokenizer_config, tools=None):  # -> the template's text
     template = tokenizer_config.get("chat_template")
     if isinstance(template, list):  # older files: a list of named templates
+        if not all(isinstance(t, dict) and "name" in t and "template" in t for t in template):
+            raise QwenNPError("chat_template in tokenizer_config.json is a list, but not of {name, template} objects")
         named = {t["name"]: t["template"] for t in template}
         template = named.get("tool_use") if tools and "tool_use" in named else named.get("default")
     if not template:
         raise QwenNPError("this checkpoint has no chat template (no chat_template in tokenizer_config.json and "
                           "no chat_template.jinja); use generate with a plain prompt instead")
+    if not isinstance(template, str):
+        raise QwenNPError(f"the chat template must be a string, found {type(template).__name__}")
     return template
+
+
+def check_chat(messages, tools):
+    """messages: a list of dicts with a role; tools: None or a list of JSON schemas (dicts)."""
+    if not isinstance(messages, (list, tuple)):
+        raise QwenNPError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got {messages!r}")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise QwenNPError(f"message {i} must be a dict with a 'role' (and 'content'), got {message!r}")
+    if tools is not None and not (isinstance(tools, (list, tuple)) and all(isinstance(t, dict) for t in tools)):
+        raise QwenNPError("tools must be a list of JSON schemas (dicts); qwen_np does not build a schema from a "
+                          "Python function, as transformers does from its type hints and docstring")
 
 
 def normalise_message(message):  # -> a new dict, as transformers passes it to the template
@@ -96,13 +119,18 @@ def render_chat(tokenizer_config, messages, add_generation_prompt=False, tools=N
     add_generation_prompt: end with the header of an assistant turn, for the model to write it.
     kwargs: more template variables, e.g. enable_thinking=False for Qwen3.
     """
-    template = compile_template(chat_template_source(tokenizer_config, tools))
+    check_chat(messages, tools)
+    source = chat_template_source(tokenizer_config, tools)
     variables = {**special_tokens(tokenizer_config), **kwargs}  # the caller's values win
+    try:
+        template = compile_template(source)
+    except TemplateError as e:
+        raise QwenNPError(f"the chat template is not valid Jinja: {e}") from None
     try:
         return template.render(messages=[normalise_message(m) for m in messages], tools=tools, documents=documents,
                                add_generation_prompt=add_generation_prompt, **variables)
-    except TemplateError as e:
-        raise QwenNPError(f"the chat template failed: {e}") from None
+    except Exception as e:  # the template is the checkpoint's code: whatever it raises, it failed
+        raise QwenNPError(f"the chat template failed: {e if isinstance(e, TemplateError) else repr(e)}") from None
 
 
 def chat_ids(model, messages, add_generation_prompt=False, **kwargs):  # -> list[int]

@@ -3,7 +3,9 @@ our template rendering gives the ids of transformers' apply_chat_template, our l
 gives the reference token ids, and incremental decoding never splits a character."""
 
 import json
+import re
 
+import numpy as np
 import pytest
 from conftest import require_reference
 
@@ -107,6 +109,34 @@ def test_a_missing_or_failing_template_is_a_clear_error(tokenizers):
     assert render_chat({"chat_template": "{{ '%Y' | length }} {{ strftime_now('%Y') | length }} "
                                         "{{ {'a': '<é>'} | tojson }} {{ eos_token }}", "eos_token": "<|im_end|>"},
                        []) == '2 4 {"a": "<é>"} <|im_end|>'
+
+
+BAD_CHATS = [  # (tokenizer_config, messages, tools, the error's words)
+    ({"chat_template": "{% for %}"}, [], None, "the chat template is not valid Jinja"),
+    ({"chat_template": "{{ x | no_such_filter }}"}, [], None, "the chat template is not valid Jinja"),
+    ({"chat_template": 5}, [], None, "the chat template must be a string, found int"),
+    ({"chat_template": ["default"]}, [], None, "a list, but not of {name, template} objects"),
+    ({"chat_template": "{{ 1 / 0 }}"}, [], None, "the chat template failed: ZeroDivisionError"),
+    ({"chat_template": "{{ messages[0].tool_calls | tojson }}"}, [{"role": "user", "tool_calls": [print]}], None,
+     "the chat template failed: TypeError"),
+    ({"chat_template": "{{ messages }}"}, "Hello", None, "messages must be a list"),
+    ({"chat_template": "{{ messages }}"}, [{"content": "Hello"}], None, "message 0 must be a dict with a 'role'"),
+    ({"chat_template": "{{ messages }}"}, ["Hello"], None, "message 0 must be a dict with a 'role'"),
+    ({"chat_template": "{{ tools }}"}, [], [print], "tools must be a list of JSON schemas"),
+]
+
+
+@pytest.mark.parametrize("tokenizer_config, messages, tools, message", BAD_CHATS)
+def test_bad_templates_messages_and_tools_are_clear_errors(tokenizer_config, messages, tools, message):
+    with pytest.raises(qwen_np.QwenNPError, match=re.escape(message)):
+        render_chat(tokenizer_config, messages, tools=tools)
+
+
+def test_numpy_values_in_tool_arguments_render_as_json_numbers():
+    template = {"chat_template": "{{ messages[0].tool_calls | tojson }}"}
+    call = {"name": "add", "arguments": {"a": np.int64(2), "b": np.float32(0.5), "c": np.arange(2)}}
+    assert render_chat(template, [{"role": "assistant", "tool_calls": [call]}]) == (
+        '[{"name": "add", "arguments": {"a": 2, "b": 0.5, "c": [0, 1]}}]')
 
 
 # --- tokenizer loading against the reference ids ----------------------------------------------
