@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGUFReader  # the llama.cpp package (absolute import: not this module)
 
-from .config import QwenNPError, config_from_dict
+from .config import QwenNPError, config_from_dict, is_int
 from .weights import build_tree, expected_shapes
 
 # GGUF architecture name -> our model_type (config.json's name for the family)
@@ -213,7 +213,10 @@ def read_gguf(path):  # -> {metadata key: value}, {tensor name: ReaderTensor}
                           f"the GGUF reader failed with: {e}") from None
     if reader.byte_order != "I":
         raise QwenNPError(f"{path} is a big-endian GGUF file; qwen_np reads little-endian files only")
-    metadata = {key: field.contents() for key, field in reader.fields.items()}
+    try:
+        metadata = {key: field.contents() for key, field in reader.fields.items()}
+    except UnicodeDecodeError as e:
+        raise QwenNPError(f"{path}: a metadata string is not valid UTF-8 ({e})") from None
     return metadata, {tensor.name: tensor for tensor in reader.tensors}
 
 
@@ -236,9 +239,15 @@ def config_from_gguf(metadata, tensors, path):
             raise QwenNPError(f"{path}: the metadata has no {arch}.{name}")
         return default
 
+    def count(name):  # a size the code below computes with: checked here, the rest by config_from_dict
+        value = key(name)
+        if not is_int(value, 1):
+            raise QwenNPError(f"{path}: the metadata's {arch}.{name} must be a positive integer, got {value!r}")
+        return value
+
     if "token_embd.weight" not in tensors:
         raise QwenNPError(f"{path}: no token_embd.weight tensor (the token embeddings)")
-    hidden, heads = key("embedding_length"), key("attention.head_count")
+    hidden, heads = count("embedding_length"), count("attention.head_count")
     head_dim = key("attention.key_length", hidden // heads)
     if key("rope.dimension_count", head_dim) != head_dim:
         raise QwenNPError(f"{path}: RoPE on {key('rope.dimension_count')} of {head_dim} head dimensions "
@@ -249,7 +258,7 @@ def config_from_gguf(metadata, tensors, path):
         "vocab_size": numpy_shape(tensors["token_embd.weight"])[0],  # the embedding rows, as in config.json
         "hidden_size": hidden,
         "intermediate_size": key("feed_forward_length", 0),  # absent when every layer is sparse
-        "num_hidden_layers": key("block_count"),
+        "num_hidden_layers": count("block_count"),
         "num_attention_heads": heads,
         "num_key_value_heads": key("attention.head_count_kv", heads),
         "head_dim": head_dim,

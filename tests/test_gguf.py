@@ -185,6 +185,22 @@ def test_truncated_and_foreign_files(tmp_path):
         qwen_np.load(path)
 
 
+def test_bad_metadata_values_are_named(tmp_path):
+    config = small_config("qwen2")
+    tensors = {name: np.ones(shape, np.float32) for name, shape in expected_shapes(config_from_dict(config)).items()}
+    path = write_gguf(tmp_path / "heads.gguf", "qwen2", {**config, "num_attention_heads": 0, "head_dim": 8}, tensors)
+    with pytest.raises(qwen_np.QwenNPError, match="heads.gguf: the metadata's qwen2.attention.head_count must be a "
+                                                  "positive integer, got 0"):
+        qwen_np.load(path)
+    path = write_gguf(tmp_path / "name.gguf", "qwen2", config, tensors,
+                      extra_metadata=[("general.name", b"\xff\xfe", gguf.GGUFValueType.STRING)])
+    with pytest.raises(qwen_np.QwenNPError, match="name.gguf: a metadata string is not valid UTF-8"):
+        qwen_np.load(path)
+    path = write_gguf(tmp_path / "eps.gguf", "qwen2", {**config, "rms_norm_eps": -1.0}, tensors)
+    with pytest.raises(qwen_np.QwenNPError, match="eps.gguf: rms_norm_eps must be a number >= 0"):
+        qwen_np.load(path)
+
+
 def test_unexpected_and_missing_tensors(tmp_path):
     path = random_gguf(tmp_path / "freqs.gguf", "llama", small_config("llama"),
                        extra_tensors={"rope_freqs.weight": np.ones(4, np.float32)})
