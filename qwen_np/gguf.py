@@ -441,6 +441,7 @@ def load_tokenizer(metadata, path):
     if kind != "gpt2" or "tokenizer.ggml.merges" not in metadata:
         raise QwenNPError(f"{path}: unsupported tokenizer {kind!r}; qwen_np builds byte-level BPE "
                           f"tokenizers ('gpt2', with merges)")
+    check_vocabulary(metadata, path)
     tokens = metadata["tokenizer.ggml.tokens"]
     types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     # Every token is spelled in the byte-level alphabet; one that is not (a user-defined token
@@ -474,6 +475,25 @@ def load_tokenizer(metadata, path):
             single=[tokens[bos]] * add_bos + ["$A"] + [tokens[eos]] * add_eos,
             special_tokens=[(tokens[i], i) for i, on in ((bos, add_bos), (eos, add_eos)) if on])
     return tokenizer
+
+
+def check_vocabulary(metadata, path):
+    """The tokenizer metadata has the types llama.cpp writes, and its special token ids are in the vocabulary."""
+    def is_list(key, test):
+        return isinstance(metadata.get(key), list) and all(map(test, metadata[key]))
+
+    tokens = metadata["tokenizer.ggml.tokens"]
+    if not is_list("tokenizer.ggml.tokens", lambda t: isinstance(t, str)) or not is_list(
+            "tokenizer.ggml.merges", lambda m: isinstance(m, str)):
+        raise QwenNPError(f"{path}: tokenizer.ggml.tokens and tokenizer.ggml.merges must be arrays of strings")
+    if "tokenizer.ggml.token_type" in metadata and not (
+            is_list("tokenizer.ggml.token_type", is_int) and len(metadata["tokenizer.ggml.token_type"]) == len(tokens)):
+        raise QwenNPError(f"{path}: tokenizer.ggml.token_type must be an array of integers, one per token")
+    for key in ("bos", "eos", "padding", "eot"):
+        i = metadata.get(f"tokenizer.ggml.{key}_token_id")
+        if i is not None and not (is_int(i) and i < len(tokens)):
+            raise QwenNPError(f"{path}: tokenizer.ggml.{key}_token_id={i!r} is not a token id of the vocabulary "
+                              f"(0..{len(tokens) - 1})")
 
 
 def chat_settings(metadata):  # -> tokenizer_config, generation_config as a checkpoint directory has them

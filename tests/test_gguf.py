@@ -226,6 +226,17 @@ def test_unsupported_tokenizers(tmp_path, model, pre, merge, message):
         qwen_np.load(path)
 
 
+@pytest.mark.parametrize("changes, message", [
+    ({"types": [1] * 10}, "tokenizer.ggml.token_type must be an array of integers, one per token"),
+    ({"eos": 64}, r"tokenizer.ggml.eos_token_id=64 is not a token id of the vocabulary \(0..63\)")])
+def test_inconsistent_tokenizer_metadata(tmp_path, changes, message):
+    tokens = [chr(c) for c in range(ord("!"), ord("!") + 63)] + ['!"']
+    tokenizer = {"pre": "qwen2", "tokens": tokens, "types": [1] * 64, "merges": ['! "'], **changes}
+    path = random_gguf(tmp_path / "tok.gguf", "llama", small_config("llama"), tokenizer=tokenizer)
+    with pytest.raises(qwen_np.QwenNPError, match=message):
+        qwen_np.load(path)
+
+
 # ---------------------------------------------------------------------------------------------
 # The tokenizer from metadata: a Qwen2 GGUF carrying the real Qwen2.5 vocabulary
 
