@@ -16,7 +16,7 @@ from pathlib import Path
 from . import download  # download.default_model_path(): the out-of-the-box model
 from .config import Config, QwenNPError, read_config
 from .model import KVCache, forward
-from .weights import load_params, load_tokenizer, read_json
+from .weights import load_params, load_tokenizer, read_json, read_text
 from .generate import GenerationStats, Past, generate, generate_batch, generate_text
 from .chat import chat, chat_ids, render_chat, split_thinking
 
@@ -69,7 +69,7 @@ def load(path, mmap=False, low_memory=False):
     config = read_config(path)
     tokenizer_config = read_json(path / "tokenizer_config.json") or {}
     if (path / "chat_template.jinja").is_file():  # newer checkpoints keep the template beside
-        tokenizer_config = {**tokenizer_config, "chat_template": (path / "chat_template.jinja").read_text("utf-8")}
+        tokenizer_config = {**tokenizer_config, "chat_template": read_text(path / "chat_template.jinja")}
     return Model(config=config, params=load_params(path, config, mmap, low_memory), tokenizer=load_tokenizer(path),
                  generation_config=read_json(path / "generation_config.json") or {},
                  tokenizer_config=tokenizer_config, path=path)

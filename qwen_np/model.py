@@ -142,6 +142,20 @@ def attention_inputs(config, valid, num_new):  # [B, S] bool, T -> [B, T, Dh] x2
     return cos, sin, {"full_attention": full, "sliding_attention": sliding}
 
 
+def check_cache(cache, config, batch_size):
+    """The cache is a KVCache made for this config's layers and heads, holding batch_size sequences."""
+    if not isinstance(cache, KVCache):
+        raise QwenNPError(f"cache must be the KVCache that forward returned, got {type(cache).__name__}")
+    _, K, _, Dh = cache.keys[0].shape  # [B, K, C, Dh]
+    found = (len(cache.keys), K, Dh)
+    expected = (config.num_hidden_layers, config.num_key_value_heads, config.head_dim)
+    if found != expected:
+        raise QwenNPError(f"the cache was made for another model: {found[0]} layers of {found[1]} key/value heads "
+                          f"of {found[2]}, where this one has {expected[0]} of {expected[1]} of {expected[2]}")
+    if cache.valid.shape[0] != batch_size:
+        raise QwenNPError(f"the cache holds {cache.valid.shape[0]} sequences but input_ids has {batch_size}")
+
+
 def forward(params, config, input_ids, cache=None, attention_mask=None, last_only=False, return_router=False):
     """Logits for `input_ids` [B, T] after the positions already in `cache`.
 
@@ -161,9 +175,9 @@ def forward(params, config, input_ids, cache=None, attention_mask=None, last_onl
     new_valid = np.ones((B, T), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
     if new_valid.shape != (B, T):
         raise QwenNPError(f"attention_mask has shape {new_valid.shape}, expected {(B, T)}")
+    if cache is not None:
+        check_cache(cache, config, B)
     cache = empty_cache(config, B, T) if cache is None else grow_cache(cache, cache.length + T)
-    if cache.valid.shape[0] != B:
-        raise QwenNPError(f"the cache holds {cache.valid.shape[0]} sequences but input_ids has {B}")
     start, end = cache.length, cache.length + T
     cache.valid[:, start:end] = new_valid
     cos, sin, masks = attention_inputs(config, cache.valid[:, :end], T)

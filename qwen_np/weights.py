@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import QwenNPError
+from .config import QwenNPError, is_int
 
 DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # BF16: raw bits, widened below
 
@@ -36,16 +36,42 @@ def read_safetensors_header(path):
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise QwenNPError(f"{path} has a corrupt safetensors header") from None
+    if not isinstance(header, dict):
+        raise QwenNPError(f"{path} has a corrupt safetensors header: it must be a JSON object, "
+                          f"found {type(header).__name__}")
+    start = 8 + header_len  # where the data section begins; data_offsets count from there
     tensors = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
+        problem = header_entry_problem(info)
+        if problem:
+            raise QwenNPError(f"{path} has a corrupt safetensors header: tensor {name!r} {problem}")
         begin, end = info["data_offsets"]
-        if 8 + header_len + end > size:
+        if start + end > size:
             raise QwenNPError(f"{path} is truncated: tensor {name!r} needs bytes up to "
-                              f"{8 + header_len + end} but the file has {size}")
-        tensors[name] = (info["dtype"], tuple(info["shape"]), 8 + header_len + begin, end - begin)
+                              f"{start + end} but the file has {size}")
+        tensors[name] = (info["dtype"], tuple(info["shape"]), start + begin, end - begin)
     return tensors
+
+
+HEADER_ENTRY = {  # what each key of a tensor's safetensors header entry must hold -> (description, test)
+    "dtype": ("a string", lambda v: isinstance(v, str)),
+    "shape": ("a list of integers >= 0", lambda v: isinstance(v, list) and all(map(is_int, v))),
+    "data_offsets": ("[begin, end] with 0 <= begin <= end",
+                     lambda v: isinstance(v, list) and len(v) == 2 and all(map(is_int, v)) and v[0] <= v[1]),
+}
+
+
+def header_entry_problem(info):  # -> what is wrong with one tensor's header entry, or None
+    if not isinstance(info, dict):
+        return f"is described by {info!r}, not an object"
+    for key, (kind, test) in HEADER_ENTRY.items():
+        if key not in info:
+            return f"has no {key!r}"
+        if not test(info[key]):
+            return f"has {key} {info[key]!r}; it must be {kind}"
+    return None
 
 
 CHUNK = 1 << 22  # values converted at a time when widening or narrowing (8 MB of file)
@@ -94,10 +120,7 @@ def checkpoint_files(directory):
     """{tensor name: file} from model.safetensors.index.json, or from the *.safetensors files."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise QwenNPError(f"{index} is not a valid index (it needs a 'weight_map' object)") from None
+        weight_map = read_weight_map(index)
         missing = sorted({f for f in weight_map.values() if not (directory / f).is_file()})
         if missing:
             raise QwenNPError(f"{index} names shard(s) that do not exist: {', '.join(missing)}")
@@ -109,7 +132,28 @@ def checkpoint_files(directory):
             if pickled else ""
         raise QwenNPError(f"no weights in {directory}: expected model.safetensors or "
                           f"model.safetensors.index.json{found}")
-    return {name: f for f in files for name in read_safetensors_header(f)}
+    return tensor_files(files)
+
+
+def read_weight_map(index):  # -> {tensor name: shard file name} of a model.safetensors.index.json
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        weight_map = None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise QwenNPError(f"{index} is not a valid index (it needs a 'weight_map' object of tensor name -> file name)")
+    return weight_map
+
+
+def tensor_files(files):  # -> {tensor name: file} of .safetensors files that hold no tensor twice
+    found = {}
+    for f in files:
+        for name in read_safetensors_header(f):
+            if name in found:
+                raise QwenNPError(f"tensor {name!r} is in both {found[name]} and {f}; without "
+                                  "model.safetensors.index.json qwen_np cannot tell which one to use")
+            found[name] = f
+    return found
 
 
 def expected_shapes(config):
@@ -197,6 +241,7 @@ def load_params(directory, config, mmap=False, low_memory=False):
         if found != shape:
             raise QwenNPError(f"{files[name]}: tensor {name!r} has shape {list(found)} but the config "
                               f"implies {list(shape)}")
+    check_no_unexpected_layer_tensors(headers, shapes, config)
     # Tensors are read by one thread per core (at most 8): filling fresh memory is CPU work (the
     # kernel maps and zeroes each page), and file reads and NumPy's copies release the GIL.
     maps = {f: map_file(f) for f in headers} if mmap else {}
@@ -205,6 +250,18 @@ def load_params(directory, config, mmap=False, low_memory=False):
                                                    maps.get(files[name]), low_memory and len(shapes[name]) == 2),
                           shapes)
         return build_tree(dict(zip(shapes, arrays)))
+
+
+def check_no_unexpected_layer_tensors(headers, shapes, config):
+    """Refuses a decoder layer's tensor that the config does not call for: the config does not describe
+    these weights (a Qwen3 checkpoint labelled llama would lose its q_norm/k_norm). Other extras, such as
+    an lm_head beside tied embeddings, are left unread; so is rotary_emb.inv_freq, a buffer that some
+    older checkpoints saved."""
+    for f, header in headers.items():
+        for name in header:
+            if name.startswith("model.layers.") and name not in shapes and not name.endswith("rotary_emb.inv_freq"):
+                raise QwenNPError(f"{f}: tensor {name!r} is in the checkpoint but the config (model_type "
+                                  f"{config.model_type!r}, {config.num_hidden_layers} layers) does not call for it")
 
 
 def map_file(path):  # -> the whole file mapped read-only; it stays mapped while a view of it lives
@@ -227,9 +284,19 @@ def read_json(path):
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise QwenNPError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise QwenNPError(f"{path} must hold a JSON object, found {type(raw).__name__}")
+    return raw
+
+
+def read_text(path):  # -> the contents of a UTF-8 text file
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise QwenNPError(f"{path} is not UTF-8 text: {e}") from None
 
 
 def load_tokenizer(directory):

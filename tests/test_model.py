@@ -3,13 +3,15 @@ and the loader's errors on bad input."""
 
 import json
 import re
+import struct
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file, save_file
 
 import qwen_np
 from qwen_np.config import config_from_dict
-from qwen_np.weights import expected_shapes, read_safetensors_header
+from qwen_np.weights import expected_shapes, read_json, read_safetensors_header
 from tiny import drop_tensor, edit_config, reference_logits, tiny_model
 
 rng = np.random.default_rng(0)
@@ -376,6 +378,98 @@ def test_no_weights(checkpoint):
     (checkpoint / "pytorch_model.bin").write_bytes(b"")  # an old checkpoint: pickled torch tensors
     with pytest.raises(qwen_np.QwenNPError, match=r"found only PyTorch pickle weights \(pytorch_model\.bin\)"):
         qwen_np.load(checkpoint)
+
+
+GOOD_ENTRY = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
+BAD_HEADERS = [  # (a safetensors header, the error's words after "<file> has a corrupt safetensors header: ")
+    (["w"], "it must be a JSON object, found list"),
+    ("w", "it must be a JSON object, found str"),
+    (3, "it must be a JSON object, found int"),
+    ({"w": [1]}, "tensor 'w' is described by [1], not an object"),
+    *(({"w": {k: v for k, v in GOOD_ENTRY.items() if k != key}}, f"tensor 'w' has no {key!r}") for key in GOOD_ENTRY),
+    ({"w": {**GOOD_ENTRY, "dtype": ["F32"]}}, "tensor 'w' has dtype ['F32']; it must be a string"),
+    ({"w": {**GOOD_ENTRY, "shape": None}}, "tensor 'w' has shape None; it must be a list of integers >= 0"),
+    ({"w": {**GOOD_ENTRY, "shape": [2.0, 2]}}, "tensor 'w' has shape [2.0, 2]; it must be"),
+    ({"w": {**GOOD_ENTRY, "shape": [-2, -2]}}, "tensor 'w' has shape [-2, -2]; it must be"),
+    *(({"__metadata__": {"format": "pt"}, "w": {**GOOD_ENTRY, "data_offsets": offsets}},
+       f"tensor 'w' has data_offsets {offsets}; it must be [begin, end] with 0 <= begin <= end")
+      for offsets in ([0, 8, 16], ["0", "16"], [0.0, 16.0], [-8, 8], [16, 0])),
+]
+
+
+@pytest.mark.parametrize("header, message", BAD_HEADERS)
+def test_corrupt_safetensors_header_is_named(tmp_path, header, message):
+    path = tmp_path / "model.safetensors"
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(16))  # header length, header, 16 bytes of data
+    with pytest.raises(qwen_np.QwenNPError, match=re.escape(f"{path} has a corrupt safetensors header: {message}")):
+        read_safetensors_header(path)
+
+
+@pytest.mark.parametrize("weight_map", [["model.safetensors"], "model.safetensors", {"model.norm.weight": 1},
+                                        {"model.norm.weight": ["model.safetensors"]}])
+def test_index_whose_weight_map_is_not_names_to_files(checkpoint, weight_map):
+    index = checkpoint / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with pytest.raises(qwen_np.QwenNPError, match=re.escape(f"{index} is not a valid index")):
+        qwen_np.load(checkpoint)
+
+
+def test_tensor_in_two_files_without_an_index(checkpoint):
+    norm = load_file(checkpoint / "model.safetensors")["model.norm.weight"]
+    save_file({"model.norm.weight": norm + 1}, checkpoint / "model-extra.safetensors")
+    both = r"tensor 'model\.norm\.weight' is in both \S*/model-extra\.safetensors and \S*/model\.safetensors"
+    with pytest.raises(qwen_np.QwenNPError, match=both):
+        qwen_np.load(checkpoint)
+
+
+@pytest.mark.parametrize("family, changes, tensor", [
+    ("qwen3", dict(model_type="llama"), r"model\.layers\.0\.self_attn\.[qk]_norm\.weight"),  # q/k norms left out
+    ("qwen2", dict(num_hidden_layers=2, layer_types=None), r"model\.layers\.2\.\S+"),  # the last layer left out
+])
+def test_layer_tensors_the_config_does_not_call_for_are_refused(tmp_path, family, changes, tensor):
+    tiny_model(family, tmp_path)
+    edit_config(tmp_path, **changes)
+    with pytest.raises(qwen_np.QwenNPError, match=rf"model\.safetensors: tensor '{tensor}' is in the checkpoint but "
+                                                  r"the config .* does not call for it"):
+        qwen_np.load(tmp_path)
+
+
+def test_extra_tensors_outside_the_layers_and_inv_freq_still_load(tmp_path):
+    # A tied checkpoint that also stores lm_head, and the rotary buffer that some older checkpoints saved.
+    tiny_model("qwen2", tmp_path, tie_word_embeddings=True)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"] + 1
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(8, np.float32)
+    save_file(tensors, tmp_path / "model.safetensors")
+    params = qwen_np.load(tmp_path).params
+    assert params["lm_head"]["weight"] is params["model"]["embed_tokens"]["weight"]
+
+
+@pytest.mark.parametrize("name", ["tokenizer_config.json", "generation_config.json"])
+@pytest.mark.parametrize("text, kind", [("[1]", "list"), ('"x"', "str")])
+def test_side_files_must_hold_json_objects(checkpoint, name, text, kind):
+    assert read_json(checkpoint / "absent.json") is None  # a missing side file is no error: the loader takes {}
+    (checkpoint / name).write_text(text)
+    with pytest.raises(qwen_np.QwenNPError, match=re.escape(f"{name} must hold a JSON object, found {kind}")):
+        qwen_np.load(checkpoint)
+
+
+def test_chat_template_that_is_not_utf8(checkpoint):
+    (checkpoint / "chat_template.jinja").write_bytes(b"{{ '\xff' }}")
+    with pytest.raises(qwen_np.QwenNPError, match=r"chat_template\.jinja is not UTF-8 text"):
+        qwen_np.load(checkpoint)
+
+
+def test_a_cache_from_another_model_is_refused(checkpoint, tmp_path):
+    model = qwen_np.load(checkpoint)
+    other = qwen_np.load(tiny_model("qwen3", tmp_path / "qwen3") and tmp_path / "qwen3")  # head_dim 24, not 16
+    _, cache = qwen_np.forward(other.params, other.config, np.array([[1, 2]]))
+    with pytest.raises(qwen_np.QwenNPError, match="the cache was made for another model: 3 layers of 2 key/value "
+                                                  "heads of 24, where this one has 3 of 2 of 16"):
+        qwen_np.forward(model.params, model.config, np.array([[3]]), cache)
+    with pytest.raises(qwen_np.QwenNPError, match="cache must be the KVCache that forward returned, got tuple"):
+        qwen_np.forward(model.params, model.config, np.array([[3]]), tuple(cache))
 
 
 def test_token_ids_outside_the_vocabulary(checkpoint):
