@@ -58,7 +58,8 @@ def build_parser():
             help="drop the tokens less than P times as probable as the most probable one (0 = off)")
         add("--repetition-penalty", metavar="R", type=number(float, 0, low_open=True, what="use a positive number"),
             help="make the tokens already in the text less likely (R > 1) or more likely (R < 1); 1 = off")
-        add("--seed", metavar="N", type=int, help="random seed, so that a sampled run repeats exactly")
+        add("--seed", metavar="N", type=number(int, 0, what="use an integer >= 0"),
+            help="random seed, so that a sampled run repeats exactly")
         add("--max-new-tokens", metavar="N", type=number(int, 1, what="use a positive integer"),
             help="stop after N new tokens (default: as many as fit in the context, at most "
                  "generation_config.json's max_new_tokens, else 512)")
@@ -96,6 +97,15 @@ def sampling_kwargs(args):
                 stop=args.stop)
 
 
+def read_text(read, where):  # read() -> its text, refused unless it is valid UTF-8
+    try:
+        text = read()
+        text.encode("utf-8")  # where Python escapes undecodable bytes, they come as lone surrogates
+    except UnicodeError:
+        raise QwenNPError(f"{where} is not valid UTF-8 text") from None
+    return text
+
+
 def stream(pieces, out):  # prints text pieces as they come; -> (the whole text, GenerationStats)
     text = []
     while True:
@@ -121,7 +131,10 @@ def report(stats, err):  # stats: a list of GenerationStats
 
 def run_generate(model, args):
     from .generate import generate_text
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.prompt == "-":
+        prompt = read_text(sys.stdin.read, "the prompt on stdin")
+    else:
+        prompt = read_text(lambda: args.prompt, "the prompt")
     _, stats = stream(generate_text(model, prompt, **sampling_kwargs(args)), sys.stdout)
     sys.stdout.write("\n")
     report([stats], sys.stderr)
@@ -141,7 +154,7 @@ def run_chat(model, args):
     stats, past = [], None  # past: the conversation's KV cache, so each turn prefills only its new tokens
     while True:
         try:
-            line = input("> " if interactive else "")
+            line = read_text(lambda: input("> " if interactive else ""), "the message on stdin")
         except EOFError:
             break
         if line.strip() == "/exit":

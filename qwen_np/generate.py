@@ -14,6 +14,8 @@ which the tokens they rule out are -inf. Randomness comes only from the `numpy.r
 passed to `sample`, made from the caller's seed, so a seeded run repeats exactly.
 """
 
+import math
+import reprlib
 import time
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -54,7 +56,9 @@ def top_p_filter(logits, top_p, min_tokens_to_keep=1):  # [B, V] -> [B, V]
     # Nucleus sampling: keeps the most probable tokens whose probabilities add up to top_p, the
     # token that crosses top_p included. Sorted ascending, the dropped tokens are the low tail
     # whose cumulative probability stays within 1 - top_p.
-    order = np.argsort(logits, axis=-1)  # [B, V], least probable first
+    # Sorted stably, ascending as in the reference: among tied logits the lower ids are dropped first, as
+    # torch's sort does (for rows of up to 16 values; in longer rows its order among ties is its own).
+    order = np.argsort(logits, axis=-1, kind="stable")  # [B, V], least probable first
     cumulative = np.cumsum(softmax(np.take_along_axis(logits, order, axis=-1)), axis=-1)  # [B, V]
     drop_sorted = cumulative <= np.float32(1 - top_p)
     drop_sorted[:, -min_tokens_to_keep:] = False
@@ -91,6 +95,7 @@ class Sampling:
     repetition_penalty: float = 1.0
 
 
+@np.errstate(over="ignore")  # a tiny temperature (or penalty) can overflow float32: refused below
 def choose_tokens(logits, seen, s, rng):  # [B, V], [B, V] bool, Sampling, Generator -> [B] int
     """The next token of each row: the samplers in the reference's order, then a draw."""
     if s.repetition_penalty != 1.0:  # applied in greedy decoding too, as the reference does
@@ -99,6 +104,10 @@ def choose_tokens(logits, seen, s, rng):  # [B, V], [B, V] bool, Sampling, Gener
         return logits.argmax(axis=-1)
     if s.temperature != 1.0:
         logits = apply_temperature(logits, s.temperature)
+    if np.isposinf(logits).any():  # softmax would give NaN (the reference's draw fails on it too)
+        penalty = f" and repetition_penalty={s.repetition_penalty}" if s.repetition_penalty != 1.0 else ""
+        raise QwenNPError(f"the logits overflow float32 when scaled by temperature={s.temperature}{penalty}: "
+                          f"use a larger temperature, or temperature=0 for greedy decoding")
     if s.top_k:
         logits = top_k_filter(logits, s.top_k)
     if s.top_p < 1.0:
@@ -108,28 +117,73 @@ def choose_tokens(logits, seen, s, rng):  # [B, V], [B, V] bool, Sampling, Gener
     return sample(logits, rng)
 
 
+# ---------------------------------------------------------------------------------------------
+# Settings: the caller's arguments, else generation_config.json's values, else the defaults.
+
+
+def is_integer(value):  # an int or a NumPy integer, not a bool
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def is_number(value):  # a finite int or float (NumPy's too), not a bool
+    return (is_integer(value) or isinstance(value, (float, np.floating))) and math.isfinite(value)
+
+
+def is_token_id(value):  # an integer >= 0
+    return is_integer(value) and value >= 0
+
+
+RULES = {  # setting -> (test, what it must be), for the arguments and generation_config.json alike
+    "temperature": (lambda v: is_number(v) and v >= 0, "0 (greedy) or a positive number"),
+    "top_k": (lambda v: is_integer(v) and v >= 0, "0 (off) or a positive integer"),
+    "top_p": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "min_p": (lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "repetition_penalty": (lambda v: is_number(v) and v > 0, "a positive number (1 is off)"),
+    "max_new_tokens": (lambda v: is_integer(v) and v > 0, "a positive integer"),
+    "seed": (lambda v: is_integer(v) and v >= 0, "None or an integer >= 0"),
+    "eos_token_id": (lambda v: is_token_id(v) or isinstance(v, (list, tuple)) and all(map(is_token_id, v)),
+                     "a token id or a list of token ids"),
+    "do_sample": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def checked(name, value, source=None):  # -> value, if it is what setting `name` must be
+    test, rule = RULES[name]
+    if not test(value):
+        where = f"{source}: " if source else ""
+        raise QwenNPError(f"{where}{name} must be {rule}, got {reprlib.repr(value)}")
+    return value
+
+
+def setting(generation_config, name, value, default):
+    """The caller's value, else generation_config.json's, else (the key missing or null) `default`."""
+    if value is not None:
+        return checked(name, value)
+    if generation_config.get(name) is None:
+        return default
+    return checked(name, generation_config[name], "generation_config.json")
+
+
 def sampling_settings(generation_config, temperature=None, top_k=None, top_p=None, min_p=None,
                       repetition_penalty=None):
     """Sampling from the caller's values, else the checkpoint's generation_config.json, else the
     reference's defaults: greedy unless `do_sample` is set (then temperature 1, top_k 50)."""
     g = generation_config
-    if temperature is None:
-        temperature = g.get("temperature", 1.0) if g.get("do_sample", False) else 0.0
-    s = Sampling(temperature=float(temperature),
-                 top_k=int(top_k if top_k is not None else g.get("top_k", 50) or 0),
-                 top_p=float(top_p if top_p is not None else g.get("top_p", 1.0) or 1.0),
-                 min_p=float(min_p if min_p is not None else g.get("min_p", 0.0) or 0.0),
-                 repetition_penalty=float(repetition_penalty if repetition_penalty is not None
-                                          else g.get("repetition_penalty", 1.0) or 1.0))
-    checks = [(s.temperature >= 0, "temperature", s.temperature, "0 (greedy) or positive"),
-              (s.top_k >= 0, "top_k", s.top_k, "0 (off) or a positive integer"),
-              (0 < s.top_p <= 1, "top_p", s.top_p, "in (0, 1]"),
-              (0 <= s.min_p <= 1, "min_p", s.min_p, "in [0, 1]"),
-              (s.repetition_penalty > 0, "repetition_penalty", s.repetition_penalty, "positive (1 is off)")]
-    for ok, name, value, rule in checks:
-        if not ok:
-            raise QwenNPError(f"{name} must be {rule}, got {value}")
-    return s
+    if temperature is None and not setting(g, "do_sample", None, False):
+        temperature = 0.0
+    return Sampling(temperature=float(setting(g, "temperature", temperature, 1.0)),
+                    top_k=int(setting(g, "top_k", top_k, 50)),
+                    top_p=float(setting(g, "top_p", top_p, 1.0)),
+                    min_p=float(setting(g, "min_p", min_p, 0.0)),
+                    repetition_penalty=float(setting(g, "repetition_penalty", repetition_penalty, 1.0)))
+
+
+def stop_strings(stop):  # None, a string or a list of strings -> list of the non-empty strings
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and not (isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop)):
+        raise QwenNPError(f"stop must be a string or a list of strings, got {reprlib.repr(stop)}")
+    return [s for s in stop or () if s]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,6 +256,14 @@ def reusable_length(past, ids):  # Past, list[int] -> how many leading ids past'
     return n
 
 
+def rope_allows_reuse(config, past, ids):  # -> whether past's keys are those a prefill of ids would make
+    # Dynamic NTK RoPE computes its frequencies in each forward pass from the pass's largest position
+    # (as the reference does): keys cached past max_position_embeddings were rotated with other
+    # frequencies than one prefill of `ids` would use, and so would all keys of a prompt longer than that.
+    limit = config.max_position_embeddings
+    return config.rope_parameters["rope_type"] != "dynamic" or max(len(past.ids), len(ids)) <= limit
+
+
 def check_past(past, config):
     keys = past.cache.keys if isinstance(past, Past) else ()
     if len(keys) != config.num_hidden_layers or keys[0].shape[:2] + keys[0].shape[3:] != (
@@ -214,8 +276,11 @@ def prompt_ids(model, prompt):  # str or token ids -> list[int]
         if model.tokenizer is None:
             raise QwenNPError(f"{model.path} has no tokenizer.json: pass the prompt as a list of token ids")
         ids = model.tokenizer.encode(prompt).ids
+    elif (isinstance(prompt, (list, tuple)) or isinstance(prompt, np.ndarray) and prompt.ndim == 1) and all(
+            map(is_integer, prompt)):
+        ids = [int(i) for i in prompt]
     else:
-        ids = [int(i) for i in np.asarray(prompt).reshape(-1)]
+        raise QwenNPError(f"a prompt must be a string or a list of token ids (integers), got {reprlib.repr(prompt)}")
     if not ids:
         raise QwenNPError("the prompt is empty: give at least one token")
     if min(ids) < 0 or max(ids) >= model.config.vocab_size:
@@ -225,11 +290,10 @@ def prompt_ids(model, prompt):  # str or token ids -> list[int]
 
 def end_token_ids(model, eos_token_id=None):  # -> set of ints
     """The end tokens: the caller's, else generation_config.json's, else config.json's (int or list)."""
-    ends = next((e for e in (eos_token_id, model.generation_config.get("eos_token_id"), model.config.eos_token_id)
-                 if e is not None), None)
+    ends = setting(model.generation_config, "eos_token_id", eos_token_id, model.config.eos_token_id)
     if ends is None:
         return set()
-    return {int(e) for e in ([ends] if isinstance(ends, (int, np.integer)) else ends)}
+    return {int(e) for e in ([ends] if is_integer(ends) else ends)}
 
 
 def context_length(config):  # -> int, or None when RoPE sets no limit
@@ -256,13 +320,14 @@ def new_token_budget(config, generation_config, prompt_length, max_new_tokens): 
     generation_config.json's max_new_tokens (or 512)."""
     context = context_length(config)
     room = None if context is None else context - prompt_length
-    if max_new_tokens is None:
-        wanted = generation_config.get("max_new_tokens") or 512
+    if max_new_tokens is not None:
+        checked("max_new_tokens", max_new_tokens)
+    elif room is not None and room < 1:
+        raise QwenNPError(f"the prompt ({prompt_length} tokens) already fills the model's context of {context} "
+                          f"positions ({context_source(config)}): shorten it")
+    else:
+        wanted = setting(generation_config, "max_new_tokens", None, 512)
         max_new_tokens = wanted if room is None else min(wanted, room)
-    if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
-        raise QwenNPError(f"max_new_tokens must be a positive integer, got {max_new_tokens}"
-                          + ("" if room is None or room > 0 else
-                             f" (the prompt's {prompt_length} tokens already fill the context of {context})"))
     if room is not None and max_new_tokens > room:
         raise QwenNPError(f"the prompt ({prompt_length} tokens) plus max_new_tokens ({max_new_tokens}) does not "
                           f"fit in the model's context of {context} positions ({context_source(config)}); "
@@ -297,16 +362,17 @@ def generate_batch(model, prompts, max_new_tokens=None, temperature=None, top_k=
     prompt shares with its start are taken from its cache, only the rest is prefilled.
     """
     params, config = model.params, model.config
-    if isinstance(prompts, str) or not len(prompts):
-        raise QwenNPError("generate_batch takes a list of prompts (for one prompt, use generate)")
+    if not isinstance(prompts, (list, tuple)) or not prompts or all(map(is_integer, prompts)):
+        raise QwenNPError(f"generate_batch takes a list of prompts, each a string or a list of token ids "
+                          f"(for one prompt, use generate); got {reprlib.repr(prompts)}")
     prompts = [prompt_ids(model, p) for p in prompts]
     settings = sampling_settings(model.generation_config, temperature, top_k, top_p, min_p, repetition_penalty)
     budget = new_token_budget(config, model.generation_config, max(map(len, prompts)), max_new_tokens)
     ends = end_token_ids(model, eos_token_id)
-    stop = [stop] if isinstance(stop, str) else [s for s in (stop or ()) if s]
+    stop = stop_strings(stop)
     if stop and model.tokenizer is None:
         raise QwenNPError("stop strings need a tokenizer, and this checkpoint has no tokenizer.json")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(None if seed is None else checked("seed", seed))
     B, V = len(prompts), config.vocab_size
     pad_id = config.pad_token_id if isinstance(config.pad_token_id, int) and 0 <= config.pad_token_id < V else 0
     input_ids, attention_mask = left_pad(prompts, pad_id)  # [B, T] x2
@@ -316,8 +382,11 @@ def generate_batch(model, prompts, max_new_tokens=None, temperature=None, top_k=
         seen[row, p] = True
     generated = [[] for _ in range(B)]
     texts = [["", 0, 0] for _ in range(B)]  # per prompt: generated text, decode offsets (for stop strings)
-    reasons = ["length"] * B
-    rows = np.arange(B)  # the prompts still generating
+    reasons, finished = ["length"] * B, np.zeros(B, bool)
+    rows = np.arange(B)  # the prompts in the batch: those still generating (with dynamic RoPE, all)
+    # Dynamic NTK RoPE takes its frequencies from the batch's largest position: finished prompts stay in
+    # the batch, fed padding as in the reference, so that the others see the same frequencies.
+    keep_finished = config.rope_parameters["rope_type"] == "dynamic"
 
     start = time.perf_counter()
     # Prefill: all prompt tokens in one pass (but those `past` holds); the LM head only at the last
@@ -329,7 +398,7 @@ def generate_batch(model, prompts, max_new_tokens=None, temperature=None, top_k=
         if B != 1:
             raise QwenNPError(f"past= continues one prompt, not a batch of {B}")
         check_past(past, config)
-        reused = reusable_length(past, prompts[0])
+        reused = reusable_length(past, prompts[0]) if rope_allows_reuse(config, past, prompts[0]) else 0
         cache = copy_cache(past.cache, reused, capacity)  # a copy: `past` itself stays as it was
     logits, cache = forward(params, config, input_ids[:, reused:], cache, attention_mask=attention_mask[:, reused:],
                             last_only=True)
@@ -337,10 +406,12 @@ def generate_batch(model, prompts, max_new_tokens=None, temperature=None, top_k=
     prefill_seconds, decode_seconds, decode_tokens = time.perf_counter() - start, 0.0, 0
 
     for step in range(budget):
-        out, alive = [None] * B, np.ones(len(rows), bool)
-        for j, (row, token) in enumerate(zip(rows, next_ids.tolist())):
+        out = [None] * B
+        for row, token in zip(rows, next_ids.tolist()):
+            if finished[row]:
+                continue
             if token in ends:
-                alive[j], reasons[row] = False, "eos"
+                finished[row], reasons[row] = True, "eos"
                 continue
             out[row] = token
             generated[row].append(token)
@@ -350,12 +421,15 @@ def generate_batch(model, prompts, max_new_tokens=None, temperature=None, top_k=
                 texts[row] = [text + new, prefix, read]
                 # Only the end of the text can hold a stop string that was not there before.
                 if new and find_stop(texts[row][0][-(len(new) + max(map(len, stop))):], stop) >= 0:
-                    alive[j], reasons[row] = False, "stop"
+                    finished[row], reasons[row] = True, "stop"
         if any(t is not None for t in out):
             yield out
-        if step == budget - 1 or not alive.any():
+        if step == budget - 1 or finished.all():
             break
-        if not alive.all():  # drop finished prompts from the batch
+        alive = ~finished[rows]
+        if keep_finished:
+            next_ids = np.where(alive, next_ids, pad_id)
+        elif not alive.all():  # drop finished prompts from the batch
             rows, next_ids, seen, cache = rows[alive], next_ids[alive], seen[alive], keep_rows(cache, alive)
 
         start = time.perf_counter()
@@ -364,7 +438,7 @@ def generate_batch(model, prompts, max_new_tokens=None, temperature=None, top_k=
         logits, cache = forward(params, config, next_ids[:, None], cache)  # [b, 1, V]
         next_ids = choose_tokens(logits[:, -1], seen, settings, rng)
         decode_seconds += time.perf_counter() - start
-        decode_tokens += len(rows)
+        decode_tokens += int(alive.sum())
 
     # One prompt: its cache holds the prompt and every generated token fed back (the last chosen is not).
     after = Past(tuple((prompts[0] + generated[0])[:cache.length]), cache) if B == 1 else None
@@ -397,7 +471,7 @@ def generate_text(model, prompt, stop=None, **kwargs):
     Keyword arguments are those of `generate`. Returns (as StopIteration.value) a GenerationStats."""
     if model.tokenizer is None:
         raise QwenNPError(f"{model.path} has no tokenizer.json, so it cannot produce text")
-    stop = [stop] if isinstance(stop, str) else [s for s in (stop or ()) if s]
+    stop = stop_strings(stop)
     tokens = generate(model, prompt, stop=stop, **kwargs)
     ids, prefix, read, pending = [], 0, 0, ""  # pending: text that may begin a stop string
     while True:

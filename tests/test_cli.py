@@ -17,8 +17,9 @@ ANSWER = "你好！🦙 巴黎是法国的首都。👋🏽 Done."
 def run(*args, stdin="", **env):  # -> CompletedProcess with text stdout/stderr
     # No test may download into, or read from, the user's own model cache.
     env = {"QWEN_NP_CACHE": str(ROOT / "tests" / "no-such-cache"), **os.environ, "PYTHONIOENCODING": "utf-8", **env}
+    # surrogateescape: a lone surrogate "\udcff" in stdin (or in an argument) is sent as the byte 0xff.
     return subprocess.run([sys.executable, "-m", "qwen_np", *map(str, args)], input=stdin, capture_output=True,
-                          text=True, encoding="utf-8", cwd=ROOT, env=env, timeout=120)
+                          text=True, encoding="utf-8", errors="surrogateescape", cwd=ROOT, env=env, timeout=120)
 
 
 def assert_one_line_error(result, *fragments):
@@ -114,6 +115,7 @@ def test_help_explains_every_flag(command):
     (["generate", "--model", "{spelling}", "--temperature", "-1", "hi"], ["--temperature", "-1"]),
     (["chat", "--model", "{spelling}", "--top-p", "0"], ["--top-p", "(0, 1]"]),
     (["generate", "--model", "{spelling}", "--top-k", "2.5", "hi"], ["--top-k", "not an integer"]),
+    (["generate", "--model", "{spelling}", "--seed", "-1", "hi"], ["--seed", "-1", "out of range"]),
     (["generate", "--model", "{spelling}", "--max-new-tokens", "0", "hi"], ["--max-new-tokens"]),
     (["generate", "--model", "{spelling}", "--max-new-tokens", "300", "hi"], ["max_position_embeddings=256"]),
     (["generate", "--model", "{spelling}", "--frobnicate", "hi"], ["unrecognized arguments: --frobnicate"]),
@@ -123,6 +125,17 @@ def test_help_explains_every_flag(command):
 def test_errors_are_one_line_and_a_non_zero_exit(spelling_dir, tmp_path, args, fragments):
     args = [a.format(spelling=spelling_dir, empty=tmp_path) for a in args]
     assert_one_line_error(run(*args, stdin="hi\n"), *fragments)
+
+
+@pytest.mark.parametrize("args, stdin, where", [
+    (["generate", "-"], "\udcff:", "the prompt on stdin"),
+    (["chat"], "Hi\udcff\n", "the message on stdin"),
+    (["generate", "\udcff:"], "", "the prompt"),  # Python passes undecodable arguments on as lone surrogates
+])
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8:surrogateescape"])  # the latter: what a C locale gives
+def test_text_that_is_not_utf8_is_a_one_line_error(spelling_dir, args, stdin, where, encoding):
+    result = run(args[0], "--model", spelling_dir, *args[1:], stdin=stdin, PYTHONIOENCODING=encoding)
+    assert_one_line_error(result, f"{where} is not valid UTF-8 text")
 
 
 def test_without_model_a_failed_download_is_reported_and_leaves_nothing(tmp_path):

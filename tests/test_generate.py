@@ -136,6 +136,19 @@ def test_top_p_matches_reference(reference, top_p, keep):
     assert_same_scores(top_p_filter(scores, top_p, keep), theirs)
 
 
+@pytest.mark.parametrize("top_p", [0.05, 0.3, 0.5, 0.8])
+def test_top_p_breaks_ties_as_the_reference_does(reference, top_p):
+    # Rows of 12 tokens with tied logits. (torch's default sort is stable up to 16 elements; longer
+    # rows it sorts with an introsort whose order among ties no NumPy sort reproduces.)
+    torch, transformers = reference
+    scores = np.random.default_rng(5).integers(0, 3, (16, 12)).astype(np.float32)
+    theirs = transformers.TopPLogitsWarper(top_p)(None, torch.tensor(scores))
+    assert_same_scores(top_p_filter(scores, top_p), theirs)
+    ties = np.array([[1, 1, 0, 0]], np.float32)
+    assert_same_scores(top_p_filter(ties, 0.3), transformers.TopPLogitsWarper(0.3)(None, torch.tensor(ties)))
+    assert np.isfinite(top_p_filter(ties, 0.3)).tolist() == [[False, True, False, False]]
+
+
 @pytest.mark.parametrize("min_p, keep", [(0.05, 1), (0.3, 1), (0.9, 3), (0.0, 1)])
 def test_min_p_matches_reference(reference, min_p, keep):
     torch, transformers = reference
@@ -163,6 +176,17 @@ def test_the_samplers_chain_in_the_reference_order(reference):
         chosen = choose_tokens(scores, seen, s, np.random.default_rng(seed))
         np.testing.assert_array_equal(chosen, sample(ours, np.random.default_rng(seed)))
         assert np.isfinite(ours[np.arange(3), chosen]).all()
+
+
+def test_a_temperature_too_small_for_float32_is_a_clear_error():
+    logits = np.array([[5.0, 4.0, 3.0, -2.0]], np.float32)  # divided by 1e-38: above float32's 3.4e38
+    seen = np.ones(logits.shape, bool)
+    for s in [Sampling(temperature=1e-38), Sampling(temperature=1e-38, top_k=2, top_p=0.9),
+              Sampling(temperature=1.0, repetition_penalty=1e-39)]:
+        with pytest.raises(qwen_np.QwenNPError, match="overflow float32.*temperature=0 for greedy"):
+            choose_tokens(logits, seen, s, np.random.default_rng(0))
+    assert choose_tokens(logits, seen, Sampling(temperature=1e-30), np.random.default_rng(0)) == [0]
+    assert choose_tokens(logits, seen, Sampling(temperature=0, repetition_penalty=1e-39), None) == [0]
 
 
 def test_sample_draws_with_the_softmax_probabilities_and_repeats_with_a_seed():
@@ -198,6 +222,39 @@ def test_sampling_defaults_come_from_generation_config_and_can_be_overridden():
                 dict(repetition_penalty=0), dict(temperature=float("nan"))):
         with pytest.raises(qwen_np.QwenNPError, match=next(iter(bad))):
             sampling_settings({}, **bad)
+
+
+@pytest.mark.parametrize("generation_config, message", [
+    ({"eos_token_id": "abc"}, "eos_token_id must be a token id or a list of token ids, got 'abc'"),
+    ({"eos_token_id": "151645"}, "eos_token_id must be"),  # not read character by character
+    ({"eos_token_id": [5, None]}, "eos_token_id must be"),
+    ({"eos_token_id": 1.5}, "eos_token_id must be"),
+    ({"do_sample": True, "temperature": "hot"}, "temperature must be"),
+    ({"top_k": "x"}, "top_k must be"),
+    ({"max_new_tokens": "5"}, "max_new_tokens must be"),
+    ({"do_sample": "false"}, "do_sample must be true or false"),  # a non-empty string would count as true
+    ({"top_p": 0}, "top_p must be a number in \\(0, 1\\], got 0"),  # 0 was silently read as 1
+    ({"repetition_penalty": 0}, "repetition_penalty must be"),  # likewise
+    ({"max_new_tokens": 0}, "max_new_tokens must be a positive integer, got 0"),  # 0 was silently read as 512
+    ({"do_sample": True, "temperature": float("inf")}, "temperature must be"),
+])
+def test_bad_generation_config_values_are_clear_errors(tiny_models, generation_config, message):
+    model, _ = tiny_models["qwen2"]
+    bad = dataclasses.replace(model, generation_config=generation_config)
+    with pytest.raises(qwen_np.QwenNPError, match="generation_config.json: " + message):
+        next(qwen_np.generate(bad, PROMPTS[1]))
+
+
+def test_missing_or_null_generation_config_values_take_the_defaults(tiny_models):
+    model, _ = tiny_models["qwen2"]
+    assert sampling_settings({"do_sample": True, "top_k": None, "top_p": None, "repetition_penalty": None,
+                              "temperature": None}) == Sampling(1.0, 50, 1.0, 0.0, 1.0)
+    assert sampling_settings({"do_sample": None, "temperature": 0.7}).temperature == 0
+    assert new_token_budget(model.config, {"max_new_tokens": None}, 100, None) == 28
+    assert new_token_budget(model.config, {"max_new_tokens": 5}, 100, None) == 5
+    nulls = dataclasses.replace(model, generation_config={"eos_token_id": None, "max_new_tokens": None})
+    assert list(qwen_np.generate(nulls, PROMPTS[1], max_new_tokens=5)) == list(
+        qwen_np.generate(model, PROMPTS[1], max_new_tokens=5))
 
 
 # --- whole generations ------------------------------------------------------------------------
@@ -274,14 +331,53 @@ def test_generation_config_sets_the_defaults(tiny_models):
         qwen_np.generate(model, PROMPTS[1], max_new_tokens=7))  # the caller's temperature=0 wins: greedy
 
 
-def test_bad_prompts_are_clear_errors(tiny_models):
+@pytest.mark.parametrize("prompt, message", [
+    ([], "empty"), ([3, 128], "outside the vocabulary"), ([-1, 2], "outside the vocabulary"),
+    ("text", "no tokenizer.json"),
+    *[(bad, "a prompt must be a string or a list of token ids") for bad in (
+        [1.5, 2.7], [[1, 2], [3, 4]], [True, False], None, {"a": 1}, b"ab", np.array([[1, 2]]), np.array([1.0]))],
+])
+def test_bad_prompts_are_clear_errors(tiny_models, prompt, message):
     model, _ = tiny_models["qwen2"]  # vocab_size=128, no tokenizer
-    for prompt, message in [([], "empty"), ([3, 128], "outside the vocabulary"), ([-1, 2], "outside the vocabulary"),
-                            ("text", "no tokenizer.json")]:
-        with pytest.raises(qwen_np.QwenNPError, match=message):
-            next(qwen_np.generate(model, prompt))
+    with pytest.raises(qwen_np.QwenNPError, match=message):
+        next(qwen_np.generate(model, prompt))
+    with pytest.raises(qwen_np.QwenNPError, match=message):
+        next(qwen_np.generate_batch(model, [PROMPTS[1], prompt]))
+
+
+@pytest.mark.parametrize("prompts", ["one prompt", [1, 2, 3], [], None, 5, np.int64(3)])
+def test_generate_batch_takes_a_list_of_prompts(tiny_models, prompts):
+    model, _ = tiny_models["qwen2"]
     with pytest.raises(qwen_np.QwenNPError, match="list of prompts"):
-        next(qwen_np.generate_batch(model, "one prompt"))
+        next(qwen_np.generate_batch(model, prompts))
+
+
+@pytest.mark.parametrize("arguments", [
+    dict(seed="x"), dict(seed=1.5), dict(seed=-1),
+    dict(stop=5), dict(stop=[5]), dict(stop=b"x"), dict(stop=["a", None]),
+    dict(eos_token_id="x"), dict(eos_token_id=1.5), dict(eos_token_id=[1.5]), dict(eos_token_id=[None]),
+    dict(eos_token_id=-1), dict(eos_token_id=True),
+    dict(max_new_tokens="x"), dict(max_new_tokens=float("nan")), dict(max_new_tokens=float("inf")),
+    dict(max_new_tokens=2.5), dict(max_new_tokens=0),
+    dict(temperature="x"), dict(top_k="x"), dict(top_p="x"), dict(min_p="x"), dict(repetition_penalty="x"),
+    dict(temperature=float("inf")), dict(repetition_penalty=float("inf")), dict(top_k=2.5), dict(top_k=True),
+])
+def test_bad_arguments_are_clear_errors(tiny_models, arguments):
+    model, _ = tiny_models["qwen2"]
+    name = next(iter(arguments))
+    with pytest.raises(qwen_np.QwenNPError, match=f"^{name} must be"):
+        next(qwen_np.generate(model, PROMPTS[1], **{"max_new_tokens": 3, **arguments}))
+
+
+def test_numpy_integers_are_accepted_where_ints_are(tiny_models):
+    model, _ = tiny_models["qwen2"]
+    i = np.int64
+    settings = dict(temperature=0.9, top_p=0.9, max_new_tokens=6)
+    expected = list(qwen_np.generate(model, PROMPTS[1], seed=3, top_k=20, eos_token_id=[5], **settings))
+    assert list(qwen_np.generate(model, [i(t) for t in PROMPTS[1]], seed=i(3), top_k=i(20),
+                                 eos_token_id=[i(5)], **settings)) == expected
+    assert list(qwen_np.generate(model, np.array(PROMPTS[1]), seed=3, top_k=20, eos_token_id=i(5),
+                                 **settings)) == expected
 
 
 def test_prompt_plus_max_new_tokens_must_fit_in_the_context(tiny_models):
@@ -342,6 +438,64 @@ def test_a_past_prefills_only_what_the_prompt_adds_and_stays_reusable(tiny_model
         assert tokens == greedy(prompt)[0]
 
 
+DYNAMIC = {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 4.0}
+
+
+@pytest.fixture(scope="module")
+def dynamic_model(tmp_path_factory):
+    """(our Model, the transformers model): qwen3 with dynamic NTK RoPE past max_position_embeddings=32."""
+    directory = tmp_path_factory.mktemp("dynamic")
+    reference = tiny_model("qwen3", directory, max_position_embeddings=32, rope_parameters=DYNAMIC)
+    return qwen_np.load(directory), reference
+
+
+def test_dynamic_rope_reuses_a_past_only_within_max_position_embeddings(reference, dynamic_model):
+    # Dynamic NTK RoPE computes its frequencies in each forward pass from the largest position: past
+    # position 32, the cached keys were rotated with other frequencies than a fresh prefill would use.
+    torch, _ = reference
+    model, ref = dynamic_model
+
+    def greedy(prompt, max_new_tokens, past=None):
+        return tokens_and_stats(qwen_np.generate(model, prompt, max_new_tokens=max_new_tokens, temperature=0,
+                                                 past=past))
+
+    prompt = list(range(30, 50))  # 20 tokens, then 28 more: to position 47
+    answer, stats = greedy(prompt, 28)
+    follow_up = prompt + answer + [5, 6, 7]
+    tokens, again = greedy(follow_up, 10, stats.past)
+    assert again.reused_tokens == 0  # the past went beyond max_position_embeddings: all prefilled
+    expected = ref.generate(torch.tensor([follow_up]), do_sample=False, max_new_tokens=10)[0, len(follow_up):]
+    assert tokens == greedy(follow_up, 10)[0] == expected.tolist()
+
+    short, stats = greedy(prompt[:10], 8)  # the past and the next prompt within 32 positions: reused
+    follow_up = prompt[:10] + short + [5, 6, 7]
+    tokens, again = greedy(follow_up, 10, stats.past)
+    assert again.reused_tokens == len(stats.past.ids) == 17
+    assert tokens == greedy(follow_up, 10)[0]
+
+
+def test_dynamic_rope_batch_keeps_finished_prompts_as_transformers_does(reference, dynamic_model):
+    # The frequencies follow the batch's largest position, which is the longest prompt's even after it
+    # has ended: transformers keeps feeding it padding.
+    torch, _ = reference
+    model, ref = dynamic_model
+    prompts = [list(range(40, 64)), [3, 9, 27, 81, 17], list(range(100, 112))]
+    eos = list(qwen_np.generate(model, prompts[0], max_new_tokens=1, temperature=0))[0]  # ends the longest at once
+    ids, mask = left_pad(prompts, 0)
+    theirs = ref.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False, max_new_tokens=24,
+                          pad_token_id=0, eos_token_id=eos)[:, ids.shape[1]:].tolist()
+    expected = [row[:row.index(eos)] if eos in row else row for row in theirs]
+    assert [len(e) for e in expected] == [0, 24, 24]  # to position 35 for the others, 47 for the longest
+    got, steps = [[] for _ in prompts], qwen_np.generate_batch(model, prompts, max_new_tokens=24, temperature=0,
+                                                              eos_token_id=eos)
+    for step in steps:
+        assert step[0] is None
+        for row, token in enumerate(step):
+            if token is not None:
+                got[row].append(token)
+    assert got == expected
+
+
 def test_a_past_must_come_from_one_prompt_of_the_same_model(tiny_models):
     model, _ = tiny_models["qwen2"]
     _, stats = tokens_and_stats(qwen_np.generate(model, PROMPTS[1], max_new_tokens=3))
@@ -385,6 +539,9 @@ def test_stop_strings_end_the_text_before_them(spelling):
     assert "".join(qwen_np.generate_text(model, "The answer is:", stop=["首都", "Done"])) == "你好！🦙 巴黎是法国的"
     assert "".join(qwen_np.generate_text(model, "The answer is:", stop="黎是法")) == "你好！🦙 巴"
     assert "".join(qwen_np.generate_text(model, "The answer is:", stop="not there")) == ANSWER
+    for bad in (5, [5], b"x"):
+        with pytest.raises(qwen_np.QwenNPError, match="stop must be a string or a list of strings"):
+            next(qwen_np.generate_text(model, "The answer is:", stop=bad))
     tokens = list(qwen_np.generate(model, "The answer is:", stop=["首都"]))
     assert tokens == ids[:ids.index(106114) + 1]  # up to the token that completes the stop string
     stats = tokens_and_stats(qwen_np.generate(model, "The answer is:", stop=["首都"]))[1]
