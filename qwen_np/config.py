@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 
 class QwenNPError(ValueError):
     """The one error type of qwen_np: bad files, bad configs, bad arguments."""
@@ -24,12 +26,12 @@ MOE_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shar
             "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers")
 
 
-def is_int(value, least=0):  # an int (JSON true/false are not) of at least `least`
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+def is_int(value, least=0):  # an int or NumPy integer (not True/False) of at least `least`
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= least
 
 
-def is_number(value):  # an int or a float, finite
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def is_number(value):  # a finite int or float, NumPy's too (not True/False)
+    return (is_int(value, -math.inf) or isinstance(value, (float, np.floating))) and math.isfinite(value)
 
 
 VALUE_KINDS = {  # what a key must hold where config.json has it (null takes the default) -> (test, keys)

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .config import QwenNPError
+from .config import QwenNPError, is_int, is_number
 from .model import KVCache, copy_cache, empty_cache, forward
 from .ops import softmax
 
@@ -121,27 +121,15 @@ def choose_tokens(logits, seen, s, rng):  # [B, V], [B, V] bool, Sampling, Gener
 # Settings: the caller's arguments, else generation_config.json's values, else the defaults.
 
 
-def is_integer(value):  # an int or a NumPy integer, not a bool
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def is_number(value):  # a finite int or float (NumPy's too), not a bool
-    return (is_integer(value) or isinstance(value, (float, np.floating))) and math.isfinite(value)
-
-
-def is_token_id(value):  # an integer >= 0
-    return is_integer(value) and value >= 0
-
-
 RULES = {  # setting -> (test, what it must be), for the arguments and generation_config.json alike
     "temperature": (lambda v: is_number(v) and v >= 0, "0 (greedy) or a positive number"),
-    "top_k": (lambda v: is_integer(v) and v >= 0, "0 (off) or a positive integer"),
+    "top_k": (is_int, "0 (off) or a positive integer"),
     "top_p": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
     "min_p": (lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
     "repetition_penalty": (lambda v: is_number(v) and v > 0, "a positive number (1 is off)"),
-    "max_new_tokens": (lambda v: is_integer(v) and v > 0, "a positive integer"),
-    "seed": (lambda v: is_integer(v) and v >= 0, "None or an integer >= 0"),
-    "eos_token_id": (lambda v: is_token_id(v) or isinstance(v, (list, tuple)) and all(map(is_token_id, v)),
+    "max_new_tokens": (lambda v: is_int(v, 1), "a positive integer"),
+    "seed": (is_int, "None or an integer >= 0"),
+    "eos_token_id": (lambda v: is_int(v) or isinstance(v, (list, tuple)) and all(map(is_int, v)),
                      "a token id or a list of token ids"),
     "do_sample": (lambda v: isinstance(v, bool), "true or false"),
 }
@@ -277,7 +265,7 @@ def prompt_ids(model, prompt):  # str or token ids -> list[int]
             raise QwenNPError(f"{model.path} has no tokenizer.json: pass the prompt as a list of token ids")
         ids = model.tokenizer.encode(prompt).ids
     elif (isinstance(prompt, (list, tuple)) or isinstance(prompt, np.ndarray) and prompt.ndim == 1) and all(
-            map(is_integer, prompt)):
+            is_int(i, -math.inf) for i in prompt):
         ids = [int(i) for i in prompt]
     else:
         raise QwenNPError(f"a prompt must be a string or a list of token ids (integers), got {reprlib.repr(prompt)}")
@@ -293,7 +281,7 @@ def end_token_ids(model, eos_token_id=None):  # -> set of ints
     ends = setting(model.generation_config, "eos_token_id", eos_token_id, model.config.eos_token_id)
     if ends is None:
         return set()
-    return {int(e) for e in ([ends] if is_integer(ends) else ends)}
+    return {int(e) for e in ([ends] if is_int(ends) else ends)}
 
 
 def context_length(config):  # -> int, or None when RoPE sets no limit
@@ -362,7 +350,7 @@ def generate_batch(model, prompts, max_new_tokens=None, temperature=None, top_k=
     prompt shares with its start are taken from its cache, only the rest is prefilled.
     """
     params, config = model.params, model.config
-    if not isinstance(prompts, (list, tuple)) or not prompts or all(map(is_integer, prompts)):
+    if not isinstance(prompts, (list, tuple)) or not prompts or all(is_int(p, -math.inf) for p in prompts):
         raise QwenNPError(f"generate_batch takes a list of prompts, each a string or a list of token ids "
                           f"(for one prompt, use generate); got {reprlib.repr(prompts)}")
     prompts = [prompt_ids(model, p) for p in prompts]
