@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import download  # download.default_model_path(): the out-of-the-box model
-from .config import Config, QwenNPError, read_config
+from .config import Config, QwenNPError, read_config, read_json
 from .model import KVCache, forward
-from .weights import load_params, load_tokenizer, read_json, read_text
+from .weights import load_params, load_tokenizer, read_text
 from .generate import GenerationStats, Past, generate, generate_batch, generate_text
 from .chat import chat, chat_ids, render_chat, split_thinking
 

@@ -105,15 +105,24 @@ def read_config(path):
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
-    if not path.is_file():
+    raw = read_json(path)
+    if raw is None:
         raise QwenNPError(f"no config.json found: {path} does not exist")
+    return config_from_dict(raw, source=str(path))
+
+
+def read_json(path):
+    """A JSON file's object, or None when the file does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return None
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise QwenNPError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(raw, dict):
         raise QwenNPError(f"{path} must hold a JSON object, found {type(raw).__name__}")
-    return config_from_dict(raw, source=str(path))
+    return raw
 
 
 def config_from_dict(raw, source="config"):

@@ -278,20 +278,6 @@ def build_tree(flat):
     return params
 
 
-def read_json(path):
-    """A JSON file's object, or None when the file does not exist."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise QwenNPError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise QwenNPError(f"{path} must hold a JSON object, found {type(raw).__name__}")
-    return raw
-
-
 def read_text(path):  # -> the contents of a UTF-8 text file
     try:
         return Path(path).read_text(encoding="utf-8")

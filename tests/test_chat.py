@@ -11,8 +11,9 @@ from conftest import require_reference
 
 import qwen_np
 from qwen_np.chat import render_chat
+from qwen_np.config import read_json
 from qwen_np.generate import decode_rest, decode_step
-from qwen_np.weights import load_tokenizer, read_json
+from qwen_np.weights import load_tokenizer
 
 TOKENIZERS = ["qwen2.5-tokenizer", "qwen3-tokenizer"]
 

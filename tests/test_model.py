@@ -10,8 +10,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import qwen_np
-from qwen_np.config import config_from_dict
-from qwen_np.weights import expected_shapes, read_json, read_safetensors_header
+from qwen_np.config import config_from_dict, read_json
+from qwen_np.weights import expected_shapes, read_safetensors_header
 from tiny import drop_tensor, edit_config, reference_logits, tiny_model
 
 rng = np.random.default_rng(0)
