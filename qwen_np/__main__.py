@@ -191,6 +191,10 @@ def main(argv=None):
     except OSError as e:  # unreadable files and the like
         sys.stderr.write(f"error: {e}\n")
         return 1
+    except MemoryError as e:
+        sys.stderr.write(f"error: out of memory ({e or 'no details'}): try a smaller model, --low-memory or a "
+                         f"smaller --max-new-tokens\n")
+        return 1
     return 0
 
 

@@ -18,7 +18,7 @@ from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .config import QwenNPError
-from .generate import end_token_ids, generate_text
+from .generate import encode, end_token_ids, generate_text
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # the names transformers accepts, first wins
@@ -139,7 +139,7 @@ def chat_ids(model, messages, add_generation_prompt=False, **kwargs):  # -> list
     if model.tokenizer is None:
         raise QwenNPError(f"{model.path} has no tokenizer.json, so it cannot encode a chat")
     text = render_chat(model.tokenizer_config, messages, add_generation_prompt, **kwargs)
-    return model.tokenizer.encode(text, add_special_tokens=False).ids
+    return encode(model.tokenizer, text, "the chat", add_special_tokens=False)
 
 
 def split_thinking(text):  # -> (thinking, answer)

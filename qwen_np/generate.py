@@ -259,11 +259,19 @@ def check_past(past, config):
         raise QwenNPError("past= must be the `past` of an earlier one-prompt generation with this model")
 
 
+def encode(tokenizer, text, what, **kwargs):  # -> the token ids of text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # the tokenizer would fail with a bare TypeError
+        raise QwenNPError(f"{what} is not valid Unicode text: it holds a lone surrogate") from None
+    return tokenizer.encode(text, **kwargs).ids
+
+
 def prompt_ids(model, prompt):  # str or token ids -> list[int]
     if isinstance(prompt, str):
         if model.tokenizer is None:
             raise QwenNPError(f"{model.path} has no tokenizer.json: pass the prompt as a list of token ids")
-        ids = model.tokenizer.encode(prompt).ids
+        ids = encode(model.tokenizer, prompt, "the prompt")
     elif (isinstance(prompt, (list, tuple)) or isinstance(prompt, np.ndarray) and prompt.ndim == 1) and all(
             is_int(i, -math.inf) for i in prompt):
         ids = [int(i) for i in prompt]

@@ -138,6 +138,18 @@ def test_text_that_is_not_utf8_is_a_one_line_error(spelling_dir, args, stdin, wh
     assert_one_line_error(result, f"{where} is not valid UTF-8 text")
 
 
+def test_running_out_of_memory_is_a_one_line_error(monkeypatch, capsys, tmp_path):
+    from qwen_np.__main__ import main
+
+    def load(*args, **kwargs):
+        raise MemoryError("Unable to allocate 116. TiB for an array")
+
+    monkeypatch.setattr(qwen_np, "load", load)
+    assert main(["generate", "--model", str(tmp_path), "hi"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: out of memory (Unable to allocate 116. TiB")
+
+
 def test_without_model_a_failed_download_is_reported_and_leaves_nothing(tmp_path):
     cache, no_wheels = tmp_path / "cache", tmp_path / "wheels"
     no_wheels.mkdir()

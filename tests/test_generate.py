@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import qwen_np
-from qwen_np.generate import (Sampling, apply_repetition_penalty, apply_temperature, choose_tokens, find_stop,
+from qwen_np.generate import (Sampling, apply_repetition_penalty, apply_temperature, choose_tokens, encode, find_stop,
                               left_pad, min_p_filter, new_token_budget, partial_stop, sample, sampling_settings,
                               top_k_filter, top_p_filter)
 from tiny import FAMILIES, reference_logits, tiny_model, write_spelling_model
@@ -343,6 +343,14 @@ def test_bad_prompts_are_clear_errors(tiny_models, prompt, message):
         next(qwen_np.generate(model, prompt))
     with pytest.raises(qwen_np.QwenNPError, match=message):
         next(qwen_np.generate_batch(model, [PROMPTS[1], prompt]))
+
+
+def test_text_with_a_lone_surrogate_is_a_clear_error():
+    from tokenizers import Tokenizer, models
+    tokenizer = Tokenizer(models.WordLevel({"a": 0}, unk_token="a"))
+    assert encode(tokenizer, "a", "the prompt") == [0]
+    with pytest.raises(qwen_np.QwenNPError, match="the prompt is not valid Unicode text: it holds a lone surrogate"):
+        encode(tokenizer, "a\udcff", "the prompt")
 
 
 @pytest.mark.parametrize("prompts", ["one prompt", [1, 2, 3], [], None, 5, np.int64(3)])
