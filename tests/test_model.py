@@ -239,6 +239,51 @@ def test_keys_left_out_or_null_take_the_reference_values(reference, case):
     assert ours.layer_types == tuple(expected)
 
 
+PUBLISHED = {  # config.json of released checkpoints, as published (the keys qwen_np or the reference read)
+    "Qwen2.5-0.5B-Instruct": dict(
+        architectures=["Qwen2ForCausalLM"], bos_token_id=151643, eos_token_id=151645, hidden_act="silu",
+        hidden_size=896, intermediate_size=4864, max_position_embeddings=32768, max_window_layers=21,
+        model_type="qwen2", num_attention_heads=14, num_hidden_layers=24, num_key_value_heads=2, rms_norm_eps=1e-06,
+        rope_theta=1000000.0, sliding_window=32768, tie_word_embeddings=True, torch_dtype="bfloat16",
+        use_sliding_window=False, vocab_size=151936),
+    "Qwen1.5-MoE-A2.7B-Chat": dict(
+        architectures=["Qwen2MoeForCausalLM"], bos_token_id=151643, eos_token_id=151645, decoder_sparse_step=1,
+        hidden_size=2048, intermediate_size=5632, max_position_embeddings=32768, max_window_layers=21,
+        model_type="qwen2_moe", moe_intermediate_size=1408, norm_topk_prob=False, num_attention_heads=16,
+        num_experts=60, num_experts_per_tok=4, num_hidden_layers=24, num_key_value_heads=16, rms_norm_eps=1e-06,
+        rope_theta=1000000.0, shared_expert_intermediate_size=5632, sliding_window=32768, tie_word_embeddings=False,
+        torch_dtype="float16", use_sliding_window=False, vocab_size=151936),
+    "Qwen3-8B with the model card's YaRN": dict(
+        architectures=["Qwen3ForCausalLM"], attention_bias=False, bos_token_id=151643, eos_token_id=151645,
+        head_dim=128, hidden_size=4096, intermediate_size=12288, max_position_embeddings=40960, max_window_layers=36,
+        model_type="qwen3", num_attention_heads=32, num_hidden_layers=36, num_key_value_heads=8, rms_norm_eps=1e-06,
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+        rope_theta=1000000, sliding_window=None, tie_word_embeddings=False, torch_dtype="bfloat16",
+        use_sliding_window=False, vocab_size=151936),
+    "Qwen3-30B-A3B": dict(
+        architectures=["Qwen3MoeForCausalLM"], attention_bias=False, bos_token_id=151643, decoder_sparse_step=1,
+        eos_token_id=151645, head_dim=128, hidden_size=2048, intermediate_size=6144, max_position_embeddings=40960,
+        max_window_layers=48, mlp_only_layers=[], model_type="qwen3_moe", moe_intermediate_size=768,
+        norm_topk_prob=True, num_attention_heads=32, num_experts=128, num_experts_per_tok=8, num_hidden_layers=48,
+        num_key_value_heads=4, rms_norm_eps=1e-06, rope_scaling=None, rope_theta=1000000.0, sliding_window=None,
+        tie_word_embeddings=False, torch_dtype="bfloat16", use_sliding_window=False, vocab_size=151936),
+}
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_published_configs_read_as_the_reference_reads_them(reference, name):
+    _, transformers = reference
+    raw = PUBLISHED[name]
+    ours = config_from_dict(raw)
+    theirs = transformers.AutoConfig.for_model(**raw)
+    assert ours.num_key_value_heads == theirs.num_key_value_heads
+    assert ours.head_dim == getattr(theirs, "head_dim", theirs.hidden_size // theirs.num_attention_heads)
+    assert ours.sliding_window is None and set(ours.layer_types) == {"full_attention"}
+    assert ours.rope_parameters["rope_type"] == theirs.rope_parameters["rope_type"]
+    assert ours.rope_parameters["rope_theta"] == theirs.rope_parameters["rope_theta"]
+    assert ours.tie_word_embeddings == theirs.tie_word_embeddings and ours.dtype == raw["torch_dtype"]
+
+
 def test_qwen2_moe_shared_expert_size_defaults_as_the_reference():
     raw = dict(SIZES, model_type="qwen2_moe", num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
                moe_intermediate_size=32)
