@@ -47,8 +47,9 @@ VALUE_KINDS = {  # what a key must hold where config.json has it (null takes the
     "true or false": (lambda v: isinstance(v, bool), (
         "tie_word_embeddings", "use_sliding_window", "attention_bias", "qkv_bias", "mlp_bias", "norm_topk_prob",
         "truncate")),
-    "a token id or a list of token ids": (lambda v: is_int(v) or isinstance(v, list) and all(map(is_int, v)), (
-        "bos_token_id", "eos_token_id", "pad_token_id")),
+    # Token ids may be negative: old Llama configs say pad_token_id -1 for "none".
+    "a token id or a list of token ids": (lambda v: is_int(v, -math.inf) or isinstance(v, list) and all(
+        is_int(i, -math.inf) for i in v), ("bos_token_id", "eos_token_id", "pad_token_id")),
     "a list of layer indices": (lambda v: isinstance(v, list) and all(map(is_int, v)), ("mlp_only_layers",)),
     "a list of 'full_attention' and 'sliding_attention'": (
         lambda v: isinstance(v, list) and set(v) <= {"full_attention", "sliding_attention"}, ("layer_types",)),
@@ -234,7 +235,10 @@ def read_rope_parameters(raw, source):
         raise QwenNPError(f"{source}: rope_scaling / rope_parameters must be an object, got {rope!r}")
     rope = dict(rope)
     rope.setdefault("rope_type", rope.get("type", "default"))
-    rope.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
+    if rope.get("rope_theta") is None:
+        rope["rope_theta"] = raw.get("rope_theta", 10000.0)
+    if rope["rope_theta"] is None:  # the reference fails on it too
+        raise QwenNPError(f"{source}: rope_theta is null; it must be a number > 0")
     rope.pop("type", None)
     if rope["rope_type"] not in ROPE_TYPES:
         raise QwenNPError(f"{source}: unsupported rope type {rope['rope_type']!r}; "

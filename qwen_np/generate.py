@@ -128,9 +128,10 @@ RULES = {  # setting -> (test, what it must be), for the arguments and generatio
     "min_p": (lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
     "repetition_penalty": (lambda v: is_number(v) and v > 0, "a positive number (1 is off)"),
     "max_new_tokens": (lambda v: is_int(v, 1), "a positive integer"),
-    "seed": (is_int, "None or an integer >= 0"),
-    "eos_token_id": (lambda v: is_int(v) or isinstance(v, (list, tuple)) and all(map(is_int, v)),
-                     "a token id or a list of token ids"),
+    "seed": (lambda v: is_int(v) or isinstance(v, (np.random.Generator, np.random.SeedSequence)),
+             "None, an integer >= 0 or a NumPy Generator"),
+    "eos_token_id": (lambda v: is_int(v, -math.inf) or isinstance(v, (list, tuple, set, np.ndarray)) and all(
+        is_int(e, -math.inf) for e in v), "a token id or a list of token ids"),
     "do_sample": (lambda v: isinstance(v, bool), "true or false"),
 }
 
@@ -159,10 +160,12 @@ def sampling_settings(generation_config, temperature=None, top_k=None, top_p=Non
     g = generation_config
     if temperature is None and not setting(g, "do_sample", None, False):
         temperature = 0.0
-    return Sampling(temperature=float(setting(g, "temperature", temperature, 1.0)),
-                    top_k=int(setting(g, "top_k", top_k, 50)),
-                    top_p=float(setting(g, "top_p", top_p, 1.0)),
-                    min_p=float(setting(g, "min_p", min_p, 0.0)),
+    temperature = float(setting(g, "temperature", temperature, 1.0))
+    filters = g if temperature else {}  # greedy decoding reads none of the file's filter values (nor checks them)
+    return Sampling(temperature=temperature,
+                    top_k=int(setting(filters, "top_k", top_k, 50)),
+                    top_p=float(setting(filters, "top_p", top_p, 1.0)),
+                    min_p=float(setting(filters, "min_p", min_p, 0.0)),
                     repetition_penalty=float(setting(g, "repetition_penalty", repetition_penalty, 1.0)))
 
 
@@ -267,16 +270,25 @@ def encode(tokenizer, text, what, **kwargs):  # -> the token ids of text
     return tokenizer.encode(text, **kwargs).ids
 
 
+def token_id_list(prompt):  # a list, tuple or array of token ids, or one [1, T] row of them -> list[int]
+    try:
+        array = np.asarray(prompt)
+    except (ValueError, TypeError):  # ragged nested lists
+        array = None
+    if array is not None and array.ndim == 2 and len(array) == 1:  # [1, T], as a tokenizer returns input_ids
+        array = array[0]
+    if array is not None and array.ndim == 1 and (array.size == 0 or np.issubdtype(array.dtype, np.integer)):
+        return array.astype(np.int64).tolist()
+    raise QwenNPError(f"a prompt must be a string or a list of token ids (integers), got {reprlib.repr(prompt)}")
+
+
 def prompt_ids(model, prompt):  # str or token ids -> list[int]
     if isinstance(prompt, str):
         if model.tokenizer is None:
             raise QwenNPError(f"{model.path} has no tokenizer.json: pass the prompt as a list of token ids")
         ids = encode(model.tokenizer, prompt, "the prompt")
-    elif (isinstance(prompt, (list, tuple)) or isinstance(prompt, np.ndarray) and prompt.ndim == 1) and all(
-            is_int(i, -math.inf) for i in prompt):
-        ids = [int(i) for i in prompt]
     else:
-        raise QwenNPError(f"a prompt must be a string or a list of token ids (integers), got {reprlib.repr(prompt)}")
+        ids = token_id_list(prompt)
     if not ids:
         raise QwenNPError("the prompt is empty: give at least one token")
     if min(ids) < 0 or max(ids) >= model.config.vocab_size:
@@ -289,7 +301,7 @@ def end_token_ids(model, eos_token_id=None):  # -> set of ints
     ends = setting(model.generation_config, "eos_token_id", eos_token_id, model.config.eos_token_id)
     if ends is None:
         return set()
-    return {int(e) for e in ([ends] if is_int(ends) else ends)}
+    return {int(e) for e in ([ends] if is_int(ends, -math.inf) else ends)}
 
 
 def context_length(config):  # -> int, or None when RoPE sets no limit
@@ -358,6 +370,8 @@ def generate_batch(model, prompts, max_new_tokens=None, temperature=None, top_k=
     prompt shares with its start are taken from its cache, only the rest is prefilled.
     """
     params, config = model.params, model.config
+    if isinstance(prompts, np.ndarray) and prompts.ndim == 2:  # [B, T] token ids: one prompt a row
+        prompts = list(prompts)
     if not isinstance(prompts, (list, tuple)) or not prompts or all(is_int(p, -math.inf) for p in prompts):
         raise QwenNPError(f"generate_batch takes a list of prompts, each a string or a list of token ids "
                           f"(for one prompt, use generate); got {reprlib.repr(prompts)}")

@@ -125,7 +125,9 @@ def checkpoint_files(directory):
         if missing:
             raise QwenNPError(f"{index} names shard(s) that do not exist: {', '.join(missing)}")
         return {name: directory / f for name, f in weight_map.items()}
-    files = sorted(directory.glob("*.safetensors"))
+    # One model.safetensors is the checkpoint, as for transformers; other files beside it are not read.
+    single = directory / "model.safetensors"
+    files = [single] if single.is_file() else sorted(directory.glob("*.safetensors"))
     if not files:
         pickled = sorted(f.name for pattern in ("pytorch_model*.bin", "*.pt", "*.pth") for f in directory.glob(pattern))
         found = f"; found only PyTorch pickle weights ({', '.join(pickled)}), which qwen_np does not read" \

@@ -214,7 +214,8 @@ def test_greedy_ignores_the_filters_but_not_the_repetition_penalty():
 def test_sampling_defaults_come_from_generation_config_and_can_be_overridden():
     qwen_instruct = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
     assert sampling_settings(qwen_instruct) == Sampling(0.7, 20, 0.8, 0.0, 1.05)
-    assert sampling_settings(qwen_instruct, temperature=0, top_k=0) == Sampling(0.0, 0, 0.8, 0.0, 1.05)
+    # Greedy: the file's filters are not read (the caller's are); the repetition penalty still is.
+    assert sampling_settings(qwen_instruct, temperature=0, top_k=0) == Sampling(0.0, 0, 1.0, 0.0, 1.05)
     assert sampling_settings({}).temperature == 0  # no do_sample: greedy, like transformers' generate
     assert sampling_settings({"do_sample": False, "temperature": 0.6}).temperature == 0
     assert sampling_settings({"do_sample": True}) == Sampling(1.0, 50, 1.0, 0.0, 1.0)  # transformers' defaults
@@ -230,10 +231,10 @@ def test_sampling_defaults_come_from_generation_config_and_can_be_overridden():
     ({"eos_token_id": [5, None]}, "eos_token_id must be"),
     ({"eos_token_id": 1.5}, "eos_token_id must be"),
     ({"do_sample": True, "temperature": "hot"}, "temperature must be"),
-    ({"top_k": "x"}, "top_k must be"),
+    ({"do_sample": True, "top_k": "x"}, "top_k must be"),
     ({"max_new_tokens": "5"}, "max_new_tokens must be"),
     ({"do_sample": "false"}, "do_sample must be true or false"),  # a non-empty string would count as true
-    ({"top_p": 0}, "top_p must be a number in \\(0, 1\\], got 0"),  # 0 was silently read as 1
+    ({"do_sample": True, "top_p": 0}, "top_p must be a number in \\(0, 1\\], got 0"),  # 0 was read as 1
     ({"repetition_penalty": 0}, "repetition_penalty must be"),  # likewise
     ({"max_new_tokens": 0}, "max_new_tokens must be a positive integer, got 0"),  # 0 was silently read as 512
     ({"do_sample": True, "temperature": float("inf")}, "temperature must be"),
@@ -335,7 +336,7 @@ def test_generation_config_sets_the_defaults(tiny_models):
     ([], "empty"), ([3, 128], "outside the vocabulary"), ([-1, 2], "outside the vocabulary"),
     ("text", "no tokenizer.json"),
     *[(bad, "a prompt must be a string or a list of token ids") for bad in (
-        [1.5, 2.7], [[1, 2], [3, 4]], [True, False], None, {"a": 1}, b"ab", np.array([[1, 2]]), np.array([1.0]))],
+        [1.5, 2.7], [[1, 2], [3, 4]], [True, False], None, {"a": 1}, b"ab", np.array([1.0]))],
 ])
 def test_bad_prompts_are_clear_errors(tiny_models, prompt, message):
     model, _ = tiny_models["qwen2"]  # vocab_size=128, no tokenizer
@@ -364,7 +365,7 @@ def test_generate_batch_takes_a_list_of_prompts(tiny_models, prompts):
     dict(seed="x"), dict(seed=1.5), dict(seed=-1),
     dict(stop=5), dict(stop=[5]), dict(stop=b"x"), dict(stop=["a", None]),
     dict(eos_token_id="x"), dict(eos_token_id=1.5), dict(eos_token_id=[1.5]), dict(eos_token_id=[None]),
-    dict(eos_token_id=-1), dict(eos_token_id=True),
+    dict(eos_token_id=True),
     dict(max_new_tokens="x"), dict(max_new_tokens=float("nan")), dict(max_new_tokens=float("inf")),
     dict(max_new_tokens=2.5), dict(max_new_tokens=0),
     dict(temperature="x"), dict(top_k="x"), dict(top_p="x"), dict(min_p="x"), dict(repetition_penalty="x"),
@@ -386,6 +387,20 @@ def test_numpy_integers_are_accepted_where_ints_are(tiny_models):
                                  eos_token_id=[i(5)], **settings)) == expected
     assert list(qwen_np.generate(model, np.array(PROMPTS[1]), seed=3, top_k=20, eos_token_id=i(5),
                                  **settings)) == expected
+    # A [1, T] row of ids (what a tokenizer returns), a [B, T] array of prompts, a Generator as the seed,
+    # end tokens as an array, a set or -1 ("none", in old configs).
+    assert list(qwen_np.generate(model, np.array([PROMPTS[1]]), seed=np.random.default_rng(3), top_k=20,
+                                 eos_token_id=np.array([5, -1]), **settings)) == expected
+    assert list(qwen_np.generate(model, tuple(PROMPTS[1]), seed=3, top_k=20, eos_token_id={5}, **settings)) == expected
+    rows = np.array([PROMPTS[1], PROMPTS[1]])
+    assert [step[0] for step in qwen_np.generate_batch(model, rows, temperature=0, max_new_tokens=6)] == list(
+        qwen_np.generate(model, PROMPTS[1], temperature=0, max_new_tokens=6))
+
+
+def test_greedy_decoding_neither_reads_nor_checks_the_files_filter_values():
+    # transformers ignores top_k / top_p / min_p when do_sample is off, whatever they hold.
+    assert sampling_settings({"do_sample": False, "top_p": 0.0, "top_k": -1, "min_p": 5}) == Sampling(0.0, 50, 1.0,
+                                                                                                      0.0, 1.0)
 
 
 def test_prompt_plus_max_new_tokens_must_fit_in_the_context(tiny_models):

@@ -368,6 +368,19 @@ def test_keys_the_reference_ignores_are_not_checked(checkpoint):
     assert qwen_np.load(checkpoint).config.sliding_window is None
 
 
+def test_a_null_rope_theta_is_named(checkpoint):
+    raw = json.loads((checkpoint / "config.json").read_text())
+    raw.pop("rope_parameters")
+    (checkpoint / "config.json").write_text(json.dumps({**raw, "rope_theta": None}))  # edit_config drops None
+    with pytest.raises(qwen_np.QwenNPError, match="rope_theta is null; it must be a number > 0"):
+        qwen_np.load(checkpoint)
+
+
+def test_negative_token_ids_in_old_configs_are_read(checkpoint):
+    edit_config(checkpoint, pad_token_id=-1, bos_token_id=0, eos_token_id=1)  # Llama configs of 2023 say -1: none
+    assert qwen_np.load(checkpoint).config.pad_token_id == -1
+
+
 def test_malformed_config(checkpoint):
     (checkpoint / "config.json").write_text("{not json")
     with pytest.raises(qwen_np.QwenNPError, match="config.json is not valid JSON"):
@@ -463,7 +476,11 @@ def test_index_whose_weight_map_is_not_names_to_files(checkpoint, weight_map):
 def test_tensor_in_two_files_without_an_index(checkpoint):
     norm = load_file(checkpoint / "model.safetensors")["model.norm.weight"]
     save_file({"model.norm.weight": norm + 1}, checkpoint / "model-extra.safetensors")
-    both = r"tensor 'model\.norm\.weight' is in both \S*/model-extra\.safetensors and \S*/model\.safetensors"
+    # Beside model.safetensors no other file is read, as transformers reads only it...
+    np.testing.assert_array_equal(qwen_np.load(checkpoint).params["model"]["norm"]["weight"], norm)
+    # ...without it, every .safetensors file is a shard, and a tensor may be in one only.
+    (checkpoint / "model.safetensors").rename(checkpoint / "model-main.safetensors")
+    both = r"tensor 'model\.norm\.weight' is in both \S*/model-extra\.safetensors and \S*/model-main\.safetensors"
     with pytest.raises(qwen_np.QwenNPError, match=both):
         qwen_np.load(checkpoint)
 
