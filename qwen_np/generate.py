@@ -23,7 +23,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .config import QwenNPError, is_int, is_number
-from .model import KVCache, copy_cache, empty_cache, forward
+from .model import KVCache, check_cache, copy_cache, empty_cache, forward
 from .ops import softmax
 
 NEG_INF = np.float32(-np.inf)
@@ -256,10 +256,12 @@ def rope_allows_reuse(config, past, ids):  # -> whether past's keys are those a 
 
 
 def check_past(past, config):
-    keys = past.cache.keys if isinstance(past, Past) else ()
-    if len(keys) != config.num_hidden_layers or keys[0].shape[:2] + keys[0].shape[3:] != (
-            1, config.num_key_value_heads, config.head_dim):
-        raise QwenNPError("past= must be the `past` of an earlier one-prompt generation with this model")
+    if not isinstance(past, Past):
+        raise QwenNPError("past= must be the `past` of an earlier one-prompt generation (its stats.past)")
+    try:
+        check_cache(past.cache, config, batch_size=1)
+    except QwenNPError as e:
+        raise QwenNPError(f"past= does not fit this model: {e}") from None
 
 
 def encode(tokenizer, text, what, **kwargs):  # -> the token ids of text
