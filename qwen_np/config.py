@@ -167,8 +167,9 @@ def config_from_dict(raw, source="config"):
         absent = "" if "num_key_value_heads" in raw else f" (absent: the reference's default for {model_type})"
         raise QwenNPError(f"{source}: num_attention_heads={n_heads} is not a multiple of "
                           f"num_key_value_heads={kv_heads}{absent}")
-    if head_dim % 2:
-        raise QwenNPError(f"{source}: head_dim={head_dim} must be even (RoPE rotates pairs of dimensions)")
+    if head_dim < 2 or head_dim % 2:  # derived, it is 0 when there are more heads than hidden dimensions
+        raise QwenNPError(f"{source}: head_dim={head_dim} must be a positive even number (RoPE rotates pairs "
+                          f"of dimensions)")
     if len(layer_types) != n_layers:
         raise QwenNPError(f"{source}: layer_types has {len(layer_types)} entries for {n_layers} layers")
     if model_type == "qwen2":
