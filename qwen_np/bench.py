@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import read_config
+from .config import QwenNPError, read_config
 from .weights import expected_shapes
 
 # Random checkpoints of real shapes (the released models' config.json, minus the tokenizer ids).
@@ -298,11 +298,17 @@ def table(name, config, summary, sizes, engines):
     return "\n".join(lines)
 
 
+def positive_int(text):  # an argparse type
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m qwen_np.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--model", action="append", type=Path, help="a checkpoint directory (repeatable)")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2, help="threads for both engines (default 2)")
+    parser.add_argument("--rounds", type=positive_int, default=3)
+    parser.add_argument("--threads", type=positive_int, default=2, help="threads for both engines (default 2)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, one round")
     parser.add_argument("--bf16", action="store_true", help="also time transformers in bfloat16")
     parser.add_argument("--mmap", action="store_true", help="also time qwen_np with mmap=True (float32 weights "
@@ -329,6 +335,14 @@ def main(argv=None):
 
     sizes = SMOKE_SIZES if args.smoke else SIZES
     rounds = 1 if args.smoke else args.rounds
+    for path in args.model or ():
+        if not (path / "config.json").is_file():
+            parser.error(f"--model {path}: not a checkpoint directory with a config.json (the benchmark reads "
+                         f"safetensors checkpoints, not .gguf files)")
+    unknown = set(args.shapes or ()) - set(SMOKE_SHAPES if args.smoke else SHAPES)
+    if unknown:
+        parser.error(f"--shapes: unknown {', '.join(sorted(unknown))}; the shapes are "
+                     f"{', '.join(SMOKE_SHAPES if args.smoke else SHAPES)}")
     engines = (ENGINES + (("qwen_np-mmap",) if args.mmap else ()) + (("qwen_np-low-memory",) if args.low_memory else ())
                + (("transformers-bf16",) if args.bf16 else ()))
     with tempfile.TemporaryDirectory(prefix="qwen_np_bench_") as tmp:
@@ -344,7 +358,10 @@ def main(argv=None):
                     write_checkpoint(path, shapes[name])
             if hasattr(os, "sync"):
                 os.sync()  # let the written gigabytes reach the disk before anything is timed
-        configs = {name: read_config(path) for name, path in models.items()}
+        try:
+            configs = {name: read_config(path) for name, path in models.items()}
+        except QwenNPError as e:
+            parser.error(str(e))
 
         ceilings, runs = [], {name: [] for name in models}
         for r in range(rounds):

@@ -5,9 +5,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, require_reference
 
-from qwen_np.bench import SMOKE_SHAPES, SMOKE_SIZES, figures
+from qwen_np.bench import SMOKE_SHAPES, SMOKE_SIZES, figures, main
 
 FIGURES = {"load_s", "first_forward_s", "prefill_16_s", "prefill_32_s", "decode_short_tok_s", "decode_long_tok_s",
            "peak_rss_load_gb", "peak_rss_prefill_gb", "peak_rss_long_gb"}
@@ -35,3 +36,22 @@ def test_smoke_run_prints_table_and_json():
     text = "\n".join(table)
     for label in [label for _, label, _ in figures(SMOKE_SIZES)] + list(SMOKE_SHAPES):
         assert label in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rounds", "0"], "'0' is not a positive integer"),
+    (["--threads", "two"], "'two' is not a positive integer"),
+    (["--model", "no-such-dir"], "--model no-such-dir: not a checkpoint directory with a config.json"),
+    (["--shapes", "qwen9"], "--shapes: unknown qwen9"),
+])
+def test_bad_arguments_are_usage_errors(capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        main(args)  # refused before any checkpoint is written or timed
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_bad_checkpoint_is_a_usage_error(capsys, tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tmp_path)])
+    assert e.value.code == 2 and "config.json is not valid JSON" in capsys.readouterr().err
