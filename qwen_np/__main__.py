@@ -97,7 +97,7 @@ def sampling_kwargs(args):
                 stop=args.stop)
 
 
-def read_text(read, where):  # read() -> its text, refused unless it is valid UTF-8
+def read_utf8(read, where):  # read() -> its text, refused unless it is valid UTF-8
     try:
         text = read()
         text.encode("utf-8")  # where Python escapes undecodable bytes, they come as lone surrogates
@@ -132,9 +132,9 @@ def report(stats, err):  # stats: a list of GenerationStats
 def run_generate(model, args):
     from .generate import generate_text
     if args.prompt == "-":
-        prompt = read_text(sys.stdin.read, "the prompt on stdin")
+        prompt = read_utf8(sys.stdin.read, "the prompt on stdin")
     else:
-        prompt = read_text(lambda: args.prompt, "the prompt")
+        prompt = read_utf8(lambda: args.prompt, "the prompt")
     _, stats = stream(generate_text(model, prompt, **sampling_kwargs(args)), sys.stdout)
     sys.stdout.write("\n")
     report([stats], sys.stderr)
@@ -154,7 +154,7 @@ def run_chat(model, args):
     stats, past = [], None  # past: the conversation's KV cache, so each turn prefills only its new tokens
     while True:
         try:
-            line = read_text(lambda: input("> " if interactive else ""), "the message on stdin")
+            line = read_utf8(lambda: input("> " if interactive else ""), "the message on stdin")
         except EOFError:
             break
         if line.strip() == "/exit":

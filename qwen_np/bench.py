@@ -334,22 +334,21 @@ def main(argv=None):
         return
 
     sizes = SMOKE_SIZES if args.smoke else SIZES
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
     rounds = 1 if args.smoke else args.rounds
     for path in args.model or ():
         if not (path / "config.json").is_file():
             parser.error(f"--model {path}: not a checkpoint directory with a config.json (the benchmark reads "
                          f"safetensors checkpoints, not .gguf files)")
-    unknown = set(args.shapes or ()) - set(SMOKE_SHAPES if args.smoke else SHAPES)
+    unknown = set(args.shapes or ()) - set(shapes)
     if unknown:
-        parser.error(f"--shapes: unknown {', '.join(sorted(unknown))}; the shapes are "
-                     f"{', '.join(SMOKE_SHAPES if args.smoke else SHAPES)}")
+        parser.error(f"--shapes: unknown {', '.join(sorted(unknown))}; the shapes are {', '.join(shapes)}")
     engines = (ENGINES + (("qwen_np-mmap",) if args.mmap else ()) + (("qwen_np-low-memory",) if args.low_memory else ())
                + (("transformers-bf16",) if args.bf16 else ()))
     with tempfile.TemporaryDirectory(prefix="qwen_np_bench_") as tmp:
         if args.model:
             models = {path.name: path for path in args.model}
         else:
-            shapes = SMOKE_SHAPES if args.smoke else SHAPES
             root = args.checkpoints or Path(tmp)
             models = {name: root / name for name in (args.shapes or shapes)}
             for name, path in models.items():
