@@ -52,9 +52,9 @@ def load(path, mmap=False, low_memory=False):
     Loading also tells the C library to keep freed memory for reuse (`keep_freed_memory`).
     """
     keep_freed_memory()
-    path = Path(path).expanduser()
+    name, path = str(path), Path(path).expanduser()
     if not path.exists():
-        raise QwenNPError(f"{path} does not exist")
+        raise QwenNPError(f"{path} does not exist{hub_hint(name)}")
     if path.is_file() and path.suffix.lower() == ".gguf":
         if mmap or low_memory:
             raise QwenNPError(f"{path}: {'mmap' if mmap else 'the low-memory mode'} is for safetensors "
@@ -73,6 +73,14 @@ def load(path, mmap=False, low_memory=False):
     return Model(config=config, params=load_params(path, config, mmap, low_memory), tokenizer=load_tokenizer(path),
                  generation_config=read_json(path / "generation_config.json") or {},
                  tokenizer_config=tokenizer_config, path=path)
+
+
+def hub_hint(name):  # -> how to fetch `name` if it looks like a Hub id ("Qwen/Qwen3-0.6B"), else ""
+    owner, _, repo = name.partition("/")
+    if not (owner and repo) or "/" in repo or owner.startswith((".", "~")) or name.endswith(".gguf"):
+        return ""
+    return (f" (qwen_np reads local files only; to fetch {name} from the Hugging Face Hub: "
+            f"pip install huggingface_hub, then hf download {name} --local-dir DIR, and pass DIR)")
 
 
 def keep_freed_memory(mmap_threshold=32 << 20, trim_threshold=256 << 20):

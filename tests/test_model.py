@@ -325,6 +325,33 @@ def test_missing_path_and_missing_config(tmp_path):
         qwen_np.load(tmp_path)
 
 
+def test_a_hub_cache_snapshot_of_symlinks_loads(checkpoint, tmp_path):
+    # The Hub's cache keeps each file once under blobs/ and links it from snapshots/<commit>/.
+    blobs, snapshot = tmp_path / "hub" / "blobs", tmp_path / "hub" / "snapshots" / "0123abc"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    original = qwen_np.load(checkpoint)
+    for i, f in enumerate(sorted(p for p in checkpoint.iterdir() if p.is_file())):
+        f.rename(blobs / f"blob{i}")
+        (snapshot / f.name).symlink_to(f"../../blobs/blob{i}")
+    ids = np.array([[1, 2, 3]])
+    expected = qwen_np.forward(original.params, original.config, ids)[0]
+    for mmap in (False, True):
+        model = qwen_np.load(snapshot, mmap=mmap)
+        np.testing.assert_array_equal(qwen_np.forward(model.params, model.config, ids)[0], expected)
+
+
+def test_a_hub_id_that_is_not_a_local_path_says_how_to_fetch_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(qwen_np.QwenNPError, match=r"Qwen/Qwen3-0.6B does not exist \(qwen_np reads local files "
+                       r"only; .*hf download Qwen/Qwen3-0.6B --local-dir DIR"):
+        qwen_np.load("Qwen/Qwen3-0.6B")
+    for path in ("nope", "./nope/x", str(tmp_path / "a" / "b"), "a/b/c", "a/b.gguf"):  # plainly paths: no hint
+        with pytest.raises(qwen_np.QwenNPError) as error:
+            qwen_np.load(path)
+        assert str(error.value).endswith("does not exist"), error.value
+
+
 def test_unsupported_model_type(checkpoint):
     edit_config(checkpoint, model_type="gpt2")
     with pytest.raises(qwen_np.QwenNPError, match="unsupported model_type 'gpt2'"):
