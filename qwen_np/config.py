@@ -108,8 +108,16 @@ def read_config(path):
         path = path / "config.json"
     raw = read_json(path)
     if raw is None:
-        raise QwenNPError(f"no config.json found: {path} does not exist")
+        raise QwenNPError(f"no config.json found: {path} does not exist{cache_folder_hint(path.parent)}")
     return config_from_dict(raw, source=str(path))
+
+
+def cache_folder_hint(directory):  # -> which directory to pass if `directory` is a model folder of the Hub's cache
+    snapshots = sorted(p.parent for p in directory.glob("snapshots/*/config.json"))
+    if not snapshots:
+        return ""
+    where = snapshots[0] if len(snapshots) == 1 else directory / "snapshots" / "<commit>"
+    return f" (this looks like a model folder of the Hugging Face cache: pass {where})"
 
 
 def read_json(path):

@@ -341,6 +341,18 @@ def test_a_hub_cache_snapshot_of_symlinks_loads(checkpoint, tmp_path):
         np.testing.assert_array_equal(qwen_np.forward(model.params, model.config, ids)[0], expected)
 
 
+def test_a_model_folder_of_the_hub_cache_names_its_snapshot(tmp_path):
+    folder = tmp_path / "models--Qwen--Qwen3-0.6B"
+    (folder / "snapshots" / "0123abc").mkdir(parents=True)
+    (folder / "snapshots" / "0123abc" / "config.json").write_text("{}")
+    with pytest.raises(qwen_np.QwenNPError, match=re.escape(f"cache: pass {folder / 'snapshots' / '0123abc'})")):
+        qwen_np.load(folder)
+    (folder / "snapshots" / "4567def").mkdir()
+    (folder / "snapshots" / "4567def" / "config.json").write_text("{}")
+    with pytest.raises(qwen_np.QwenNPError, match=re.escape(f"cache: pass {folder / 'snapshots' / '<commit>'})")):
+        qwen_np.load(folder)
+
+
 def test_a_hub_id_that_is_not_a_local_path_says_how_to_fetch_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(qwen_np.QwenNPError, match=r"Qwen/Qwen3-0.6B does not exist \(qwen_np reads local files "
