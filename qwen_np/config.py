@@ -108,16 +108,19 @@ def read_config(path):
         path = path / "config.json"
     raw = read_json(path)
     if raw is None:
-        raise QwenNPError(f"no config.json found: {path} does not exist{cache_folder_hint(path.parent)}")
+        raise QwenNPError(f"no config.json found: {path} does not exist{directory_hint(path.parent)}")
     return config_from_dict(raw, source=str(path))
 
 
-def cache_folder_hint(directory):  # -> which directory to pass if `directory` is a model folder of the Hub's cache
+def directory_hint(directory):  # -> what to pass instead of a directory without config.json, if we can tell
+    ggufs = sorted(p.name for p in directory.glob("*.gguf"))
+    if ggufs:  # a GGUF repository: --model takes one of its files
+        return f" (it holds GGUF files: pass one of them, such as {directory / ggufs[0]})"
     snapshots = sorted(p.parent for p in directory.glob("snapshots/*/config.json"))
-    if not snapshots:
-        return ""
-    where = snapshots[0] if len(snapshots) == 1 else directory / "snapshots" / "<commit>"
-    return f" (this looks like a model folder of the Hugging Face cache: pass {where})"
+    if snapshots:  # a model folder of the Hub's cache
+        where = snapshots[0] if len(snapshots) == 1 else directory / "snapshots" / "<commit>"
+        return f" (this looks like a model folder of the Hugging Face cache: pass {where})"
+    return ""
 
 
 def read_json(path):

@@ -353,6 +353,14 @@ def test_a_model_folder_of_the_hub_cache_names_its_snapshot(tmp_path):
         qwen_np.load(folder)
 
 
+def test_a_directory_of_gguf_files_says_to_pass_one_of_them(tmp_path):
+    for name in ("qwen2.5-0.5b-instruct-q8_0.gguf", "qwen2.5-0.5b-instruct-fp16.gguf"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(qwen_np.QwenNPError, match=re.escape(
+            f"(it holds GGUF files: pass one of them, such as {tmp_path / 'qwen2.5-0.5b-instruct-fp16.gguf'})")):
+        qwen_np.load(tmp_path)
+
+
 def test_a_hub_id_that_is_not_a_local_path_says_how_to_fetch_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(qwen_np.QwenNPError, match=r"Qwen/Qwen3-0.6B does not exist \(qwen_np reads local files "
