@@ -217,6 +217,11 @@ def read_gguf(path):  # -> {metadata key: value}, {tensor name: ReaderTensor}
         metadata = {key: field.contents() for key, field in reader.fields.items()}
     except UnicodeDecodeError as e:
         raise QwenNPError(f"{path}: a metadata string is not valid UTF-8 ({e})") from None
+    parts, number = metadata.get("split.count", 1), metadata.get("split.no")
+    if parts != 1:  # llama.cpp's gguf-split: the tensors are spread over several files
+        part = f"part {number + 1}" if is_int(number) else "a part"
+        raise QwenNPError(f"{path} is {part} of a GGUF split into {parts} files; qwen_np reads one-file GGUFs: "
+                          f"join the parts first with llama.cpp's llama-gguf-split --merge FIRST-PART.gguf JOINED.gguf")
     return metadata, {tensor.name: tensor for tensor in reader.tensors}
 
 

@@ -185,6 +185,18 @@ def test_truncated_and_foreign_files(tmp_path):
         qwen_np.load(path)
 
 
+def test_a_part_of_a_split_gguf_says_to_join_the_parts(tmp_path):
+    U16 = gguf.GGUFValueType.UINT16
+    metadata = [("split.no", 1, U16), ("split.count", 3, U16), ("split.tensors.count", 20, gguf.GGUFValueType.INT32)]
+    path = random_gguf(tmp_path / "m-00002-of-00003.gguf", "qwen2", small_config("qwen2"), extra_metadata=metadata)
+    with pytest.raises(qwen_np.QwenNPError, match=r"m-00002-of-00003.gguf is part 2 of a GGUF split into 3 files; "
+                                                  r"qwen_np reads one-file GGUFs: join the parts first"):
+        qwen_np.load(path)
+    metadata = [("split.no", 0, U16), ("split.count", 1, U16)]  # a one-part split is a whole file
+    assert qwen_np.load(random_gguf(tmp_path / "whole.gguf", "qwen2", small_config("qwen2"),
+                                    extra_metadata=metadata)).config.model_type == "qwen2"
+
+
 def test_bad_metadata_values_are_named(tmp_path):
     config = small_config("qwen2")
     tensors = {name: np.ones(shape, np.float32) for name, shape in expected_shapes(config_from_dict(config)).items()}
