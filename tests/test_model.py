@@ -10,6 +10,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import qwen_np
+from conftest import require_reference
 from qwen_np.config import config_from_dict, read_json
 from qwen_np.weights import expected_shapes, read_safetensors_header
 from tiny import drop_tensor, edit_config, reference_logits, tiny_model
@@ -89,7 +90,7 @@ def test_rope_scaling_past_the_original_length(tmp_path, rope):
 
 
 def test_bf16_checkpoint_in_shards(tmp_path):
-    import torch
+    torch, _ = require_reference()  # skips without the reference (fails in CI)
     compare("qwen2", tmp_path, dtype=torch.bfloat16, max_shard_size="40KB")
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
@@ -107,14 +108,14 @@ def test_mmap_load_maps_float32_tensors_and_gives_the_same_logits(tmp_path):
     np.testing.assert_allclose(qwen_np.forward(mapped.params, mapped.config, x)[0],
                                reference_logits(reference, x), **TOL)
     # A bf16 checkpoint has nothing to map as float32: it is widened into memory as usual.
-    import torch
+    torch, _ = require_reference()  # skips without the reference (fails in CI)
     tiny_model("qwen2", tmp_path / "bf16", dtype=torch.bfloat16)
     widened = qwen_np.load(tmp_path / "bf16", mmap=True).params["model"]["embed_tokens"]["weight"]
     assert widened.dtype == np.float32 and widened.flags.writeable
 
 
 def test_low_memory_keeps_bf16_matrices_and_gives_the_default_logits(tmp_path):
-    import torch
+    torch, _ = require_reference()  # skips without the reference (fails in CI)
     tiny_model("qwen2", tmp_path, dtype=torch.bfloat16, tie_word_embeddings=False, max_shard_size="40KB")
     default, low = qwen_np.load(tmp_path), qwen_np.load(tmp_path, low_memory=True)
     layer = low.params["model"]["layers"][0]
@@ -128,7 +129,7 @@ def test_low_memory_keeps_bf16_matrices_and_gives_the_default_logits(tmp_path):
 
 
 def test_low_memory_rounds_float32_weights_to_bf16_as_torch_does(tmp_path, monkeypatch):
-    import torch
+    torch, _ = require_reference()  # skips without the reference (fails in CI)
     monkeypatch.setattr(qwen_np.ops, "BF16_ROWS", 48)  # the LM head (vocab 128) in three blocks
     reference = tiny_model("qwen3", tmp_path)
     low = qwen_np.load(tmp_path, low_memory=True)
@@ -141,7 +142,7 @@ def test_low_memory_rounds_float32_weights_to_bf16_as_torch_does(tmp_path, monke
 
 
 def test_float32_to_bf16_rounds_to_nearest_even():
-    import torch
+    torch, _ = require_reference()  # skips without the reference (fails in CI)
     from qwen_np.ops import bf16_to_float32
     from qwen_np.weights import float32_to_bf16
     values = np.concatenate([rng.standard_normal(10000).astype(np.float32),
@@ -153,12 +154,12 @@ def test_float32_to_bf16_rounds_to_nearest_even():
 
 
 def test_fp16_checkpoint(tmp_path):
-    import torch
+    torch, _ = require_reference()  # skips without the reference (fails in CI)
     compare("qwen3", tmp_path, dtype=torch.float16)
 
 
 def test_bf16_widening_is_exact(tmp_path):
-    import torch
+    torch, _ = require_reference()  # skips without the reference (fails in CI)
     values = torch.randn(1000).to(torch.bfloat16)
     from qwen_np.weights import read_tensor
     path = tmp_path / "x.safetensors"
