@@ -73,7 +73,8 @@ def build_parser():
 
     chat = commands.add_parser("chat", help="multi-turn chat in the terminal, using the chat template",
                                description="Chat with an instruct model: one message per line on stdin, "
-                                           "until end of input or /exit.")
+                                           "until end of input or /exit. In a terminal, Ctrl-C stops an answer "
+                                           "and the chat goes on.")
     chat.add_argument("--system", metavar="TEXT", help="a system message to start the chat with")
     chat.add_argument("--no-think", action="store_true",
                       help="Qwen3: answer without thinking first (sets the template's enable_thinking=False)")
@@ -106,16 +107,22 @@ def read_utf8(read, where):  # read() -> its text, refused unless it is valid UT
     return text
 
 
-def stream(pieces, out):  # prints text pieces as they come; -> (the whole text, GenerationStats)
+def stream(pieces, out, interruptible=False):  # prints text pieces as they come; -> (the whole text, GenerationStats)
+    # interruptible: Ctrl-C stops the text there and returns (the text so far, None), instead of raising.
     text = []
     while True:
         try:
             piece = next(pieces)
+            text.append(piece)
+            out.write(piece)
+            out.flush()
         except StopIteration as done:
             return "".join(text), done.value
-        text.append(piece)
-        out.write(piece)
-        out.flush()
+        except KeyboardInterrupt:
+            if not interruptible:
+                raise
+            pieces.close()
+            return "".join(text), None
 
 
 def report(stats, err):  # stats: a list of GenerationStats
@@ -148,7 +155,7 @@ def run_chat(model, args):
             import readline  # noqa: F401  (line editing and history for input(), where available)
         except ImportError:
             pass
-        sys.stderr.write("Type a message and press Enter; /exit or Ctrl-D to leave.\n")
+        sys.stderr.write("Type a message and press Enter; Ctrl-C stops an answer; /exit or Ctrl-D to leave.\n")
     messages = [{"role": "system", "content": args.system}] if args.system else []
     variables = {"enable_thinking": False} if args.no_think else {}
     stats, past = [], None  # past: the conversation's KV cache, so each turn prefills only its new tokens
@@ -162,10 +169,15 @@ def run_chat(model, args):
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        reply, turn = stream(chat(model, messages, past=past, **variables, **sampling_kwargs(args)), sys.stdout)
+        # In a terminal, Ctrl-C stops the answer and the chat goes on (when piped, it ends the program).
+        reply, turn = stream(chat(model, messages, past=past, **variables, **sampling_kwargs(args)), sys.stdout,
+                             interruptible=interactive)
         sys.stdout.write("\n")
-        stats.append(turn)
-        past = turn.past
+        if turn is None:  # stopped: the history keeps what was shown; the last turn's cache stays usable
+            sys.stderr.write("(answer stopped)\n")
+        else:
+            stats.append(turn)
+            past = turn.past
         # The history keeps the answer only; Qwen3's template drops old thinking anyway.
         messages.append({"role": "assistant", "content": split_thinking(reply)[1]})
     if stats:

@@ -1,6 +1,7 @@
 """The command line as a user runs it: `python -m qwen_np ...` in a subprocess, on checkpoint
 directories that hold the real Qwen3 tokenizer files."""
 
+import io
 import os
 import subprocess
 import sys
@@ -172,3 +173,42 @@ def test_default_model_chat_answers_paris(shared_data, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "The capital of France is Paris." in result.stdout
     assert "downloading" not in result.stderr and "tokens/s" in result.stderr
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_ctrl_c_in_a_terminal_stops_the_answer_and_the_chat_goes_on(terminal, monkeypatch, capsys):
+    from qwen_np.__main__ import build_parser, run_chat
+    from qwen_np.generate import GenerationStats
+
+    calls = []  # (messages, past) of each turn
+
+    def chat(model, messages, past=None, **kwargs):
+        calls.append(([dict(m) for m in messages], past))
+        yield "Par"
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the user presses Ctrl-C in the middle of the second answer
+        yield "is"
+        return GenerationStats(3, 0.1, 2, 0.1, ("eos",), past=f"cache of turn {len(calls)}")
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return terminal
+
+    lines = iter(["first", "second", "third", "/exit"])
+    monkeypatch.setattr(sys.modules["qwen_np.chat"], "chat", chat)
+    monkeypatch.setattr(sys, "stdin", Terminal())
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    args = build_parser().parse_args(["chat", "--model", "unused"])
+    if not terminal:  # piped input: Ctrl-C ends the program (main exits with 130)
+        with pytest.raises(KeyboardInterrupt):
+            run_chat(None, args)
+        return
+    run_chat(None, args)
+    out, err = capsys.readouterr()
+    assert out == "Paris\nPar\nParis\n"
+    assert "Ctrl-C stops an answer" in err and err.count("(answer stopped)") == 1
+    # The next turn sees what was shown of the stopped answer, and the cache of the turn before it.
+    assert calls[2] == ([{"role": "user", "content": "first"}, {"role": "assistant", "content": "Paris"},
+                         {"role": "user", "content": "second"}, {"role": "assistant", "content": "Par"},
+                         {"role": "user", "content": "third"}], "cache of turn 1")
+    assert "prefill: 6 tokens" in err and "decode: 4 tokens" in err  # the finished turns only
