@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import QwenNPError, is_int
+from .config import QwenNPError, is_int, read_json
 
 DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # BF16: raw bits, widened below
 
@@ -138,10 +138,7 @@ def checkpoint_files(directory):
 
 
 def read_weight_map(index):  # -> {tensor name: shard file name} of a model.safetensors.index.json
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-        weight_map = None
+    weight_map = read_json(index).get("weight_map")  # read_json names a file that is not a JSON object
     if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
         raise QwenNPError(f"{index} is not a valid index (it needs a 'weight_map' object of tensor name -> file name)")
     return weight_map
