@@ -230,6 +230,8 @@ def load_params(directory, config, mmap=False, low_memory=False):
     files = checkpoint_files(directory)
     shapes = expected_shapes(config)
     headers = {f: read_safetensors_header(f) for f in sorted(set(files.values()))}
+    if not any(name.startswith("model.") for name in files):  # a base model's checkpoint: see with_model_prefix
+        files, headers = with_model_prefix(files), {f: with_model_prefix(h) for f, h in headers.items()}
     # Check every name and shape from the headers first, so a bad checkpoint fails before any reading.
     for name, shape in shapes.items():
         if name not in files or name not in headers[files[name]]:
@@ -249,6 +251,13 @@ def load_params(directory, config, mmap=False, low_memory=False):
                                                    maps.get(files[name]), low_memory and len(shapes[name]) == 2),
                           shapes)
         return build_tree(dict(zip(shapes, arrays)))
+
+
+def with_model_prefix(tensors):  # {name: x} -> {"model." + name: x}, lm_head.* unchanged
+    # A checkpoint saved from the base model (Qwen3Model, as Qwen3-Embedding is published) names its
+    # tensors "layers.0...", not "model.layers.0...": transformers adds the prefix when it loads
+    # such a checkpoint into Qwen3ForCausalLM, and so do we.
+    return {name if name.startswith("lm_head.") else f"model.{name}": x for name, x in tensors.items()}
 
 
 def check_no_unexpected_layer_tensors(headers, shapes, config):

@@ -600,3 +600,25 @@ def test_tokenizer_is_loaded_when_present(checkpoint, shared_data):
     model = qwen_np.load(checkpoint)
     assert model.tokenizer.encode("Hello, world! 你好").ids == [9707, 11, 1879, 0, 220, 108386]
     assert "enable_thinking" in model.tokenizer_config["chat_template"]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_base_model_checkpoint_without_the_model_prefix_loads_as_transformers_loads_it(tmp_path, tied):
+    # Qwen3-Embedding is published as saved from Qwen3Model: "layers.0...", not "model.layers.0...".
+    torch, transformers = require_reference()
+    config = transformers.Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                                      tie_word_embeddings=tied)
+    transformers.Qwen3Model(config).save_pretrained(tmp_path, max_shard_size="100KB")  # sharded, with an index
+    if not tied:  # an untied head saved beside the base model keeps its own name
+        head = {"lm_head.weight": rng.normal(size=(128, 64)).astype(np.float32)}
+        save_file(head, tmp_path / "head.safetensors")
+        index = read_json(tmp_path / "model.safetensors.index.json")
+        index["weight_map"]["lm_head.weight"] = "head.safetensors"
+        (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert not any(name.startswith("model.") for name in read_json(tmp_path / "model.safetensors.index.json")[
+        "weight_map"])
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    model = qwen_np.load(tmp_path)
+    x = ids(2, 12)
+    np.testing.assert_allclose(qwen_np.forward(model.params, model.config, x)[0], reference_logits(reference, x), **TOL)
