@@ -155,10 +155,15 @@ def config_from_dict(raw, source="config"):
         missing += [k for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size") if k not in raw]
     if missing:
         raise QwenNPError(f"{source}: missing required key(s) {', '.join(missing)}")
-    # Keys the reference ignores are not checked: the MoE ones in a dense model, the window when it is off.
-    ignored = (() if model_type.endswith("_moe") else MOE_KEYS) + (() if raw.get("use_sliding_window") else (
-        "sliding_window", "max_window_layers"))
-    check_values({k: v for k, v in raw.items() if k not in ignored}, source)
+    # Keys the reference ignores are dropped, unchecked: the MoE ones in a dense model, the window's
+    # when it is off. Llama has no window; Qwen3-MoE's covers every layer (no layer_types).
+    ignored = set(() if model_type.endswith("_moe") else MOE_KEYS)
+    if not raw.get("use_sliding_window") or model_type == "llama":
+        ignored |= {"use_sliding_window", "sliding_window", "max_window_layers"}
+    if model_type in ("llama", "qwen3_moe"):
+        ignored |= {"layer_types", "max_window_layers"}
+    raw = {k: v for k, v in raw.items() if k not in ignored}
+    check_values(raw, source)
 
     def get(key, default):  # a key that is present but null takes the default, as in the reference
         value = raw.get(key)

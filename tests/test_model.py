@@ -76,6 +76,16 @@ def test_explicit_layer_types(tmp_path):
     assert qwen_np.load(tmp_path).config.layer_types == tuple(types_)
 
 
+def test_llama_has_no_sliding_window_whatever_config_json_says(tmp_path):
+    # transformers' Llama has no window: these keys, which a converted config.json may carry, are ignored there.
+    overrides = dict(use_sliding_window=True, sliding_window=4, max_window_layers=0,
+                     layer_types=["sliding_attention"] * 3)
+    compare("llama", tmp_path, length=20, **overrides)
+    assert read_json(tmp_path / "config.json")["layer_types"] == overrides["layer_types"]
+    config = qwen_np.load(tmp_path).config
+    assert config.sliding_window is None and set(config.layer_types) == {"full_attention"}
+
+
 @pytest.mark.parametrize("rope", [
     {"rope_type": "linear", "factor": 2.0},
     {"rope_type": "dynamic", "factor": 2.0},

@@ -156,3 +156,13 @@ def test_qwen2_moe_sliding_window_rule(tmp_path):
                           sliding_window=4, max_window_layers=3)
     # the reference: every other layer from layer 0, below max_window_layers
     assert model.config.layer_types == ("sliding_attention", "full_attention", "sliding_attention", "full_attention")
+
+
+def test_qwen3_moe_window_covers_every_layer_whatever_layer_types_say(tmp_path):
+    # transformers' Qwen3-MoE reads neither layer_types nor max_window_layers: with use_sliding_window on,
+    # every layer attends within the window.
+    x = rng.integers(0, 128, (1, 20))
+    _, model, _ = compare("qwen3_moe", tmp_path, x, num_hidden_layers=3, use_sliding_window=True, sliding_window=4,
+                          max_window_layers=1, layer_types=["full_attention"] * 3)
+    assert json.loads((tmp_path / "config.json").read_text())["layer_types"] == ["full_attention"] * 3
+    assert model.config.layer_types == ("sliding_attention",) * 3
