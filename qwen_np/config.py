@@ -30,8 +30,11 @@ def is_int(value, least=0):  # an int or NumPy integer (not True/False) of at le
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= least
 
 
-def is_number(value):  # a finite int or float, NumPy's too (not True/False)
-    return (is_int(value, -math.inf) or isinstance(value, (float, np.floating))) and math.isfinite(value)
+def is_number(value):  # a finite int or float, NumPy's too (not True/False), that a float can hold
+    try:
+        return (is_int(value, -math.inf) or isinstance(value, (float, np.floating))) and math.isfinite(value)
+    except OverflowError:  # an integer too large for a float (JSON allows 1e400 written out as digits)
+        return False
 
 
 VALUE_KINDS = {  # what a key must hold where config.json has it (null takes the default) -> (test, keys)
@@ -52,7 +55,8 @@ VALUE_KINDS = {  # what a key must hold where config.json has it (null takes the
         is_int(i, -math.inf) for i in v), ("bos_token_id", "eos_token_id", "pad_token_id")),
     "a list of layer indices": (lambda v: isinstance(v, list) and all(map(is_int, v)), ("mlp_only_layers",)),
     "a list of 'full_attention' and 'sliding_attention'": (
-        lambda v: isinstance(v, list) and set(v) <= {"full_attention", "sliding_attention"}, ("layer_types",)),
+        lambda v: isinstance(v, list) and all(t in ("full_attention", "sliding_attention") for t in v),
+        ("layer_types",)),
 }
 
 
@@ -123,14 +127,25 @@ def directory_hint(directory):  # -> what to pass instead of a directory without
     return ""
 
 
+def parse_json(text):  # -> the value of a JSON text; ValueError for any text Python cannot take in
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("it is nested too deeply") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise
+    except ValueError:  # Python refuses to convert an integer of more than 4300 digits
+        raise ValueError("it holds an integer of thousands of digits") from None
+
+
 def read_json(path):
     """A JSON file's object, or None when the file does not exist."""
     path = Path(path)
     if not path.is_file():
         return None
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raw = parse_json(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, and the rest of parse_json's
         raise QwenNPError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(raw, dict):
         raise QwenNPError(f"{path} must hold a JSON object, found {type(raw).__name__}")
@@ -150,9 +165,9 @@ def config_from_dict(raw, source="config"):
         method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else quantization
         raise QwenNPError(f"{source}: this checkpoint is quantized (quantization_config: quant_method {method!r}); "
                           "qwen_np reads float32, float16 and bfloat16 checkpoints, and quantized GGUF files")
-    missing = [k for k in REQUIRED_KEYS if k not in raw]
-    if model_type.endswith("_moe"):
-        missing += [k for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size") if k not in raw]
+    required = REQUIRED_KEYS + (("num_experts", "num_experts_per_tok", "moe_intermediate_size")
+                                if model_type.endswith("_moe") else ())
+    missing = [k if k not in raw else f"{k} (null)" for k in required if raw.get(k) is None]
     if missing:
         raise QwenNPError(f"{source}: missing required key(s) {', '.join(missing)}")
     # Keys the reference ignores are dropped, unchecked: the MoE ones in a dense model, the window's

@@ -7,7 +7,7 @@ directly so that bf16 (which NumPy lacks) can be widened exactly and a truncated
 reported by name.
 """
 
-import json
+import math
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import QwenNPError, is_int, read_json
+from .config import QwenNPError, is_int, parse_json, read_json
 
 DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # BF16: raw bits, widened below
 
@@ -33,8 +33,8 @@ def read_safetensors_header(path):
             raise QwenNPError(f"{path} is truncated or not a safetensors file: its header claims "
                               f"{header_len} bytes but the file has {size}")
         try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            header = parse_json(f.read(header_len))
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError, nested too deeply
             raise QwenNPError(f"{path} has a corrupt safetensors header") from None
     if not isinstance(header, dict):
         raise QwenNPError(f"{path} has a corrupt safetensors header: it must be a JSON object, "
@@ -84,7 +84,7 @@ def read_tensor(path, name, dtype, shape, offset, nbytes, mapped=None, bf16=Fals
     result is bfloat16 bits (uint16): a BF16 tensor as stored, F32/F16 rounded to bfloat16."""
     if dtype not in DTYPES:
         raise QwenNPError(f"{path}: tensor {name!r} has dtype {dtype}; qwen_np reads F32, F16 and BF16")
-    count = int(np.prod(shape))
+    count = math.prod(shape)  # exact (np.prod would wrap around for absurd shapes)
     if count * np.dtype(DTYPES[dtype]).itemsize != nbytes:
         raise QwenNPError(f"{path}: tensor {name!r} has {nbytes} bytes, not {count} {dtype} values")
     if dtype == "F32" and mapped is not None and not bf16:

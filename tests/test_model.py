@@ -393,6 +393,10 @@ def test_missing_required_key(checkpoint):
     edit_config(checkpoint, hidden_size=None)
     with pytest.raises(qwen_np.QwenNPError, match="missing required key.*hidden_size"):
         qwen_np.load(checkpoint)
+    raw = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**raw, "hidden_size": 64, "num_attention_heads": None}))
+    with pytest.raises(qwen_np.QwenNPError, match=re.escape("missing required key(s) num_attention_heads (null)")):
+        qwen_np.load(checkpoint)
 
 
 BAD_VALUES = [  # (config.json changes, the error's words)
@@ -403,6 +407,8 @@ BAD_VALUES = [  # (config.json changes, the error's words)
     (dict(rms_norm_eps=-1e-6), "rms_norm_eps must be a number >= 0"),
     (dict(eos_token_id="151645"), "eos_token_id must be a token id or a list of token ids"),
     (dict(layer_types=["full_attention", "bogus", "full_attention"]), "layer_types must be a list of"),
+    (dict(layer_types=[["full_attention"], "full_attention", "full_attention"]), "layer_types must be a list of"),
+    (dict(rms_norm_eps=10**400), "rms_norm_eps must be a number >= 0, got 1000"),  # too large for a float
     (dict(num_key_value_heads=3), "num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
     (dict(head_dim=15), "head_dim=15 must be a positive even number"),
     (dict(hidden_size=2, num_attention_heads=4, num_key_value_heads=4), "head_dim=0 must be a positive even"),
@@ -632,3 +638,22 @@ def test_a_base_model_checkpoint_without_the_model_prefix_loads_as_transformers_
     model = qwen_np.load(tmp_path)
     x = ids(2, 12)
     np.testing.assert_allclose(qwen_np.forward(model.params, model.config, x)[0], reference_logits(reference, x), **TOL)
+
+
+@pytest.mark.parametrize("text, message", [("[" * 100_000, "nested too deeply"),
+                                           ('{"vocab_size": ' + "9" * 5000 + "}", "an integer of thousands of digits")])
+def test_json_that_python_cannot_take_in_is_named(checkpoint, text, message):
+    (checkpoint / "config.json").write_text(text)
+    with pytest.raises(qwen_np.QwenNPError, match=rf"config\.json is not valid JSON: it .*{message}"):
+        qwen_np.load(checkpoint)
+    header = text.encode()
+    (checkpoint / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(qwen_np.QwenNPError, match=r"model\.safetensors has a corrupt safetensors header"):
+        read_safetensors_header(checkpoint / "model.safetensors")
+
+
+def test_a_shape_whose_element_count_overflows_int64_is_named(tmp_path):
+    from qwen_np.weights import read_tensor
+    (tmp_path / "t.bin").write_bytes(b"")
+    with pytest.raises(qwen_np.QwenNPError, match=r"tensor 'x' has 0 bytes, not 18446744073709551616 F32 values"):
+        read_tensor(tmp_path / "t.bin", "x", "F32", (2**62, 4), 0, 0)  # np.prod would say 0 values
