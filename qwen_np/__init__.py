@@ -52,7 +52,13 @@ def load(path, mmap=False, low_memory=False):
     Loading also tells the C library to keep freed memory for reuse (`keep_freed_memory`).
     """
     keep_freed_memory()
-    name, path = str(path), Path(path).expanduser()
+    try:
+        return read_model(str(path), Path(path).expanduser(), mmap, low_memory)
+    except OSError as e:  # a file that cannot be read: a directory in its place, a broken link, no permission
+        raise QwenNPError(f"cannot read {e.filename or path}: {e.strerror or e}") from None
+
+
+def read_model(name, path, mmap, low_memory):  # the body of `load`: name is the path as given
     if not path.exists():
         raise QwenNPError(f"{path} does not exist{hub_hint(name)}")
     if path.is_file() and path.suffix.lower() == ".gguf":

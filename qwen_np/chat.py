@@ -18,7 +18,7 @@ from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .config import QwenNPError
-from .generate import encode, end_token_ids, generate_text
+from .generate import check_unicode, encode, end_token_ids, generate_text
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # the names transformers accepts, first wins
@@ -72,6 +72,7 @@ def special_tokens(tokenizer_config):  # -> {"eos_token": "<|im_end|>", ...}, th
             value = value.get("content")
         if value is not None:
             tokens[name] = str(value)
+            check_unicode(tokens[name], f"{name} in tokenizer_config.json")
     return tokens
 
 

@@ -112,7 +112,8 @@ def read_config(path):
         path = path / "config.json"
     raw = read_json(path)
     if raw is None:
-        raise QwenNPError(f"no config.json found: {path} does not exist{directory_hint(path.parent)}")
+        problem = "is not a file" if path.exists() else "does not exist"
+        raise QwenNPError(f"no config.json found: {path} {problem}{directory_hint(path.parent)}")
     return config_from_dict(raw, source=str(path))
 
 

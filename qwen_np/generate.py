@@ -264,11 +264,15 @@ def check_past(past, config):
         raise QwenNPError(f"past= does not fit this model: {e}") from None
 
 
-def encode(tokenizer, text, what, **kwargs):  # -> the token ids of text
+def check_unicode(text, what):  # refuses a str the tokenizer would fail on with a bare error
     try:
         text.encode("utf-8")
-    except UnicodeEncodeError:  # the tokenizer would fail with a bare TypeError
+    except UnicodeEncodeError:
         raise QwenNPError(f"{what} is not valid Unicode text: it holds a lone surrogate") from None
+
+
+def encode(tokenizer, text, what, **kwargs):  # -> the token ids of text
+    check_unicode(text, what)
     return tokenizer.encode(text, **kwargs).ids
 
 

@@ -124,6 +124,8 @@ BAD_CHATS = [  # (tokenizer_config, messages, tools, the error's words)
     ({"chat_template": "{{ messages }}"}, [{"content": "Hello"}], None, "message 0 must be a dict with a 'role'"),
     ({"chat_template": "{{ messages }}"}, ["Hello"], None, "message 0 must be a dict with a 'role'"),
     ({"chat_template": "{{ tools }}"}, [], [print], "tools must be a list of JSON schemas"),
+    ({"chat_template": "{{ messages }}", "eos_token": "\ud800"}, [], None,  # valid JSON: "\\ud800"
+     "eos_token in tokenizer_config.json is not valid Unicode text: it holds a lone surrogate"),
 ]
 
 

@@ -334,6 +334,22 @@ def test_missing_path_and_missing_config(tmp_path):
         qwen_np.load(tmp_path / "nope")
     with pytest.raises(qwen_np.QwenNPError, match="no config.json"):
         qwen_np.load(tmp_path)
+    (tmp_path / "config.json").mkdir()
+    with pytest.raises(qwen_np.QwenNPError, match=r"no config.json found: \S+config.json is not a file"):
+        qwen_np.load(tmp_path)
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda f: f.mkdir(), "Is a directory"),
+    (lambda f: f.symlink_to(f.parent / "gone"), "No such file or directory"),
+    (lambda f: f.symlink_to(f), "Too many levels of symbolic links"),
+])
+def test_a_weights_file_that_cannot_be_read_is_named(checkpoint, damage, problem):
+    weights = checkpoint / "model.safetensors"
+    weights.unlink()
+    damage(weights)
+    with pytest.raises(qwen_np.QwenNPError, match=rf"cannot read \S+model.safetensors: {problem}"):
+        qwen_np.load(checkpoint)
 
 
 def test_a_hub_cache_snapshot_of_symlinks_loads(checkpoint, tmp_path):
