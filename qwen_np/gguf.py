@@ -18,6 +18,7 @@ Two facts about the format the code depends on:
   interleaved RoPE; `unpermute_rope_rows` puts them back for our rotate-half RoPE.
 """
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +201,14 @@ class Reader(GGUFReader):
     def data(self, memmap):
         self._bytes = np.asarray(memmap)  # the same mapped bytes, no copy
 
+    def _get(self, offset, dtype, count=1, override_order=None):
+        # The reader's own _get returns what is left where the file ends short: an array's count
+        # that claims more than the file holds would then be walked for ever, one empty read at a time.
+        values = super()._get(offset, dtype, count, override_order)
+        if len(values) < int(count):
+            raise ValueError(f"a value at byte {offset:,} runs past the end of the file")
+        return values
+
 
 def read_gguf(path):  # -> {metadata key: value}, {tensor name: ReaderTensor}
     with open(path, "rb") as f:
@@ -207,7 +216,7 @@ def read_gguf(path):  # -> {metadata key: value}, {tensor name: ReaderTensor}
             raise QwenNPError(f"{path} is not a GGUF file (it does not start with the bytes 'GGUF')")
     try:
         reader = Reader(path)
-    except (ValueError, IndexError, KeyError, OverflowError) as e:
+    except (ValueError, IndexError, KeyError, OverflowError, RecursionError) as e:
         # The reader slices a memory map of the file: a file cut short shows up as a short read.
         raise QwenNPError(f"{path} ({path.stat().st_size:,} bytes) is truncated or corrupt: "
                           f"the GGUF reader failed with: {e}") from None
@@ -217,6 +226,8 @@ def read_gguf(path):  # -> {metadata key: value}, {tensor name: ReaderTensor}
         metadata = {key: field.contents() for key, field in reader.fields.items()}
     except UnicodeDecodeError as e:
         raise QwenNPError(f"{path}: a metadata string is not valid UTF-8 ({e})") from None
+    except RecursionError:
+        raise QwenNPError(f"{path} is corrupt: its metadata holds arrays nested too deeply to read") from None
     parts, number = metadata.get("split.count", 1), metadata.get("split.no")
     if parts != 1:  # llama.cpp's gguf-split: the tensors are spread over several files
         part = f"part {number + 1}" if is_int(number) else "a part"
@@ -232,7 +243,7 @@ def numpy_shape(tensor):  # GGUF dims are fastest-varying first: reverse them fo
 def config_from_gguf(metadata, tensors, path):
     """The Config of a GGUF file: its metadata renamed to config.json's keys, then the usual reader."""
     arch = metadata.get("general.architecture")
-    if arch not in ARCHITECTURES:
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
         raise QwenNPError(f"{path}: unsupported GGUF architecture {arch!r}; "
                           f"qwen_np reads {', '.join(ARCHITECTURES)}")
     model_type = ARCHITECTURES[arch]
@@ -250,8 +261,8 @@ def config_from_gguf(metadata, tensors, path):
             raise QwenNPError(f"{path}: the metadata's {arch}.{name} must be a positive integer, got {value!r}")
         return value
 
-    if "token_embd.weight" not in tensors:
-        raise QwenNPError(f"{path}: no token_embd.weight tensor (the token embeddings)")
+    if "token_embd.weight" not in tensors or len(numpy_shape(tensors["token_embd.weight"])) != 2:
+        raise QwenNPError(f"{path}: no 2-D token_embd.weight tensor (the token embeddings)")
     hidden, heads = count("embedding_length"), count("attention.head_count")
     head_dim = key("attention.key_length", hidden // heads)
     if key("rope.dimension_count", head_dim) != head_dim:
@@ -416,7 +427,7 @@ PRE_TOKENIZERS = {  # tokenizer.ggml.pre -> family, as llama.cpp groups them ("g
 
 def pre_tokenizer(pre, path):  # -> (normalizer or None, pre-tokenizer)
     from tokenizers import Regex, normalizers, pre_tokenizers
-    family = PRE_TOKENIZERS.get(pre)
+    family = PRE_TOKENIZERS.get(pre) if isinstance(pre, str) else None
     if family == "qwen2":  # as Qwen's tokenizer.json: NFC, the split above, then bytes to symbols
         return normalizers.NFC(), pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
@@ -438,7 +449,8 @@ def bytes_to_unicode():  # {byte: symbol}: GPT-2's byte-level alphabet
 
 
 def load_tokenizer(metadata, path):
-    """A `tokenizers.Tokenizer` from the metadata, or None when the file carries no vocabulary."""
+    """A `tokenizers.Tokenizer` from the metadata, or None when the file carries no vocabulary.
+    The special token ids must have passed check_special_token_ids."""
     if "tokenizer.ggml.tokens" not in metadata:
         return None
     from tokenizers import AddedToken, Tokenizer, decoders, models, processors
@@ -483,7 +495,7 @@ def load_tokenizer(metadata, path):
 
 
 def check_vocabulary(metadata, path):
-    """The tokenizer metadata has the types llama.cpp writes, and its special token ids are in the vocabulary."""
+    """The tokenizer metadata has the types llama.cpp writes (its special token ids: check_special_token_ids)."""
     def is_list(key, test):
         return isinstance(metadata.get(key), list) and all(map(test, metadata[key]))
 
@@ -494,11 +506,17 @@ def check_vocabulary(metadata, path):
     if "tokenizer.ggml.token_type" in metadata and not (
             is_list("tokenizer.ggml.token_type", is_int) and len(metadata["tokenizer.ggml.token_type"]) == len(tokens)):
         raise QwenNPError(f"{path}: tokenizer.ggml.token_type must be an array of integers, one per token")
+
+
+def check_special_token_ids(metadata, path):
+    """The bos/eos/padding/eot ids are token ids: integers >= 0, and in the vocabulary where there is one."""
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    limit = len(tokens) if isinstance(tokens, list) else math.inf
     for key in ("bos", "eos", "padding", "eot"):
         i = metadata.get(f"tokenizer.ggml.{key}_token_id")
-        if i is not None and not (is_int(i) and i < len(tokens)):
-            raise QwenNPError(f"{path}: tokenizer.ggml.{key}_token_id={i!r} is not a token id of the vocabulary "
-                              f"(0..{len(tokens) - 1})")
+        if i is not None and not (is_int(i) and i < limit):
+            vocabulary = f"a token id of the vocabulary (0..{limit - 1})" if tokens else "a token id"
+            raise QwenNPError(f"{path}: tokenizer.ggml.{key}_token_id={i!r} is not {vocabulary}")
 
 
 def chat_settings(metadata):  # -> tokenizer_config, generation_config as a checkpoint directory has them
@@ -522,5 +540,7 @@ def load_gguf(path):
     metadata, tensors = read_gguf(path)
     config = config_from_gguf(metadata, tensors, path)
     params = load_params(tensors, config, path)
+    check_special_token_ids(metadata, path)
+    tokenizer = load_tokenizer(metadata, path)  # checks the vocabulary, which chat_settings reads too
     tokenizer_config, generation_config = chat_settings(metadata)
-    return config, params, load_tokenizer(metadata, path), generation_config, tokenizer_config
+    return config, params, tokenizer, generation_config, tokenizer_config

@@ -3,6 +3,10 @@ as GGUF against transformers loading the same file, the config and the tokenizer
 metadata, and bad files."""
 
 import json
+import struct
+import subprocess
+import sys
+import types
 
 import gguf
 import numpy as np
@@ -14,7 +18,7 @@ from tiny import FAMILIES, reference_logits, tiny_model
 
 import qwen_np
 from qwen_np.config import config_from_dict
-from qwen_np.gguf import DEQUANTIZERS, dequantize, unpermute_rope_rows
+from qwen_np.gguf import DEQUANTIZERS, config_from_gguf, dequantize, pre_tokenizer, unpermute_rope_rows
 from qwen_np.weights import expected_shapes
 
 # ---------------------------------------------------------------------------------------------
@@ -306,3 +310,49 @@ def test_qwen2_gguf_tokenizer_matches_transformers(qwen2_gguf, reference):
     theirs = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     for text in VARIED_TEXT.split("\n") + [VARIED_TEXT]:
         assert model.tokenizer.encode(text).ids == theirs(text)["input_ids"], text
+
+
+def with_inserted_metadata(data, key, value):  # -> GGUF bytes with one more metadata entry (raw value bytes)
+    # The entry goes right after the 24-byte header, padded (by the key's length) to a multiple of
+    # 32 bytes so that the tensor data keeps its alignment; kv_count (bytes 16-24) grows by one.
+    entry = lambda k: struct.pack("<Q", len(k)) + k + value  # noqa: E731
+    key += b"_" * (-len(entry(key)) % 32)
+    kv_count = struct.unpack_from("<Q", data, 16)[0]
+    return data[:16] + struct.pack("<Q", kv_count + 1) + entry(key) + data[24:]
+
+
+ARRAY, UINT8 = struct.pack("<I", gguf.GGUFValueType.ARRAY), struct.pack("<I", gguf.GGUFValueType.UINT8)
+
+
+@pytest.mark.parametrize("value, message", [
+    # an array of 2**40 bytes in a small file: the gguf reader alone would walk it for ever
+    (ARRAY + UINT8 + struct.pack("<Q", 2**40), "runs past the end of the file"),
+    # arrays nested 3000 deep
+    (ARRAY + (ARRAY + struct.pack("<Q", 1)) * 3000 + UINT8 + struct.pack("<Q", 1) + b"\0", "recursion"),
+], ids=["a count of 2**40", "nested 3000 deep"])
+def test_metadata_arrays_the_reader_cannot_walk_are_named(tmp_path, value, message):
+    data = random_gguf(tmp_path / "ok.gguf", "llama", small_config("llama")).read_bytes()
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(with_inserted_metadata(data, b"x.bad", value))
+    # In a child process with a time limit: the bug this guards against is a hang.
+    done = subprocess.run([sys.executable, "-c", f"import qwen_np; qwen_np.load({str(path)!r})"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "QwenNPError" in done.stderr and "bad.gguf" in done.stderr
+    assert "is truncated or corrupt" in done.stderr and message in done.stderr
+
+
+def test_metadata_values_of_the_wrong_type_are_named(tmp_path):
+    S = gguf.GGUFValueType
+    for value, kind, shown in (([1, 2], S.ARRAY, r"\[1, 2\]"), (-1, S.INT32, "-1")):  # a file without a vocabulary
+        path = random_gguf(tmp_path / "eos.gguf", "llama", small_config("llama"),
+                           extra_metadata=[("tokenizer.ggml.eos_token_id", value, kind)])
+        with pytest.raises(qwen_np.QwenNPError, match=rf"eos.gguf: tokenizer.ggml.eos_token_id={shown} is not a "
+                                                      rf"token id$"):
+            qwen_np.load(path)
+    with pytest.raises(qwen_np.QwenNPError, match=r"x.gguf: unsupported GGUF architecture \['qwen2'\]"):
+        config_from_gguf({"general.architecture": ["qwen2"]}, {}, "x.gguf")
+    scalar = types.SimpleNamespace(shape=np.array([], np.int64))  # a 0-D token_embd.weight
+    with pytest.raises(qwen_np.QwenNPError, match="x.gguf: no 2-D token_embd.weight tensor"):
+        config_from_gguf({"general.architecture": "qwen2"}, {"token_embd.weight": scalar}, "x.gguf")
+    with pytest.raises(qwen_np.QwenNPError, match=r"unsupported pre-tokenizer tokenizer.ggml.pre = \['qwen2'\]"):
+        pre_tokenizer(["qwen2"], "x.gguf")
