@@ -256,7 +256,8 @@ def rope_allows_reuse(config, past, ids):  # -> whether past's keys are those a 
 
 
 def check_past(past, config):
-    if not isinstance(past, Past):
+    made = isinstance(past, Past) and isinstance(past.ids, tuple) and isinstance(past.cache, KVCache)
+    if not made or len(past.ids) != past.cache.length:  # a generation's past holds one id per cached position
         raise QwenNPError("past= must be the `past` of an earlier one-prompt generation (its stats.past)")
     try:
         check_cache(past.cache, config, batch_size=1)

@@ -7,6 +7,7 @@ straight into an operator: `linear(x, **p["q_proj"])` passes `weight` and, where
 checkpoint has one, `bias`.
 """
 
+import reprlib
 from typing import NamedTuple
 
 import numpy as np
@@ -144,8 +145,9 @@ def attention_inputs(config, valid, num_new):  # [B, S] bool, T -> [B, T, Dh] x2
 
 def check_cache(cache, config, batch_size):
     """The cache is a KVCache made for this config's layers and heads, holding batch_size sequences."""
-    if not isinstance(cache, KVCache):
-        raise QwenNPError(f"cache must be the KVCache that forward returned, got {type(cache).__name__}")
+    if not isinstance(cache, KVCache) or not cache.keys:
+        got = "a KVCache of no layers" if isinstance(cache, KVCache) else type(cache).__name__
+        raise QwenNPError(f"cache must be the KVCache that forward returned, got {got}")
     _, K, _, Dh = cache.keys[0].shape  # [B, K, C, Dh]
     found = (len(cache.keys), K, Dh)
     expected = (config.num_hidden_layers, config.num_key_value_heads, config.head_dim)
@@ -164,8 +166,11 @@ def forward(params, config, input_ids, cache=None, attention_mask=None, last_onl
     return_router: also return, per layer, (experts [B, T, k], weights [B, T, k]) or None.
     Returns (logits [B, T, V] float32, cache) or (logits, cache, router).
     """
-    input_ids = np.asarray(input_ids)
-    if input_ids.ndim != 2 or input_ids.shape[1] == 0 or not np.issubdtype(input_ids.dtype, np.integer):
+    try:
+        input_ids = np.asarray(input_ids)
+    except ValueError:  # ragged rows
+        raise QwenNPError(f"input_ids must be a non-empty integer array [batch, tokens], got {reprlib.repr(input_ids)}")
+    if input_ids.ndim != 2 or input_ids.size == 0 or not np.issubdtype(input_ids.dtype, np.integer):
         raise QwenNPError(f"input_ids must be a non-empty integer array [batch, tokens], got shape "
                           f"{input_ids.shape} of {input_ids.dtype}")
     if input_ids.min() < 0 or input_ids.max() >= config.vocab_size:

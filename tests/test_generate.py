@@ -525,6 +525,10 @@ def test_a_past_must_come_from_one_prompt_of_the_same_model(tiny_models):
     other, _ = tiny_models["qwen3"]
     for call in [lambda: qwen_np.generate(other, PROMPTS[1], past=stats.past),
                  lambda: qwen_np.generate(model, PROMPTS[1], past=(stats.past.ids, "not a cache")),
+                 lambda: qwen_np.generate(model, PROMPTS[1], past=qwen_np.Past(None, stats.past.cache)),
+                 lambda: qwen_np.generate(model, PROMPTS[1], past=stats.past._replace(ids=stats.past.ids * 2)),
+                 lambda: qwen_np.generate(model, PROMPTS[1], past=qwen_np.Past(
+                     (), qwen_np.KVCache((), (), np.zeros((1, 0), bool), 0))),
                  lambda: qwen_np.generate_batch(model, PROMPTS, past=stats.past)]:
         with pytest.raises(qwen_np.QwenNPError, match="past="):
             next(call())

@@ -621,8 +621,9 @@ def test_token_ids_outside_the_vocabulary(checkpoint):
         qwen_np.forward(model.params, model.config, np.array([[1, 2, 128]]))
     with pytest.raises(qwen_np.QwenNPError, match="token id -1"):
         qwen_np.forward(model.params, model.config, np.array([[-1]]))
-    with pytest.raises(qwen_np.QwenNPError, match="input_ids must be a non-empty integer array"):
-        qwen_np.forward(model.params, model.config, np.array([1.0, 2.0]))
+    for bad in (np.array([1.0, 2.0]), [[1, 2], [3]], np.zeros((0, 3), np.int64)):  # floats, ragged, no rows
+        with pytest.raises(qwen_np.QwenNPError, match="input_ids must be a non-empty integer array"):
+            qwen_np.forward(model.params, model.config, bad)
 
 
 def test_tokenizer_is_loaded_when_present(checkpoint, shared_data):
