@@ -60,12 +60,21 @@ VALUE_KINDS = {  # what a key must hold where config.json has it (null takes the
 }
 
 
+# Counts that the loader turns into per-layer and per-expert lists: a corrupt value past these (far above
+# any model: Qwen3-235B has 94 layers of 128 experts) would exhaust memory before a tensor is compared.
+PLAUSIBLE_COUNTS = {"num_hidden_layers": 100_000, "num_experts": 1_000_000}
+
+
 def check_values(raw, source):
     """Every key that qwen_np reads holds a value of the kind the reference expects."""
     for kind, (test, keys) in VALUE_KINDS.items():
         for key in keys:
             if raw.get(key) is not None and not test(raw[key]):
                 raise QwenNPError(f"{source}: {key} must be {kind}, got {raw[key]!r}")
+    for key, most in PLAUSIBLE_COUNTS.items():
+        if raw.get(key) is not None and raw[key] > most:
+            raise QwenNPError(f"{source}: {key}={raw[key]} is not a plausible count (more than {most:,}): "
+                              f"the file is corrupt")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ from tiny import FAMILIES, reference_logits, tiny_model
 
 import qwen_np
 from qwen_np.config import config_from_dict
-from qwen_np.gguf import DEQUANTIZERS, config_from_gguf, dequantize, pre_tokenizer, unpermute_rope_rows
+from qwen_np.gguf import (DEQUANTIZERS, config_from_gguf, dequantize, pre_tokenizer, read_gguf,
+                         unpermute_rope_rows)
 from qwen_np.weights import expected_shapes
 
 # ---------------------------------------------------------------------------------------------
@@ -356,3 +357,10 @@ def test_metadata_values_of_the_wrong_type_are_named(tmp_path):
         config_from_gguf({"general.architecture": "qwen2"}, {"token_embd.weight": scalar}, "x.gguf")
     with pytest.raises(qwen_np.QwenNPError, match=r"unsupported pre-tokenizer tokenizer.ggml.pre = \['qwen2'\]"):
         pre_tokenizer(["qwen2"], "x.gguf")
+
+
+def test_an_implausible_block_count_is_refused_before_any_list_is_built(tmp_path):
+    path = random_gguf(tmp_path / "m.gguf", "qwen2", small_config("qwen2"))
+    metadata, tensors = read_gguf(path)
+    with pytest.raises(qwen_np.QwenNPError, match=r"num_hidden_layers=2147483648 is not a plausible count"):
+        config_from_gguf({**metadata, "qwen2.block_count": 2**31}, tensors, path)

@@ -166,3 +166,10 @@ def test_qwen3_moe_window_covers_every_layer_whatever_layer_types_say(tmp_path):
                           max_window_layers=1, layer_types=["full_attention"] * 3)
     assert json.loads((tmp_path / "config.json").read_text())["layer_types"] == ["full_attention"] * 3
     assert model.config.layer_types == ("sliding_attention",) * 3
+
+
+def test_an_implausible_number_of_experts_is_refused_before_any_list_is_built(tmp_path):
+    tiny_model("qwen3_moe", tmp_path)
+    edit_config(tmp_path, num_experts=2**31, num_local_experts=None)
+    with pytest.raises(qwen_np.QwenNPError, match=r"num_experts=2147483648 is not a plausible count"):
+        qwen_np.load(tmp_path)
