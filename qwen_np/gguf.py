@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGUFReader  # the llama.cpp package (absolute import: not this module)
 
-from .config import QwenNPError, config_from_dict, is_int
+from .config import QwenNPError, check_values, config_from_dict, is_int
 from .weights import build_tree, expected_shapes
 
 # GGUF architecture name -> our model_type (config.json's name for the family)
@@ -289,6 +289,7 @@ def config_from_gguf(metadata, tensors, path):
         "pad_token_id": metadata.get("tokenizer.ggml.padding_token_id"),
     }
     if model_type.endswith("_moe"):
+        check_values(raw, str(path))  # before the per-layer list below: a corrupt block_count may be 2**64
         raw.update({
             "num_experts": key("expert_count"),
             "num_experts_per_tok": key("expert_used_count"),

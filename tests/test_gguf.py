@@ -359,8 +359,11 @@ def test_metadata_values_of_the_wrong_type_are_named(tmp_path):
         pre_tokenizer(["qwen2"], "x.gguf")
 
 
-def test_an_implausible_block_count_is_refused_before_any_list_is_built(tmp_path):
-    path = random_gguf(tmp_path / "m.gguf", "qwen2", small_config("qwen2"))
+@pytest.mark.parametrize("family", ["qwen2", "qwen3_moe"])
+def test_an_implausible_block_count_is_refused_before_any_list_is_built(tmp_path, family):
+    config = small_config(family, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=8)
+    path = random_gguf(tmp_path / "m.gguf", family, config)
     metadata, tensors = read_gguf(path)
-    with pytest.raises(qwen_np.QwenNPError, match=r"num_hidden_layers=2147483648 is not a plausible count"):
-        config_from_gguf({**metadata, "qwen2.block_count": 2**31}, tensors, path)
+    arch = metadata["general.architecture"]
+    with pytest.raises(qwen_np.QwenNPError, match=r"num_hidden_layers=18446744073709551614 is not a plausible"):
+        config_from_gguf({**metadata, f"{arch}.block_count": 2**64 - 2}, tensors, path)
