@@ -185,6 +185,11 @@ def run_chat(model, args):
 
 
 def main(argv=None):
+    # The model writes any Unicode: where the terminal's or pipe's encoding lacks a character (a
+    # cp1252 console, PYTHONIOENCODING=ascii), it is shown as "?" rather than ending the answer.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     try:
         args = build_parser().parse_args(argv)
         from . import load

@@ -56,6 +56,12 @@ def test_generate_streams_the_completion_and_reports_speed(spelling_dir):
     assert from_stdin.returncode == 0 and from_stdin.stdout == "你好！🦙\n"
 
 
+def test_characters_the_output_encoding_lacks_are_replaced(spelling_dir):
+    result = run("generate", "--model", spelling_dir, "The answer is:", PYTHONIOENCODING="ascii")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert result.stdout == "".join(c if c.isascii() else "?" for c in ANSWER) + "\n"
+
+
 def test_chat_is_multi_turn_with_the_template(spelling_dir):
     result = run("chat", "--model", spelling_dir, "--system", "Be brief.", "--no-think",
                  stdin="Hi!\n\nWhat is the capital of France?\n/exit\nnot read\n")
