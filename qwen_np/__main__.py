@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from .config import QwenNPError
+from .generate import no_tokenizer
 
 
 class Parser(argparse.ArgumentParser):
@@ -195,7 +196,7 @@ def main(argv=None):
         from . import load
         model = load(model_path(args), low_memory=args.low_memory)
         if model.tokenizer is None:
-            raise QwenNPError(f"{model.path} has no tokenizer.json; the command line needs one to read and write text")
+            raise QwenNPError(f"{no_tokenizer(model)}; the command line needs one to read and write text")
         (run_generate if args.command == "generate" else run_chat)(model, args)
     except QwenNPError as e:
         sys.stderr.write(f"error: {e}\n")

@@ -18,7 +18,7 @@ from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .config import QwenNPError
-from .generate import check_unicode, encode, end_token_ids, generate_text
+from .generate import check_unicode, encode, end_token_ids, generate_text, no_tokenizer
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # the names transformers accepts, first wins
@@ -138,7 +138,7 @@ def chat_ids(model, messages, add_generation_prompt=False, **kwargs):  # -> list
     """The token ids of the rendered chat, like apply_chat_template(..., tokenize=True). The
     template writes the special tokens as text; the tokenizer adds none of its own."""
     if model.tokenizer is None:
-        raise QwenNPError(f"{model.path} has no tokenizer.json, so it cannot encode a chat")
+        raise QwenNPError(f"{no_tokenizer(model)}, so it cannot encode a chat")
     text = render_chat(model.tokenizer_config, messages, add_generation_prompt, **kwargs)
     return encode(model.tokenizer, text, "the chat", add_special_tokens=False)
 

@@ -294,4 +294,6 @@ def read_rope_parameters(raw, source):
         if rope.get(key) is None:
             raise QwenNPError(f"{source}: rope type {rope['rope_type']!r} needs a {key!r}")
     check_values(rope, f"{source}: rope parameters")
+    if rope["rope_type"] == "yarn" and rope["rope_theta"] <= 1:  # its ramp divides by log(rope_theta)
+        raise QwenNPError(f"{source}: rope type 'yarn' needs a rope_theta > 1, got {rope['rope_theta']!r}")
     return rope

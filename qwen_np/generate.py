@@ -265,6 +265,11 @@ def check_past(past, config):
         raise QwenNPError(f"past= does not fit this model: {e}") from None
 
 
+def no_tokenizer(model):  # -> "PATH has no tokenizer (why)", for messages
+    why = "its metadata holds no vocabulary" if model.path.suffix.lower() == ".gguf" else "no tokenizer.json"
+    return f"{model.path} has no tokenizer ({why})"
+
+
 def check_unicode(text, what):  # refuses a str the tokenizer would fail on with a bare error
     try:
         text.encode("utf-8")
@@ -292,7 +297,7 @@ def token_id_list(prompt):  # a list, tuple or array of token ids, or one [1, T]
 def prompt_ids(model, prompt):  # str or token ids -> list[int]
     if isinstance(prompt, str):
         if model.tokenizer is None:
-            raise QwenNPError(f"{model.path} has no tokenizer.json: pass the prompt as a list of token ids")
+            raise QwenNPError(f"{no_tokenizer(model)}: pass the prompt as a list of token ids")
         ids = encode(model.tokenizer, prompt, "the prompt")
     else:
         ids = token_id_list(prompt)
@@ -388,7 +393,7 @@ def generate_batch(model, prompts, max_new_tokens=None, temperature=None, top_k=
     ends = end_token_ids(model, eos_token_id)
     stop = stop_strings(stop)
     if stop and model.tokenizer is None:
-        raise QwenNPError("stop strings need a tokenizer, and this checkpoint has no tokenizer.json")
+        raise QwenNPError(f"stop strings need a tokenizer: {no_tokenizer(model)}")
     rng = np.random.default_rng(None if seed is None else checked("seed", seed))
     B, V = len(prompts), config.vocab_size
     pad_id = config.pad_token_id if isinstance(config.pad_token_id, int) and 0 <= config.pad_token_id < V else 0
@@ -487,7 +492,7 @@ def generate_text(model, prompt, stop=None, **kwargs):
     UTF-8 character, and never text past a stop string (the stop string itself is left out).
     Keyword arguments are those of `generate`. Returns (as StopIteration.value) a GenerationStats."""
     if model.tokenizer is None:
-        raise QwenNPError(f"{model.path} has no tokenizer.json, so it cannot produce text")
+        raise QwenNPError(f"{no_tokenizer(model)}, so it cannot produce text")
     stop = stop_strings(stop)
     tokens = generate(model, prompt, stop=stop, **kwargs)
     ids, prefix, read, pending = [], 0, 0, ""  # pending: text that may begin a stop string

@@ -143,6 +143,8 @@ def test_rope_scaling_and_token_ids_from_metadata(tmp_path):
     assert model.config.rope_parameters == {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
                                             "original_max_position_embeddings": 64}
     assert model.tokenizer is None and model.generation_config == {}  # no vocabulary in this file
+    with pytest.raises(qwen_np.QwenNPError, match=r"yarn.gguf has no tokenizer \(its metadata holds no vocabulary\)"):
+        next(qwen_np.generate(model, "text"))
 
     metadata = [("llama.rope.scaling.type", "longrope", S.STRING)]
     with pytest.raises(qwen_np.QwenNPError, match="unsupported RoPE scaling 'longrope'"):

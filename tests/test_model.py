@@ -426,6 +426,7 @@ BAD_VALUES = [  # (config.json changes, the error's words)
     (dict(layer_types=[["full_attention"], "full_attention", "full_attention"]), "layer_types must be a list of"),
     (dict(rms_norm_eps=10**400), "rms_norm_eps must be a number >= 0, got 1000"),  # too large for a float
     (dict(num_hidden_layers=10**9), "num_hidden_layers=1000000000 is not a plausible count"),  # not an out-of-memory
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1, "factor": 2.0}), "'yarn' needs a rope_theta > 1"),
     (dict(num_key_value_heads=3), "num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
     (dict(head_dim=15), "head_dim=15 must be a positive even number"),
     (dict(hidden_size=2, num_attention_heads=4, num_key_value_heads=4), "head_dim=0 must be a positive even"),
