@@ -86,6 +86,9 @@ def build_parser():
 def model_path(args):
     if args.model is not None:
         return args.model
+    if args.low_memory:  # said before the download, not after
+        raise QwenNPError("--low-memory is for safetensors checkpoints, and the default model is a GGUF file: "
+                          "pass --model DIR as well")
     try:
         from .download import default_model_path  # another module provides the default model
     except ImportError:

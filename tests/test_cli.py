@@ -218,3 +218,12 @@ def test_ctrl_c_in_a_terminal_stops_the_answer_and_the_chat_goes_on(terminal, mo
                          {"role": "user", "content": "second"}, {"role": "assistant", "content": "Par"},
                          {"role": "user", "content": "third"}], "cache of turn 1")
     assert "prefill: 6 tokens" in err and "decode: 4 tokens" in err  # the finished turns only
+
+
+def test_low_memory_without_model_is_refused_before_any_download(tmp_path):
+    # The default model is a GGUF, which the low-memory mode does not read: say so before fetching it.
+    cache, no_wheels = tmp_path / "cache", tmp_path / "wheels"
+    no_wheels.mkdir()  # were a download attempted, pip would find nothing here and fail at once
+    result = run("chat", "--low-memory", QWEN_NP_CACHE=str(cache), PIP_NO_INDEX="1", PIP_FIND_LINKS=str(no_wheels))
+    assert_one_line_error(result, "--low-memory is for safetensors checkpoints", "pass --model DIR")
+    assert not cache.exists()
