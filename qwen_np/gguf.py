@@ -391,7 +391,8 @@ def load_params(tensors, config, path):
                               f"{list(wanted)} ({name})")
         if tensor.name not in arrays:
             arrays[tensor.name] = read_tensor(tensor, path)
-        value = arrays[tensor.name] if expert is None else arrays[tensor.name][expert]  # an expert is a view
+        # An expert is a view of the stacked [E, out, in] array (reshaped first: dims of size 1 may differ).
+        value = arrays[tensor.name] if expert is None else arrays[tensor.name].reshape(wanted)[expert]
         flat[name] = value.reshape(shapes[name])
     if config.model_type == "llama":
         for i in range(config.num_hidden_layers):

@@ -20,6 +20,7 @@ import qwen_np
 from qwen_np.config import config_from_dict
 from qwen_np.gguf import (DEQUANTIZERS, config_from_gguf, dequantize, pre_tokenizer, read_gguf,
                          unpermute_rope_rows)
+from qwen_np.gguf import load_params as load_gguf_params
 from qwen_np.weights import expected_shapes
 
 # ---------------------------------------------------------------------------------------------
@@ -114,6 +115,14 @@ def test_moe_experts_are_views_of_one_array(tmp_path):
     assert len(experts) == 4 and experts[0]["gate_proj"]["weight"].shape == (16, 32)
     first, last = experts[0]["up_proj"]["weight"], experts[3]["up_proj"]["weight"]
     assert first.base is not None and first.base is last.base and first.base.size == 4 * 16 * 32
+    # The same stacked tensor with one more GGUF dim of size 1 ([in, out, E, 1]) gives the same experts.
+    metadata, tensors = read_gguf(model.path)
+    up = tensors["blk.1.ffn_up_exps.weight"]
+    tensors["blk.1.ffn_up_exps.weight"] = up._replace(shape=np.append(up.shape, 1))
+    params = load_gguf_params(tensors, model.config, model.path)
+    for e in range(4):
+        np.testing.assert_array_equal(params["model"]["layers"][1]["mlp"]["experts"][e]["up_proj"]["weight"],
+                                      model.params["model"]["layers"][1]["mlp"]["experts"][e]["up_proj"]["weight"])
 
 
 # ---------------------------------------------------------------------------------------------
