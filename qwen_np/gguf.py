@@ -517,7 +517,7 @@ def check_special_token_ids(metadata, path):
     for key in ("bos", "eos", "padding", "eot"):
         i = metadata.get(f"tokenizer.ggml.{key}_token_id")
         if i is not None and not (is_int(i) and i < limit):
-            vocabulary = f"a token id of the vocabulary (0..{limit - 1})" if tokens else "a token id"
+            vocabulary = f"a token id of the vocabulary (0..{limit - 1})" if limit < math.inf else "a token id"
             raise QwenNPError(f"{path}: tokenizer.ggml.{key}_token_id={i!r} is not {vocabulary}")
 
 

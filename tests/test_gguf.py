@@ -18,8 +18,8 @@ from tiny import FAMILIES, reference_logits, tiny_model
 
 import qwen_np
 from qwen_np.config import config_from_dict
-from qwen_np.gguf import (DEQUANTIZERS, config_from_gguf, dequantize, pre_tokenizer, read_gguf,
-                         unpermute_rope_rows)
+from qwen_np.gguf import (DEQUANTIZERS, check_special_token_ids, config_from_gguf, dequantize, pre_tokenizer,
+                         read_gguf, unpermute_rope_rows)
 from qwen_np.gguf import load_params as load_gguf_params
 from qwen_np.weights import expected_shapes
 
@@ -361,6 +361,8 @@ def test_metadata_values_of_the_wrong_type_are_named(tmp_path):
         with pytest.raises(qwen_np.QwenNPError, match=rf"eos.gguf: tokenizer.ggml.eos_token_id={shown} is not a "
                                                       rf"token id$"):
             qwen_np.load(path)
+    with pytest.raises(qwen_np.QwenNPError, match=r"x.gguf: tokenizer.ggml.eos_token_id=-1 is not a token id$"):
+        check_special_token_ids({"tokenizer.ggml.tokens": 5, "tokenizer.ggml.eos_token_id": -1}, "x.gguf")
     with pytest.raises(qwen_np.QwenNPError, match=r"x.gguf: unsupported GGUF architecture \['qwen2'\]"):
         config_from_gguf({"general.architecture": ["qwen2"]}, {}, "x.gguf")
     scalar = types.SimpleNamespace(shape=np.array([], np.int64))  # a 0-D token_embd.weight
