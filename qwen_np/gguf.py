@@ -168,6 +168,30 @@ def dequantize_q6_k(blocks):  # [N, 210] -> [N, 256]
     return x.reshape(N, 256)
 
 
+# The "IQ4" quants index a fixed non-linear grid of 16 levels instead of spacing them evenly:
+# the levels crowd near zero, where most weights are. llama.cpp also writes IQ4_NL for the
+# tensors of a Q2_K or Q3_K file whose rows are not a multiple of 256 (Qwen2.5-0.5B: 896).
+IQ4_LEVELS = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
+
+
+def dequantize_iq4_nl(blocks):  # [N, 18] -> [N, 32]
+    # d (f16) | 16 bytes of 4-bit indices, packed as Q4_0's values: x = d * IQ4_LEVELS[q]
+    return f16(blocks, 0) * IQ4_LEVELS[nibbles(blocks[:, 2:])]
+
+
+def dequantize_iq4_xs(blocks):  # [N, 136] -> [N, 256]
+    # d (f16) | scales_h (u16) | scales_l (4 bytes) | 8 sub-blocks of 32 values, 16 bytes each, as IQ4_NL's.
+    # Sub-block j has a 6-bit scale: its low 4 bits are nibble j of scales_l (low nibble first),
+    # its high 2 bits are bits 2j, 2j+1 of scales_h. x = d * (scale - 32) * IQ4_LEVELS[q]
+    N = blocks.shape[0]
+    low = np.stack([blocks[:, 4:8] & 0x0F, blocks[:, 4:8] >> 4], axis=-1).reshape(N, 8)
+    high = (blocks[:, 2:4].view(np.uint16) >> np.arange(0, 16, 2, dtype=np.uint16)) & 3  # [N, 8]
+    scale = (low | (high << 4)).astype(np.float32) - 32  # [N, 8]
+    q = IQ4_LEVELS[nibbles(blocks[:, 8:].reshape(N * 8, 16))].reshape(N, 8, 32)
+    x = (f16(blocks, 0) * scale)[..., None] * q
+    return x.reshape(N, 256)
+
+
 # ggml type name -> (values per block, bytes per block, dequantizer)
 DEQUANTIZERS = {
     "F32": (1, 4, dequantize_f32), "F16": (1, 2, dequantize_f16), "BF16": (1, 2, dequantize_bf16),
@@ -175,6 +199,7 @@ DEQUANTIZERS = {
     "Q5_0": (32, 22, dequantize_q5_0), "Q5_1": (32, 24, dequantize_q5_1),
     "Q2_K": (256, 84, dequantize_q2_k), "Q3_K": (256, 110, dequantize_q3_k), "Q4_K": (256, 144, dequantize_q4_k),
     "Q5_K": (256, 176, dequantize_q5_k), "Q6_K": (256, 210, dequantize_q6_k),
+    "IQ4_NL": (32, 18, dequantize_iq4_nl), "IQ4_XS": (256, 136, dequantize_iq4_xs),
 }
 
 

@@ -18,7 +18,7 @@ from tiny import FAMILIES, reference_logits, tiny_model
 
 import qwen_np
 from qwen_np.config import config_from_dict
-from qwen_np.gguf import (DEQUANTIZERS, check_special_token_ids, config_from_gguf, dequantize, pre_tokenizer,
+from qwen_np.gguf import (DEQUANTIZERS, IQ4_LEVELS, check_special_token_ids, config_from_gguf, dequantize, pre_tokenizer,
                          read_gguf, unpermute_rope_rows)
 from qwen_np.gguf import load_params as load_gguf_params
 from qwen_np.weights import expected_shapes
@@ -26,7 +26,9 @@ from qwen_np.weights import expected_shapes
 # ---------------------------------------------------------------------------------------------
 # Dequantizers
 
-SCALE_OFFSETS = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+# The types the package cannot quantize, and the byte offsets of their f16 scales
+SCALE_OFFSETS = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "IQ4_NL": (0,),
+                 "IQ4_XS": (0,)}
 
 
 @pytest.mark.parametrize("name", list(DEQUANTIZERS))
@@ -35,9 +37,9 @@ def test_dequantizer_matches_the_gguf_package(name):
     assert DEQUANTIZERS[name][:2] == gguf.GGML_QUANT_SIZES[qtype]  # values and bytes per block
     rng = np.random.default_rng(0)
     rows, cols = 6, 512
-    if name in SCALE_OFFSETS:  # the package cannot quantize K-quants: random blocks, finite f16 scales
-        block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
-        blocks = rng.integers(0, 256, (rows * cols // 256, block_bytes), dtype=np.uint8)
+    if name in SCALE_OFFSETS:  # random blocks, finite f16 scales
+        block_values, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+        blocks = rng.integers(0, 256, (rows * cols // block_values, block_bytes), dtype=np.uint8)
         for offset in SCALE_OFFSETS[name]:
             scales = (rng.normal(size=(len(blocks), 1)) * 0.01).astype(np.float16)
             blocks[:, offset:offset + 2] = scales.view(np.uint8)
@@ -59,6 +61,22 @@ def test_q8_0_and_q4_0_block_layouts_by_hand():
     packed = (codes[:16] | (codes[16:] << 4)).astype(np.uint8)
     block = np.concatenate([d, packed])[None]  # [1, 18]
     np.testing.assert_array_equal(dequantize(block, "Q4_0", (32,)), 0.5 * (codes - 8))
+
+
+def test_iq4_block_layouts_by_hand():
+    d = np.array([0.5], np.float16).view(np.uint8)
+    codes = np.arange(32) % 16  # indices into the 16 levels, packed as Q4_0's values
+    packed = (codes[:16] | (codes[16:] << 4)).astype(np.uint8)
+    block = np.concatenate([d, packed])[None]  # [1, 18]
+    np.testing.assert_array_equal(dequantize(block, "IQ4_NL", (32,)), 0.5 * IQ4_LEVELS[codes])
+    # IQ4_XS: sub-block j's 6-bit scale is nibble j of scales_l and bits 2j, 2j+1 of scales_h, minus 32.
+    scales = np.array([0, 1, 31, 32, 33, 47, 48, 63])
+    scales_l = (scales[0::2] & 15) | ((scales[1::2] & 15) << 4)
+    scales_h = np.sum((scales >> 4) << np.arange(0, 16, 2))
+    block = np.concatenate([d, np.array([scales_h], np.uint16).view(np.uint8), scales_l.astype(np.uint8),
+                            np.tile(packed, 8)])[None]  # [1, 136]
+    expected = 0.5 * (scales[:, None] - 32) * IQ4_LEVELS[codes]  # [8 sub-blocks, 32]
+    np.testing.assert_array_equal(dequantize(block, "IQ4_XS", (256,)), expected.reshape(256))
 
 
 def test_unpermute_undoes_llama_cpps_permutation():
@@ -105,6 +123,37 @@ def test_tiny_gguf_matches_transformers(tmp_path, family, qtype, reference):
     np.testing.assert_allclose(ours, reference_logits(reference, ids), atol=1e-4, rtol=1e-4)
     if qtype == Q.F32:  # unquantized, the file holds the original weights (llama's q/k rows put back)
         np.testing.assert_allclose(ours, reference_logits(hf, ids), atol=1e-4, rtol=1e-4)
+
+
+def iq4_nl(x):  # [rows, cols] float32 -> [rows, cols / 32 * 18] uint8: a plain IQ4_NL quantizer, for tests
+    blocks = x.reshape(-1, 32)
+    d = blocks[np.arange(len(blocks)), np.abs(blocks).argmax(axis=1)] / IQ4_LEVELS[0]  # largest -> level -127
+    q = np.abs(blocks[:, :, None] / d[:, None, None] - IQ4_LEVELS).argmin(axis=-1)  # nearest level
+    packed = (q[:, :16] | (q[:, 16:] << 4)).astype(np.uint8)
+    return np.concatenate([d.astype(np.float16)[:, None].view(np.uint8), packed], axis=1).reshape(len(x), -1)
+
+
+def test_iq4_nl_model_matches_transformers(tmp_path, reference):
+    # llama.cpp writes IQ4_NL for a Q2_K / Q3_K file's tensors whose rows are not a multiple of 256
+    # (all of a tiny model's): the projections here are IQ4_NL, as there.
+    torch, transformers = reference
+    hf = tiny_model("qwen2", tmp_path / "hf")
+    tensors = read_safetensors(tmp_path / "hf")
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, hf.config.num_hidden_layers)
+    raw = {names.get_name(name, try_suffixes=(".weight",)): (iq4_nl(value), Q.IQ4_NL)
+           for name, value in tensors.items() if name.endswith("_proj.weight")}
+    path = write_gguf(tmp_path / "model.gguf", "qwen2", hf.config.to_dict(), tensors, raw_tensors=raw)
+    assert read_gguf(path)[1]["blk.0.attn_q.weight"].tensor_type == Q.IQ4_NL
+    model = qwen_np.load(path)
+    q_proj = model.params["model"]["layers"][0]["self_attn"]["q_proj"]["weight"]
+    original = tensors["model.layers.0.self_attn.q_proj.weight"]
+    assert q_proj.shape == original.shape and 0 < np.abs(q_proj - original).max() < 0.2 * np.abs(original).max()
+
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file="model.gguf", dtype=torch.float32, attn_implementation="eager")
+    ids = np.random.default_rng(1).integers(0, hf.config.vocab_size, (2, 9))
+    ours, _ = qwen_np.forward(model.params, model.config, ids)
+    np.testing.assert_allclose(ours, reference_logits(reference, ids), atol=1e-4, rtol=1e-4)
 
 
 def test_moe_experts_are_views_of_one_array(tmp_path):
@@ -179,10 +228,10 @@ def test_mmap_and_low_memory_are_refused_for_gguf(tmp_path):
 
 
 def test_unsupported_tensor_type(tmp_path):
-    raw = np.random.default_rng(0).integers(0, 256, (64, 18), dtype=np.uint8)  # [64, 32] as IQ4_NL: 18 bytes a row
-    path = random_gguf(tmp_path / "iq4.gguf", "llama", small_config("llama"),
-                       raw_tensors={"blk.1.ffn_up.weight": (raw, Q.IQ4_NL)})
-    with pytest.raises(qwen_np.QwenNPError, match=r"tensor 'blk.1.ffn_up.weight' has type IQ4_NL, which qwen_np "
+    raw = np.random.default_rng(0).integers(0, 256, (64, 17), dtype=np.uint8)  # [64, 32] as MXFP4: 17 bytes a row
+    path = random_gguf(tmp_path / "mxfp4.gguf", "llama", small_config("llama"),
+                       raw_tensors={"blk.1.ffn_up.weight": (raw, Q.MXFP4)})
+    with pytest.raises(qwen_np.QwenNPError, match=r"tensor 'blk.1.ffn_up.weight' has type MXFP4, which qwen_np "
                                                   r"cannot read \(it reads F32, F16, BF16, Q8_0") as e:
         qwen_np.load(path)
     assert str(path) in str(e.value)
