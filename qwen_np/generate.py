@@ -355,6 +355,19 @@ def new_token_budget(config, generation_config, prompt_length, max_new_tokens): 
     return int(max_new_tokens)
 
 
+def new_cache(config, batch_size, capacity, past=None, reused=0):
+    """A KV cache with room for `capacity` positions: empty, or holding the first `reused` of `past`'s."""
+    try:
+        if past is None:
+            return empty_cache(config, batch_size, capacity)
+        return copy_cache(past.cache, reused, capacity)  # a copy: `past` itself stays as it was
+    except (MemoryError, ValueError):  # NumPy's "Unable to allocate" / "array is too big"
+        per_position = 4 * 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim  # bytes
+        raise QwenNPError(f"a KV cache for {capacity:,} positions ({capacity * batch_size * per_position / 1e9:,.1f} "
+                          f"GB) cannot be allocated: "
+                          f"lower max_new_tokens") from None
+
+
 def left_pad(prompts, pad_id):  # list of B id lists -> [B, T] int, [B, T] int (1 real, 0 padding)
     T = max(map(len, prompts))
     ids = np.full((len(prompts), T), pad_id, dtype=np.int64)
@@ -414,14 +427,12 @@ def generate_batch(model, prompts, max_new_tokens=None, temperature=None, top_k=
     # Prefill: all prompt tokens in one pass (but those `past` holds); the LM head only at the last
     # position. The cache gets room for the whole answer now, so decoding never has to grow (copy) it.
     capacity, reused = input_ids.shape[1] + budget, 0
-    if past is None:
-        cache = empty_cache(config, B, capacity)
-    else:
+    if past is not None:
         if B != 1:
             raise QwenNPError(f"past= continues one prompt, not a batch of {B}")
         check_past(past, config)
         reused = reusable_length(past, prompts[0]) if rope_allows_reuse(config, past, prompts[0]) else 0
-        cache = copy_cache(past.cache, reused, capacity)  # a copy: `past` itself stays as it was
+    cache = new_cache(config, B, capacity, past, reused)
     logits, cache = forward(params, config, input_ids[:, reused:], cache, attention_mask=attention_mask[:, reused:],
                             last_only=True)
     next_ids = choose_tokens(logits[:, -1], seen, settings, rng)  # [B]
