@@ -10,6 +10,7 @@ define them; `from qwen_np.generate import top_k_filter` still reaches the modul
 """
 
 import ctypes
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,9 @@ class Model:
 def load(path, mmap=False, low_memory=False):
     """Loads a checkpoint directory (config.json + safetensors [+ tokenizer files]) or a .gguf file.
 
+    A Hub id such as "Qwen/Qwen3-0.6B" that is not a local path names that model's copy in the
+    Hugging Face cache (`hub_cache()`), if it was downloaded there before; nothing is downloaded.
+
     mmap=True: float32 weights stay in the mapped file (read-only arrays) instead of being read
     into memory: loading returns at once and the first forward pass reads what it needs, as
     transformers does. Decoding is then a few percent slower (see the README's Speed and memory),
@@ -60,7 +64,10 @@ def load(path, mmap=False, low_memory=False):
 
 def read_model(name, path, mmap, low_memory):  # the body of `load`: name is the path as given
     if not path.exists():
-        raise QwenNPError(f"{path} does not exist{hub_hint(name)}")
+        cached = hub_cache_model(name)
+        if cached is None:
+            raise QwenNPError(f"{path} does not exist{hub_hint(name)}")
+        path = cached
     if path.is_file() and path.suffix.lower() == ".gguf":
         if mmap or low_memory:
             raise QwenNPError(f"{path}: {'mmap' if mmap else 'the low-memory mode'} is for safetensors "
@@ -81,12 +88,42 @@ def read_model(name, path, mmap, low_memory):  # the body of `load`: name is the
                  tokenizer_config=tokenizer_config, path=path)
 
 
-def hub_hint(name):  # -> how to fetch `name` if it looks like a Hub id ("Qwen/Qwen3-0.6B"), else ""
+def is_hub_id(name):  # "Qwen/Qwen3-0.6B" is; "models/x", "./a/b", "a/b/c", "a/b.gguf" are read as paths only
     owner, _, repo = name.partition("/")
-    if not (owner and repo) or "/" in repo or owner.startswith((".", "~")) or name.endswith(".gguf"):
+    return bool(owner and repo) and "/" not in repo and not owner.startswith((".", "~")) and not name.endswith(".gguf")
+
+
+def hub_cache():  # -> the Hugging Face Hub's cache directory, found as huggingface_hub finds it
+    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):  # the second is its older name
+        if os.environ.get(variable):
+            return Path(os.environ[variable]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "huggingface" / "hub"
+    return Path.home() / ".cache" / "huggingface" / "hub"
+
+
+def hub_cache_model(name):  # -> where Hub id `name` is in the Hub's cache, or None (nothing is downloaded)
+    if not is_hub_id(name):
+        return None
+    owner, _, repo = name.partition("/")
+    folder = hub_cache() / f"models--{owner}--{repo}"  # the cache's layout: refs/main, snapshots/<commit>/
+    main = folder / "refs" / "main"  # holds the commit of the main branch when it was last downloaded
+    commit = main.read_text().strip() if main.is_file() else ""
+    if commit and (folder / "snapshots" / commit).is_dir():
+        return folder / "snapshots" / commit
+    snapshots = sorted(p for p in folder.glob("snapshots/*") if p.is_dir())
+    if len(snapshots) == 1:
+        return snapshots[0]
+    return folder if snapshots else None  # several, none of them main's: loading it names them
+
+
+def hub_hint(name):  # -> how to fetch `name` if it looks like a Hub id ("Qwen/Qwen3-0.6B"), else ""
+    if not is_hub_id(name):
         return ""
-    return (f" (qwen_np reads local files only; to fetch {name} from the Hugging Face Hub: "
-            f"pip install huggingface_hub, then hf download {name} --local-dir DIR, and pass DIR)")
+    return (f" (nor is it in the Hugging Face cache, {hub_cache()}; qwen_np reads local files only. To fetch "
+            f"{name} from the Hub: pip install huggingface_hub, then hf download {name}, and pass {name} again)")
 
 
 def keep_freed_memory(mmap_threshold=32 << 20, trim_threshold=256 << 20):

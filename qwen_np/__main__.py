@@ -42,8 +42,9 @@ def build_parser():
 
     def common(sub):
         sub.add_argument("--model", metavar="PATH",
-                         help="checkpoint directory (config.json, *.safetensors, tokenizer.json) or .gguf "
-                              "file; default: the project's default small model")
+                         help="checkpoint directory (config.json, *.safetensors, tokenizer.json), .gguf "
+                              "file, or Hub id (Qwen/Qwen3-0.6B) already in the Hugging Face cache; default: "
+                              "the project's default small model")
         sub.add_argument("--low-memory", action="store_true",
                          help="keep the weight matrices in bfloat16: half the memory, slower decoding "
                               "(safetensors checkpoints)")

@@ -3,6 +3,7 @@ and the loader's errors on bad input."""
 
 import json
 import re
+import shutil
 import struct
 
 import numpy as np
@@ -11,6 +12,7 @@ from safetensors.numpy import load_file, save_file
 
 import qwen_np
 from conftest import require_reference
+from qwen_np import hub_cache
 from qwen_np.config import config_from_dict, read_json
 from qwen_np.weights import expected_shapes, read_safetensors_header
 from tiny import drop_tensor, edit_config, reference_logits, tiny_model
@@ -352,15 +354,26 @@ def test_a_weights_file_that_cannot_be_read_is_named(checkpoint, damage, problem
         qwen_np.load(checkpoint)
 
 
+def hub_cache_copy(checkpoint, hub, name, commits=("0123abc",), main="0123abc"):
+    """Moves `checkpoint`'s files into the Hub's cache layout under `hub`, as `hf download name` leaves them:
+    blobs/ once, snapshots/<commit>/ of links to them, refs/main naming the main branch's commit."""
+    folder = hub / f"models--{name.replace('/', '--')}"
+    (folder / "blobs").mkdir(parents=True)
+    for i, f in enumerate(sorted(p for p in checkpoint.iterdir() if p.is_file())):
+        f.rename(folder / "blobs" / f"blob{i}")
+        for commit in commits:
+            (folder / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
+            (folder / "snapshots" / commit / f.name).symlink_to(f"../../blobs/blob{i}")
+    if main is not None:
+        (folder / "refs").mkdir()
+        (folder / "refs" / "main").write_text(main)
+    return folder
+
+
 def test_a_hub_cache_snapshot_of_symlinks_loads(checkpoint, tmp_path):
     # The Hub's cache keeps each file once under blobs/ and links it from snapshots/<commit>/.
-    blobs, snapshot = tmp_path / "hub" / "blobs", tmp_path / "hub" / "snapshots" / "0123abc"
-    blobs.mkdir(parents=True)
-    snapshot.mkdir(parents=True)
     original = qwen_np.load(checkpoint)
-    for i, f in enumerate(sorted(p for p in checkpoint.iterdir() if p.is_file())):
-        f.rename(blobs / f"blob{i}")
-        (snapshot / f.name).symlink_to(f"../../blobs/blob{i}")
+    snapshot = hub_cache_copy(checkpoint, tmp_path / "hub", "Qwen/Tiny") / "snapshots" / "0123abc"
     ids = np.array([[1, 2, 3]])
     expected = qwen_np.forward(original.params, original.config, ids)[0]
     for mmap in (False, True):
@@ -390,13 +403,45 @@ def test_a_directory_of_gguf_files_says_to_pass_one_of_them(tmp_path):
 
 def test_a_hub_id_that_is_not_a_local_path_says_how_to_fetch_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(qwen_np.QwenNPError, match=r"Qwen/Qwen3-0.6B does not exist \(qwen_np reads local files "
-                       r"only; .*hf download Qwen/Qwen3-0.6B --local-dir DIR"):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(qwen_np.QwenNPError, match=re.escape(
+            f"Qwen/Qwen3-0.6B does not exist (nor is it in the Hugging Face cache, {tmp_path / 'hub'}; qwen_np reads "
+            f"local files only. To fetch Qwen/Qwen3-0.6B from the Hub: pip install huggingface_hub, then hf download "
+            f"Qwen/Qwen3-0.6B, and pass Qwen/Qwen3-0.6B again)")):
         qwen_np.load("Qwen/Qwen3-0.6B")
     for path in ("nope", "./nope/x", str(tmp_path / "a" / "b"), "a/b/c", "a/b.gguf"):  # plainly paths: no hint
         with pytest.raises(qwen_np.QwenNPError) as error:
             qwen_np.load(path)
         assert str(error.value).endswith("does not exist"), error.value
+
+
+def test_a_hub_id_loads_from_the_hugging_face_cache(checkpoint, tmp_path, monkeypatch):
+    ids = np.array([[1, 2, 3]])
+    original = qwen_np.load(checkpoint)
+    expected = qwen_np.forward(original.params, original.config, ids)[0]
+    folder = hub_cache_copy(checkpoint, tmp_path / "cache" / "huggingface" / "hub", "Qwen/Tiny",
+                            commits=("0123abc", "4567def"), main="4567def")
+    monkeypatch.chdir(tmp_path)
+    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME"):
+        monkeypatch.delenv(variable, raising=False)
+    # Where the cache is: as huggingface_hub finds it.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert hub_cache() == tmp_path / "cache" / "huggingface" / "hub"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "cache" / "huggingface"))
+    assert hub_cache() == tmp_path / "cache" / "huggingface" / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache" / "huggingface" / "hub"))
+    model = qwen_np.load("Qwen/Tiny")
+    assert model.path == folder / "snapshots" / "4567def"  # main's commit, of the two
+    np.testing.assert_array_equal(qwen_np.forward(model.params, model.config, ids)[0], expected)
+
+    (folder / "refs" / "main").unlink()  # two snapshots, neither known as main's: the error names the folder
+    with pytest.raises(qwen_np.QwenNPError, match=re.escape(f"cache: pass {folder / 'snapshots' / '<commit>'})")):
+        qwen_np.load("Qwen/Tiny")
+    shutil.rmtree(folder / "snapshots" / "0123abc")  # one snapshot: that one
+    assert qwen_np.load("Qwen/Tiny").path == folder / "snapshots" / "4567def"
+    (tmp_path / "Qwen" / "Tiny").mkdir(parents=True)  # a local path of that name comes first, as in transformers
+    with pytest.raises(qwen_np.QwenNPError, match=r"no config.json found: Qwen/Tiny/config.json does not exist"):
+        qwen_np.load("Qwen/Tiny")
 
 
 def test_unsupported_model_type(checkpoint):
