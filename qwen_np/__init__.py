@@ -11,6 +11,7 @@ define them; `from qwen_np.generate import top_k_filter` still reaches the modul
 
 import ctypes
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,9 +89,8 @@ def read_model(name, path, mmap, low_memory):  # the body of `load`: name is the
                  tokenizer_config=tokenizer_config, path=path)
 
 
-def is_hub_id(name):  # "Qwen/Qwen3-0.6B" is; "models/x", "./a/b", "a/b/c", "a/b.gguf" are read as paths only
-    owner, _, repo = name.partition("/")
-    return bool(owner and repo) and "/" not in repo and not owner.startswith((".", "~")) and not name.endswith(".gguf")
+def is_hub_id(name):  # "Qwen/Qwen3-0.6B" is; "./a/b", "~/x", "a/b/c", "a/b.gguf", "a/b c" are only paths
+    return re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", name) is not None and not name.endswith(".gguf")
 
 
 def hub_cache():  # -> the Hugging Face Hub's cache directory, found as huggingface_hub finds it

@@ -409,7 +409,7 @@ def test_a_hub_id_that_is_not_a_local_path_says_how_to_fetch_it(tmp_path, monkey
             f"local files only. To fetch Qwen/Qwen3-0.6B from the Hub: pip install huggingface_hub, then hf download "
             f"Qwen/Qwen3-0.6B, and pass Qwen/Qwen3-0.6B again)")):
         qwen_np.load("Qwen/Qwen3-0.6B")
-    for path in ("nope", "./nope/x", str(tmp_path / "a" / "b"), "a/b/c", "a/b.gguf"):  # plainly paths: no hint
+    for path in ("nope", "./nope/x", str(tmp_path / "a" / "b"), "a/b/c", "a/b.gguf", "a/b c"):  # plainly paths: no hint
         with pytest.raises(qwen_np.QwenNPError) as error:
             qwen_np.load(path)
         assert str(error.value).endswith("does not exist"), error.value
