@@ -89,8 +89,12 @@ def read_model(name, path, mmap, low_memory):  # the body of `load`: name is the
                  tokenizer_config=tokenizer_config, path=path)
 
 
-def is_hub_id(name):  # "Qwen/Qwen3-0.6B" is; "./a/b", "~/x", "a/b/c", "a/b.gguf", "a/b c" are only paths
-    return re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", name) is not None and not name.endswith(".gguf")
+def hub_id(name):  # -> ("Qwen/Qwen3-0.6B", "" or a file of it), or None for what can only be a path
+    # owner/name, or owner/name/file.gguf of a GGUF repository; not "./a/b", "~/x", "a/b/c", "a/b.gguf", "a/b c"
+    m = re.fullmatch(r"(\w[\w.-]*/\w[\w.-]*)(?:/(\w[\w.-]*\.gguf))?", name)
+    if m is None or (m[2] is None and name.endswith(".gguf")):
+        return None
+    return m[1], m[2] or ""
 
 
 def hub_cache():  # -> the Hugging Face Hub's cache directory, found as huggingface_hub finds it
@@ -105,25 +109,28 @@ def hub_cache():  # -> the Hugging Face Hub's cache directory, found as huggingf
 
 
 def hub_cache_model(name):  # -> where Hub id `name` is in the Hub's cache, or None (nothing is downloaded)
-    if not is_hub_id(name):
+    if (parts := hub_id(name)) is None:
         return None
-    owner, _, repo = name.partition("/")
-    folder = hub_cache() / f"models--{owner}--{repo}"  # the cache's layout: refs/main, snapshots/<commit>/
+    repo, file = parts
+    folder = hub_cache() / f"models--{repo.replace('/', '--')}"  # the layout: refs/main, snapshots/<commit>/
     main = folder / "refs" / "main"  # holds the commit of the main branch when it was last downloaded
     commit = main.read_text().strip() if main.is_file() else ""
-    if commit and (folder / "snapshots" / commit).is_dir():
-        return folder / "snapshots" / commit
     snapshots = sorted(p for p in folder.glob("snapshots/*") if p.is_dir())
-    if len(snapshots) == 1:
-        return snapshots[0]
-    return folder if snapshots else None  # several, none of them main's: loading it names them
+    if commit and (folder / "snapshots" / commit).is_dir():
+        snapshot = folder / "snapshots" / commit
+    elif len(snapshots) == 1:
+        snapshot = snapshots[0]
+    else:
+        return folder if snapshots else None  # several, none of them main's: loading the folder names them
+    return snapshot / file if (snapshot / file).exists() else None
 
 
 def hub_hint(name):  # -> how to fetch `name` if it looks like a Hub id ("Qwen/Qwen3-0.6B"), else ""
-    if not is_hub_id(name):
+    if (parts := hub_id(name)) is None:
         return ""
+    command = " ".join(filter(None, parts))  # hf download Qwen/Qwen3-0.6B, or ... REPO FILE.gguf
     return (f" (nor is it in the Hugging Face cache, {hub_cache()}; qwen_np reads local files only. To fetch "
-            f"{name} from the Hub: pip install huggingface_hub, then hf download {name}, and pass {name} again)")
+            f"{name} from the Hub: pip install huggingface_hub, then hf download {command}, and pass {name} again)")
 
 
 def keep_freed_memory(mmap_threshold=32 << 20, trim_threshold=256 << 20):

@@ -12,7 +12,7 @@ from safetensors.numpy import load_file, save_file
 
 import qwen_np
 from conftest import require_reference
-from qwen_np import hub_cache
+from qwen_np import hub_cache, hub_cache_model
 from qwen_np.config import config_from_dict, read_json
 from qwen_np.weights import expected_shapes, read_safetensors_header
 from tiny import drop_tensor, edit_config, reference_logits, tiny_model
@@ -439,6 +439,15 @@ def test_a_hub_id_loads_from_the_hugging_face_cache(checkpoint, tmp_path, monkey
         qwen_np.load("Qwen/Tiny")
     shutil.rmtree(folder / "snapshots" / "0123abc")  # one snapshot: that one
     assert qwen_np.load("Qwen/Tiny").path == folder / "snapshots" / "4567def"
+    # A GGUF repository's file: owner/name/file.gguf.
+    gguf_snapshot = tmp_path / "cache" / "huggingface" / "hub" / "models--Qwen--Tiny-GGUF" / "snapshots" / "89ab"
+    gguf_snapshot.mkdir(parents=True)
+    (gguf_snapshot / "tiny-q8_0.gguf").write_bytes(b"")
+    assert hub_cache_model("Qwen/Tiny-GGUF/tiny-q8_0.gguf") == gguf_snapshot / "tiny-q8_0.gguf"
+    assert hub_cache_model("Qwen/Tiny-GGUF/tiny-q4_0.gguf") is None
+    with pytest.raises(qwen_np.QwenNPError, match="then hf download Qwen/Tiny-GGUF tiny-q4_0.gguf, and pass "
+                                                  "Qwen/Tiny-GGUF/tiny-q4_0.gguf again"):
+        qwen_np.load("Qwen/Tiny-GGUF/tiny-q4_0.gguf")
     (tmp_path / "Qwen" / "Tiny").mkdir(parents=True)  # a local path of that name comes first, as in transformers
     with pytest.raises(qwen_np.QwenNPError, match=r"no config.json found: Qwen/Tiny/config.json does not exist"):
         qwen_np.load("Qwen/Tiny")
