@@ -1,8 +1,8 @@
 """What every notebook shares, in one place: which model to load, where the real test data
 lives, and the residual stream layer by layer. Each notebook imports it first.
 
-The model is the one named by the QWEN_NP_MODEL environment variable when it is set (a GGUF
-file or a Hugging Face checkpoint directory), otherwise the out-of-the-box model that
+The model is the one named by the QWEN_NP_MODEL environment variable when it is set (what
+qwen_np.load takes: a GGUF file, a checkpoint directory, a Hub id in the Hugging Face cache), otherwise the out-of-the-box model that
 `qwen_np.download.default_model_path()` returns (downloaded once, then cached).
 """
 
