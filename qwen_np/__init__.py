@@ -51,8 +51,9 @@ def load(path, mmap=False, low_memory=False):
 
     low_memory=True: weight matrices are kept in bfloat16 (as uint16 bits: NumPy has no
     bfloat16), half the memory of float32, and widened to float32 a block at a time where they
-    are used. A bf16 checkpoint gives exactly the default's results; float32/fp16 weights are
-    rounded to bfloat16. Decoding is slower than the default (see the README's Speed and memory).
+    are used. A bf16 checkpoint gives exactly the default's results; float32/fp16 weights, and
+    the dequantized values of a GGUF file, are rounded to bfloat16. Decoding is slower than the
+    default (see the README's Speed and memory).
 
     Loading also tells the C library to keep freed memory for reuse (`keep_freed_memory`).
     """
@@ -70,11 +71,11 @@ def read_model(name, path, mmap, low_memory):  # the body of `load`: name is the
             raise QwenNPError(f"{path} does not exist{hub_hint(name)}")
         path = cached
     if path.is_file() and path.suffix.lower() == ".gguf":
-        if mmap or low_memory:
-            raise QwenNPError(f"{path}: {'mmap' if mmap else 'the low-memory mode'} is for safetensors "
-                              f"checkpoints; a GGUF file is always dequantized into float32")
+        if mmap:
+            raise QwenNPError(f"{path}: mmap is for safetensors checkpoints; a GGUF file is always dequantized "
+                              f"(into float32, or bfloat16 with low_memory=True)")
         from .gguf import load_gguf  # imported here: the gguf package is only needed for GGUF files
-        config, params, tokenizer, generation_config, tokenizer_config = load_gguf(path)
+        config, params, tokenizer, generation_config, tokenizer_config = load_gguf(path, low_memory)
         return Model(config=config, params=params, tokenizer=tokenizer, generation_config=generation_config,
                      tokenizer_config=tokenizer_config, path=path)
     if not path.is_dir():

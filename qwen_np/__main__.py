@@ -46,8 +46,7 @@ def build_parser():
                               "file, or Hub id (Qwen/Qwen3-0.6B) already in the Hugging Face cache; default: "
                               "the project's default small model")
         sub.add_argument("--low-memory", action="store_true",
-                         help="keep the weight matrices in bfloat16: half the memory, slower decoding "
-                              "(safetensors checkpoints)")
+                         help="keep the weight matrices in bfloat16: half the memory, slower decoding")
         sampling = sub.add_argument_group("sampling (defaults: the checkpoint's generation_config.json)")
         add = sampling.add_argument
         add("--temperature", metavar="T", type=number(float, 0, what="use 0 (greedy) or a positive number"),
@@ -87,9 +86,6 @@ def build_parser():
 def model_path(args):
     if args.model is not None:
         return args.model
-    if args.low_memory:  # said before the download, not after
-        raise QwenNPError("--low-memory is for safetensors checkpoints, and the default model is a GGUF file: "
-                          "pass --model DIR as well")
     try:
         from .download import default_model_path  # another module provides the default model
     except ImportError:

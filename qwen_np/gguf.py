@@ -25,7 +25,7 @@ import numpy as np
 from gguf import GGUFReader  # the llama.cpp package (absolute import: not this module)
 
 from .config import QwenNPError, check_values, config_from_dict, is_int
-from .weights import build_tree, expected_shapes
+from .weights import CHUNK, build_tree, expected_shapes, float32_to_bf16
 
 # GGUF architecture name -> our model_type (config.json's name for the family)
 ARCHITECTURES = {"qwen2": "qwen2", "qwen3": "qwen3", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe",
@@ -203,10 +203,16 @@ DEQUANTIZERS = {
 }
 
 
-def dequantize(raw, type_name, shape):  # raw bytes of one tensor -> float32 array of `shape`
-    _, block_bytes, dequantizer = DEQUANTIZERS[type_name]
+def dequantize(raw, type_name, shape, bf16=False):  # raw bytes of one tensor -> float32 array of `shape`
+    # bf16: the values rounded to bfloat16 bits (uint16), for load(..., low_memory=True).
+    values, block_bytes, dequantizer = DEQUANTIZERS[type_name]
     blocks = np.ascontiguousarray(raw).view(np.uint8).reshape(-1, block_bytes)
-    return dequantizer(blocks).reshape(shape)
+    out = np.empty((len(blocks), values), np.uint16 if bf16 else np.float32)
+    step = max(1, CHUNK // values)  # blocks at a time: the dequantizers' temporaries stay a few MB
+    for b in range(0, len(blocks), step):
+        x = dequantizer(blocks[b:b + step])
+        out[b:b + step] = float32_to_bf16(x) if bf16 else x
+    return out.reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,8 +398,10 @@ def unpermute_rope_rows(w, num_heads):  # [num_heads * Dh, ...] -> [num_heads * 
     return w.reshape(num_heads, -1, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_params(tensors, config, path):
-    """The params tree of a GGUF file, every tensor float32 and shape-checked against the config."""
+def load_params(tensors, config, path, low_memory=False):
+    """The params tree of a GGUF file, every tensor float32 and shape-checked against the config.
+    low_memory: matrices (2-D, and the stacked experts) are kept as bfloat16 bits instead, as from
+    a safetensors checkpoint: each is dequantized to float32 a chunk at a time, then rounded."""
     shapes = expected_shapes(config)
     plan = {}  # HF name -> (GGUF tensor, expert index or None)
     for gguf_name, tensor in tensors.items():
@@ -415,7 +423,7 @@ def load_params(tensors, config, path):
             raise QwenNPError(f"{path}: tensor {tensor.name!r} has shape {list(found)} but the config implies "
                               f"{list(wanted)} ({name})")
         if tensor.name not in arrays:
-            arrays[tensor.name] = read_tensor(tensor, path)
+            arrays[tensor.name] = read_tensor(tensor, path, low_memory and len(shapes[name]) == 2)
         # An expert is a view of the stacked [E, out, in] array (reshaped first: dims of size 1 may differ).
         value = arrays[tensor.name] if expert is None else arrays[tensor.name].reshape(wanted)[expert]
         flat[name] = value.reshape(shapes[name])
@@ -429,12 +437,12 @@ def load_params(tensors, config, path):
     return build_tree(flat)
 
 
-def read_tensor(tensor, path):  # -> float32 array of the tensor's NumPy shape
+def read_tensor(tensor, path, bf16=False):  # -> float32 array of the tensor's NumPy shape (bf16: uint16 bits)
     type_name = tensor.tensor_type.name
     if type_name not in DEQUANTIZERS:
         raise QwenNPError(f"{path}: tensor {tensor.name!r} has type {type_name}, which qwen_np cannot read "
                           f"(it reads {', '.join(DEQUANTIZERS)})")
-    return dequantize(tensor.data, type_name, numpy_shape(tensor))
+    return dequantize(tensor.data, type_name, numpy_shape(tensor), bf16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -561,12 +569,12 @@ def chat_settings(metadata):  # -> tokenizer_config, generation_config as a chec
     return tokenizer_config, generation_config
 
 
-def load_gguf(path):
+def load_gguf(path, low_memory=False):
     """(config, params, tokenizer, generation_config, tokenizer_config) of one .gguf file."""
     path = Path(path)
     metadata, tensors = read_gguf(path)
     config = config_from_gguf(metadata, tensors, path)
-    params = load_params(tensors, config, path)
+    params = load_params(tensors, config, path, low_memory)
     check_special_token_ids(metadata, path)
     tokenizer = load_tokenizer(metadata, path)  # checks the vocabulary, which chat_settings reads too
     tokenizer_config, generation_config = chat_settings(metadata)

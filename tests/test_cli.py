@@ -168,14 +168,16 @@ def test_without_model_a_failed_download_is_reported_and_leaves_nothing(tmp_path
     assert list(cache.iterdir()) == []
 
 
-def test_default_model_chat_answers_paris(shared_data, tmp_path):
-    """The out-of-the-box model (SmolLM2-135M-Instruct, already in the cache: no download) in a greedy chat."""
+@pytest.mark.parametrize("flags", [[], ["--low-memory"]])
+def test_default_model_chat_answers_paris(shared_data, tmp_path, flags):
+    """The out-of-the-box model (SmolLM2-135M-Instruct, already in the cache: no download) in a greedy chat,
+    also with its matrices kept in bfloat16."""
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / "SmolLM2-135M-Instruct.Q4_1.gguf").symlink_to(
         shared_data / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf")
-    result = run("chat", "--temperature", "0", "--max-new-tokens", "20", stdin="What is the capital of France?\n",
-                 QWEN_NP_CACHE=str(cache))
+    result = run("chat", *flags, "--temperature", "0", "--max-new-tokens", "20",
+                 stdin="What is the capital of France?\n", QWEN_NP_CACHE=str(cache))
     assert result.returncode == 0, result.stderr
     assert "The capital of France is Paris." in result.stdout
     assert "downloading" not in result.stderr and "tokens/s" in result.stderr
@@ -218,12 +220,3 @@ def test_ctrl_c_in_a_terminal_stops_the_answer_and_the_chat_goes_on(terminal, mo
                          {"role": "user", "content": "second"}, {"role": "assistant", "content": "Par"},
                          {"role": "user", "content": "third"}], "cache of turn 1")
     assert "prefill: 6 tokens" in err and "decode: 4 tokens" in err  # the finished turns only
-
-
-def test_low_memory_without_model_is_refused_before_any_download(tmp_path):
-    # The default model is a GGUF, which the low-memory mode does not read: say so before fetching it.
-    cache, no_wheels = tmp_path / "cache", tmp_path / "wheels"
-    no_wheels.mkdir()  # were a download attempted, pip would find nothing here and fail at once
-    result = run("chat", "--low-memory", QWEN_NP_CACHE=str(cache), PIP_NO_INDEX="1", PIP_FIND_LINKS=str(no_wheels))
-    assert_one_line_error(result, "--low-memory is for safetensors checkpoints", "pass --model DIR")
-    assert not cache.exists()

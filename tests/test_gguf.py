@@ -18,10 +18,11 @@ from tiny import FAMILIES, reference_logits, tiny_model
 
 import qwen_np
 from qwen_np.config import config_from_dict
+from qwen_np.ops import bf16_to_float32
 from qwen_np.gguf import (DEQUANTIZERS, IQ4_LEVELS, check_special_token_ids, config_from_gguf, dequantize, pre_tokenizer,
                          read_gguf, unpermute_rope_rows)
 from qwen_np.gguf import load_params as load_gguf_params
-from qwen_np.weights import expected_shapes
+from qwen_np.weights import expected_shapes, float32_to_bf16
 
 # ---------------------------------------------------------------------------------------------
 # Dequantizers
@@ -32,7 +33,7 @@ SCALE_OFFSETS = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2
 
 
 @pytest.mark.parametrize("name", list(DEQUANTIZERS))
-def test_dequantizer_matches_the_gguf_package(name):
+def test_dequantizer_matches_the_gguf_package(name, monkeypatch):
     qtype = Q[name]
     assert DEQUANTIZERS[name][:2] == gguf.GGML_QUANT_SIZES[qtype]  # values and bytes per block
     rng = np.random.default_rng(0)
@@ -46,10 +47,15 @@ def test_dequantizer_matches_the_gguf_package(name):
         raw = blocks.reshape(rows, -1)
     else:
         raw = gguf.quants.quantize(rng.normal(size=(rows, cols)).astype(np.float32), qtype)
+    with monkeypatch.context() as m:
+        m.setattr(qwen_np.gguf, "CHUNK", 300)  # in chunks of blocks, the last one short: the same values
+        chunked = dequantize(raw, name, (rows, cols))
     ours = dequantize(raw, name, (rows, cols))
     assert ours.dtype == np.float32 and ours.shape == (rows, cols)
     assert np.count_nonzero(ours) > rows * cols // 2
-    np.testing.assert_array_equal(ours, gguf.quants.dequantize(raw, qtype))
+    expected = gguf.quants.dequantize(raw, qtype)
+    np.testing.assert_array_equal(ours, expected)
+    np.testing.assert_array_equal(chunked, expected)
 
 
 def test_q8_0_and_q4_0_block_layouts_by_hand():
@@ -219,12 +225,53 @@ def test_unsupported_architecture(tmp_path):
     assert str(path) in str(e.value)
 
 
-def test_mmap_and_low_memory_are_refused_for_gguf(tmp_path):
+def test_mmap_is_refused_for_gguf(tmp_path):
     path = random_gguf(tmp_path / "m.gguf", "llama", small_config("llama"))
-    with pytest.raises(qwen_np.QwenNPError, match="m.gguf: mmap is for safetensors checkpoints"):
+    with pytest.raises(qwen_np.QwenNPError, match="m.gguf: mmap is for safetensors checkpoints; a GGUF file is "
+                                                  "always dequantized"):
         qwen_np.load(path, mmap=True)
-    with pytest.raises(qwen_np.QwenNPError, match="m.gguf: the low-memory mode is for safetensors checkpoints"):
-        qwen_np.load(path, low_memory=True)
+
+
+def leaves(tree, prefix=""):  # -> {dotted name: array} of a params tree
+    if isinstance(tree, (dict, list)):
+        items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+        return {k: v for key, sub in items for k, v in leaves(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def widened(tree):  # the params tree with its bfloat16 matrices widened to float32
+    if isinstance(tree, (dict, list)):
+        return {k: widened(v) for k, v in tree.items()} if isinstance(tree, dict) else list(map(widened, tree))
+    return bf16_to_float32(tree) if tree.dtype == np.uint16 else tree
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_low_memory_keeps_a_gguf_files_matrices_in_bf16(tmp_path, family, monkeypatch):
+    # llama: its q/k rows permuted back; qwen3_moe: experts as views of one stacked array.
+    monkeypatch.setattr(qwen_np.gguf, "CHUNK", 100)  # every tensor dequantized in several chunks
+    config = small_config(family, **({"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+                                      "head_dim": 8} if family == "qwen3_moe" else {}))
+    path = random_gguf(tmp_path / "m.gguf", family, config, qtype=Q.Q8_0)
+    default, low = qwen_np.load(path), qwen_np.load(path, low_memory=True)
+    matrices = 0
+    for name, value in leaves(default.params).items():
+        kept = leaves(low.params)[name]
+        if value.ndim == 2:  # the dequantized values rounded to bfloat16, as from a float32 checkpoint
+            assert kept.dtype == np.uint16, name
+            np.testing.assert_array_equal(kept, float32_to_bf16(value))
+            matrices += 1
+        else:  # norms and biases as they are
+            assert kept.dtype == np.float32, name
+            np.testing.assert_array_equal(kept, value)
+    assert matrices == sum(v.ndim == 2 for v in leaves(default.params).values()) > 10
+    if family == "qwen3_moe":
+        experts = low.params["model"]["layers"][0]["mlp"]["experts"]
+        assert experts[0]["up_proj"]["weight"].base is experts[3]["up_proj"]["weight"].base
+    # The forward pass widens the bfloat16 matrices exactly: the logits of the rounded weights in float32.
+    rounded = widened(low.params)
+    x = np.random.default_rng(1).integers(0, config["vocab_size"], (2, 9))
+    np.testing.assert_array_equal(qwen_np.forward(low.params, low.config, x)[0],
+                                  qwen_np.forward(rounded, low.config, x)[0])
 
 
 def test_unsupported_tensor_type(tmp_path):
