@@ -74,7 +74,7 @@ def read_model(name, path, mmap, low_memory):  # the body of `load`: name is the
         if mmap:
             raise QwenNPError(f"{path}: mmap is for safetensors checkpoints; a GGUF file is always dequantized "
                               f"(into float32, or bfloat16 with low_memory=True)")
-        from .gguf import load_gguf  # imported here: the gguf package is only needed for GGUF files
+        from .gguf import load_gguf
         config, params, tokenizer, generation_config, tokenizer_config = load_gguf(path, low_memory)
         return Model(config=config, params=params, tokenizer=tokenizer, generation_config=generation_config,
                      tokenizer_config=tokenizer_config, path=path)

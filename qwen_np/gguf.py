@@ -2,8 +2,8 @@
 
 A GGUF file is: a header, key/value metadata (the config and the tokenizer, under llama.cpp's
 key names such as `qwen2.block_count` or `tokenizer.ggml.tokens`), a table of tensors (name,
-dims, type, offset), then the tensor data. The `gguf` package (the reader maintained by
-llama.cpp) parses the header and table; everything after that is here:
+dims, type, offset), then the tensor data. `read_gguf` parses it (its layout is drawn above
+`parse_gguf`); then:
 
 1. the config, rebuilt from the metadata as a config.json-style dict (`config_from_gguf`);
 2. every tensor dequantized to float32 by our own NumPy dequantizers (one per block type,
@@ -19,13 +19,14 @@ Two facts about the format the code depends on:
 """
 
 import math
+import struct
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
-from gguf import GGUFReader  # the llama.cpp package (absolute import: not this module)
 
 from .config import QwenNPError, check_values, config_from_dict, is_int
-from .weights import CHUNK, build_tree, expected_shapes, float32_to_bf16
+from .weights import CHUNK, build_tree, expected_shapes, float32_to_bf16, map_file
 
 # GGUF architecture name -> our model_type (config.json's name for the family)
 ARCHITECTURES = {"qwen2": "qwen2", "qwen3": "qwen3", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe",
@@ -216,59 +217,142 @@ def dequantize(raw, type_name, shape, bf16=False):  # raw bytes of one tensor ->
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading the file
+# Reading the file. Everything is little-endian; a string is its length (u64) then its UTF-8 bytes.
+#
+#   "GGUF" | version (u32: 2 or 3) | tensor count (u64) | metadata count (u64)
+#   metadata, each: key (string) | value type (u32) | value
+#       an array value: item type (u32) | count (u64) | the items
+#   tensor table, each: name (string) | n_dims (u32) | dims (u64 each, fastest-varying first)
+#       | ggml type (u32) | offset (u64) of its data, from the start of the data section
+#   padding to general.alignment (default 32) | the data section
+
+SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+STRING, ARRAY = 8, 9  # the other two value types
+GGML_TYPES = {  # ggml's type numbers, for the tensor table (those qwen_np reads are in DEQUANTIZERS)
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K",
+    12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S",
+    20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64",
+    29: "IQ1_M", 30: "BF16", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4",
+}
+MAX_NESTING = 16  # arrays of arrays: real files nest at most once
 
 
-class Reader(GGUFReader):
-    """The gguf package's reader over a plain ndarray view of the file's memory map rather than
-    the np.memmap itself: slicing an np.memmap builds a memmap object per slice, and the reader
-    slices once per metadata string, so a 150k-token vocabulary parses ~4x faster this way."""
-
-    @property
-    def data(self):
-        return self._bytes
-
-    @data.setter
-    def data(self, memmap):
-        self._bytes = np.asarray(memmap)  # the same mapped bytes, no copy
-
-    def _get(self, offset, dtype, count=1, override_order=None):
-        # The reader's own _get returns what is left where the file ends short: an array's count
-        # that claims more than the file holds would then be walked for ever, one empty read at a time.
-        values = super()._get(offset, dtype, count, override_order)
-        if len(values) < int(count):
-            raise ValueError(f"a value at byte {offset:,} runs past the end of the file")
-        return values
+class Tensor(NamedTuple):  # one entry of the tensor table
+    name: str
+    type_name: str  # the ggml type: "Q4_K", "F32", ... ("type 99" for a number ggml does not have)
+    shape: tuple  # GGUF dims, fastest-varying first (numpy_shape reverses them)
+    data: object  # its raw bytes, a uint8 view of the mapped file (None for a type qwen_np cannot read)
 
 
-def read_gguf(path):  # -> {metadata key: value}, {tensor name: ReaderTensor}
+class Corrupt(Exception):  # what read_gguf turns into "FILE is truncated or corrupt: ..."
+    pass
+
+
+class Cursor:
+    """Reads values one after the other from the mapped file, refusing any read past its end."""
+
+    def __init__(self, buffer):
+        self.buffer, self.pos = buffer, 0
+
+    def take(self, size):  # -> the offset of the next `size` bytes, and moves past them
+        if size > len(self.buffer) - self.pos:
+            raise Corrupt(f"a value at byte {self.pos:,} runs past the end of the file")
+        self.pos += size
+        return self.pos - size
+
+    def scalar(self, fmt):
+        return struct.unpack_from(fmt, self.buffer, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self):
+        size = self.scalar("<Q")
+        start = self.take(size)
+        return self.buffer[start:start + size].decode("utf-8")
+
+    def value(self, kind, depth=0):  # -> a metadata value: int, float, bool, str or list
+        if kind in SCALARS:
+            return self.scalar(SCALARS[kind])
+        if kind == STRING:
+            return self.string()
+        if kind != ARRAY:
+            raise Corrupt(f"unknown metadata value type {kind} at byte {self.pos - 4:,}")
+        if depth == MAX_NESTING:
+            raise Corrupt(f"arrays nested more than {MAX_NESTING} deep")
+        item, count = self.scalar("<I"), self.scalar("<Q")
+        if item in SCALARS:  # a numeric array: one read
+            start = self.take(count * struct.calcsize(SCALARS[item]))
+            return np.frombuffer(self.buffer, SCALARS[item], count, start).tolist()
+        if count > (len(self.buffer) - self.pos) // 8:  # each string or array takes 8 bytes at least
+            raise Corrupt(f"an array of {count:,} items at byte {self.pos:,} runs past the end of the file")
+        return [self.value(item, depth + 1) for _ in range(count)]
+
+
+def parse_gguf(buffer):  # -> {key: value}, {name: Tensor}; raises Corrupt
+    cursor = Cursor(buffer)
+    cursor.take(8)  # "GGUF" and the version, checked by the caller
+    tensor_count, metadata_count = cursor.scalar("<Q"), cursor.scalar("<Q")
+    metadata = {}
+    for _ in range(metadata_count):
+        key = cursor.string()
+        if key in metadata:
+            raise Corrupt(f"the metadata key {key!r} appears twice")
+        metadata[key] = cursor.value(cursor.scalar("<I"))
+    table = {}
+    for _ in range(tensor_count):
+        name = cursor.string()
+        if name in table:
+            raise Corrupt(f"the tensor {name!r} appears twice")
+        dims = tuple(cursor.scalar("<Q") for _ in range(cursor.scalar("<I")))
+        table[name] = (cursor.scalar("<I"), dims, cursor.scalar("<Q"))
+    alignment = metadata.get("general.alignment", 32)
+    if not is_int(alignment) or alignment < 1:
+        raise Corrupt(f"general.alignment={alignment!r} is not a positive integer")
+    data_start = -(-cursor.pos // alignment) * alignment
+    tensors = {}
+    for name, (number, dims, offset) in table.items():
+        type_name = GGML_TYPES.get(number, f"type {number}")
+        data = None
+        if type_name in DEQUANTIZERS:
+            values, block_bytes, _ = DEQUANTIZERS[type_name]
+            count = math.prod(dims)
+            if count % values:
+                raise Corrupt(f"tensor {name!r} has {count:,} values, not a whole number of {type_name} blocks")
+            size, start = count // values * block_bytes, data_start + offset
+            if start + size > len(buffer):
+                raise Corrupt(f"the data of tensor {name!r} (bytes {start:,} to {start + size:,}) runs past the "
+                              f"end of the file")
+            data = np.frombuffer(buffer, np.uint8, size, start)
+        tensors[name] = Tensor(name, type_name, dims, data)
+    return metadata, tensors
+
+
+def read_gguf(path):  # -> {metadata key: value}, {tensor name: Tensor}
     with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise QwenNPError(f"{path} is not a GGUF file (it does not start with the bytes 'GGUF')")
-    try:
-        reader = Reader(path)
-    except (ValueError, IndexError, KeyError, OverflowError, RecursionError) as e:
-        # The reader slices a memory map of the file: a file cut short shows up as a short read.
-        raise QwenNPError(f"{path} ({path.stat().st_size:,} bytes) is truncated or corrupt: "
-                          f"the GGUF reader failed with: {e}") from None
-    if reader.byte_order != "I":
+        head = f.read(8)
+    if head[:4] != b"GGUF":
+        raise QwenNPError(f"{path} is not a GGUF file (it does not start with the bytes 'GGUF')")
+    if len(head) < 8:
+        raise QwenNPError(f"{path} ({len(head)} bytes) is truncated: it ends inside the GGUF header")
+    version = int.from_bytes(head[4:], "little")
+    if version & 0xFFFF == 0 and version:  # a small number written big-endian
         raise QwenNPError(f"{path} is a big-endian GGUF file; qwen_np reads little-endian files only")
+    if version not in (2, 3):
+        raise QwenNPError(f"{path} is a GGUF file of version {version}; qwen_np reads versions 2 and 3")
     try:
-        metadata = {key: field.contents() for key, field in reader.fields.items()}
+        metadata, tensors = parse_gguf(map_file(path))
+    except Corrupt as e:
+        raise QwenNPError(f"{path} ({path.stat().st_size:,} bytes) is truncated or corrupt: {e}") from None
     except UnicodeDecodeError as e:
         raise QwenNPError(f"{path}: a metadata string is not valid UTF-8 ({e})") from None
-    except RecursionError:
-        raise QwenNPError(f"{path} is corrupt: its metadata holds arrays nested too deeply to read") from None
     parts, number = metadata.get("split.count", 1), metadata.get("split.no")
     if parts != 1:  # llama.cpp's gguf-split: the tensors are spread over several files
         part = f"part {number + 1}" if is_int(number) else "a part"
         raise QwenNPError(f"{path} is {part} of a GGUF split into {parts} files; qwen_np reads one-file GGUFs: "
                           f"join the parts first with llama.cpp's llama-gguf-split --merge FIRST-PART.gguf JOINED.gguf")
-    return metadata, {tensor.name: tensor for tensor in reader.tensors}
+    return metadata, tensors
 
 
 def numpy_shape(tensor):  # GGUF dims are fastest-varying first: reverse them for NumPy
-    return tuple(int(n) for n in reversed(tensor.shape.tolist()))
+    return tuple(int(n) for n in reversed(tensor.shape))
 
 
 def config_from_gguf(metadata, tensors, path):
@@ -438,7 +522,7 @@ def load_params(tensors, config, path, low_memory=False):
 
 
 def read_tensor(tensor, path, bf16=False):  # -> float32 array of the tensor's NumPy shape (bf16: uint16 bits)
-    type_name = tensor.tensor_type.name
+    type_name = tensor.type_name
     if type_name not in DEQUANTIZERS:
         raise QwenNPError(f"{path}: tensor {tensor.name!r} has type {type_name}, which qwen_np cannot read "
                           f"(it reads {', '.join(DEQUANTIZERS)})")

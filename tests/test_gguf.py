@@ -18,10 +18,10 @@ from tiny import FAMILIES, reference_logits, tiny_model
 
 import qwen_np
 from qwen_np.config import config_from_dict
-from qwen_np.ops import bf16_to_float32
-from qwen_np.gguf import (DEQUANTIZERS, IQ4_LEVELS, check_special_token_ids, config_from_gguf, dequantize, pre_tokenizer,
-                         read_gguf, unpermute_rope_rows)
+from qwen_np.gguf import (DEQUANTIZERS, IQ4_LEVELS, check_special_token_ids, config_from_gguf, dequantize,
+                          pre_tokenizer, read_gguf, unpermute_rope_rows)
 from qwen_np.gguf import load_params as load_gguf_params
+from qwen_np.ops import bf16_to_float32
 from qwen_np.weights import expected_shapes, float32_to_bf16
 
 # ---------------------------------------------------------------------------------------------
@@ -149,7 +149,7 @@ def test_iq4_nl_model_matches_transformers(tmp_path, reference):
     raw = {names.get_name(name, try_suffixes=(".weight",)): (iq4_nl(value), Q.IQ4_NL)
            for name, value in tensors.items() if name.endswith("_proj.weight")}
     path = write_gguf(tmp_path / "model.gguf", "qwen2", hf.config.to_dict(), tensors, raw_tensors=raw)
-    assert read_gguf(path)[1]["blk.0.attn_q.weight"].tensor_type == Q.IQ4_NL
+    assert read_gguf(path)[1]["blk.0.attn_q.weight"].type_name == "IQ4_NL"
     model = qwen_np.load(path)
     q_proj = model.params["model"]["layers"][0]["self_attn"]["q_proj"]["weight"]
     original = tensors["model.layers.0.self_attn.q_proj.weight"]
@@ -223,6 +223,17 @@ def test_unsupported_architecture(tmp_path):
     with pytest.raises(qwen_np.QwenNPError, match="unsupported GGUF architecture 'gemma2'") as e:
         qwen_np.load(path)
     assert str(path) in str(e.value)
+
+
+def test_qwen_np_reads_gguf_without_the_test_only_packages(tmp_path):
+    # The gguf package writes the test files; qwen_np itself reads the format, and never imports
+    # torch or transformers either.
+    path = random_gguf(tmp_path / "m.gguf", "qwen3", small_config("qwen3", head_dim=8), qtype=Q.Q8_0)
+    code = ("import sys; sys.modules.update(gguf=None, torch=None, transformers=None); import numpy as np, qwen_np; "
+            f"m = qwen_np.load({str(path)!r}); print(qwen_np.forward(m.params, m.config, np.array([[1, 2]]))[0].shape)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "(1, 2, 64)\n"
 
 
 def test_mmap_is_refused_for_gguf(tmp_path):
@@ -430,15 +441,19 @@ def with_inserted_metadata(data, key, value):  # -> GGUF bytes with one more met
 
 
 ARRAY, UINT8 = struct.pack("<I", gguf.GGUFValueType.ARRAY), struct.pack("<I", gguf.GGUFValueType.UINT8)
+UINT32 = struct.pack("<II", gguf.GGUFValueType.UINT32, 7)  # a whole uint32 value
 
 
 @pytest.mark.parametrize("value, message", [
-    # an array of 2**40 bytes in a small file: the gguf reader alone would walk it for ever
+    # an array of 2**40 bytes in a small file (the gguf package's reader walks it for ever)
     (ARRAY + UINT8 + struct.pack("<Q", 2**40), "runs past the end of the file"),
+    (ARRAY + struct.pack("<IQ", gguf.GGUFValueType.STRING, 2**40), "an array of 1,099,511,627,776 items at byte"),
     # arrays nested 3000 deep
-    (ARRAY + (ARRAY + struct.pack("<Q", 1)) * 3000 + UINT8 + struct.pack("<Q", 1) + b"\0", "recursion"),
-], ids=["a count of 2**40", "nested 3000 deep"])
-def test_metadata_arrays_the_reader_cannot_walk_are_named(tmp_path, value, message):
+    (ARRAY + (ARRAY + struct.pack("<Q", 1)) * 3000 + UINT8 + struct.pack("<Q", 1) + b"\0",
+     "arrays nested more than 16 deep"),
+    (struct.pack("<I", 13) + b"\0" * 8, "unknown metadata value type 13"),
+], ids=["a count of 2**40", "2**40 strings", "nested 3000 deep", "value type 13"])
+def test_metadata_that_cannot_be_read_is_named(tmp_path, value, message):
     data = random_gguf(tmp_path / "ok.gguf", "llama", small_config("llama")).read_bytes()
     path = tmp_path / "bad.gguf"
     path.write_bytes(with_inserted_metadata(data, b"x.bad", value))
@@ -447,6 +462,31 @@ def test_metadata_arrays_the_reader_cannot_walk_are_named(tmp_path, value, messa
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "QwenNPError" in done.stderr and "bad.gguf" in done.stderr
     assert "is truncated or corrupt" in done.stderr and message in done.stderr
+
+
+def test_bad_headers_and_tables_are_named(tmp_path):
+    data = random_gguf(tmp_path / "ok.gguf", "llama", small_config("llama"), qtype=Q.Q8_0).read_bytes()
+    metadata, tensors = read_gguf(tmp_path / "ok.gguf")
+    # Where the tensor table's first entry starts: after the header and every metadata entry.
+    first = data.index(struct.pack("<Q", len("token_embd.weight")) + b"token_embd.weight")
+    cases = {
+        "big.gguf": (b"GGUF" + struct.pack(">I", 3) + data[8:], "big.gguf is a big-endian GGUF file"),
+        "v1.gguf": (b"GGUF" + struct.pack("<I", 1) + data[8:], "v1.gguf is a GGUF file of version 1; qwen_np reads "
+                                                                 "versions 2 and 3"),
+        "short.gguf": (b"GGUF\3", r"short.gguf \(5 bytes\) is truncated: it ends inside the GGUF header"),
+        "key.gguf": (with_inserted_metadata(with_inserted_metadata(data, b"x.twice", UINT32), b"x.twice", UINT32),
+                     "the metadata key 'x.twice_*' appears twice"),
+        "align.gguf": (data[:16] + struct.pack("<Q", len(metadata) + 1) + struct.pack("<Q", 17)
+                       + b"general.alignment" + struct.pack("<II", 4, 0) + data[24:],  # unpadded: refused first
+                       r"general.alignment=0 is not a positive integer"),
+        "tensor.gguf": (data[:first] + data[first:].replace(b"blk.0.attn_k.weight", b"blk.0.attn_q.weight", 1),
+                        "the tensor 'blk.0.attn_q.weight' appears twice"),
+    }
+    for name, (raw, message) in cases.items():
+        (tmp_path / name).write_bytes(raw)
+        with pytest.raises(qwen_np.QwenNPError, match=message):
+            qwen_np.load(tmp_path / name)
+    assert tensors["token_embd.weight"].type_name == "Q8_0" and metadata["general.architecture"] == "llama"
 
 
 def test_metadata_values_of_the_wrong_type_are_named(tmp_path):
