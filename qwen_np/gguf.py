@@ -608,7 +608,7 @@ def load_tokenizer(metadata, path):
     add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token")) and eos is not None
     if add_bos or add_eos:  # the file asks for BOS (or EOS) around every encoded text
         tokenizer.post_processor = processors.TemplateProcessing(
-            single=[tokens[bos]] * add_bos + ["$A"] + [tokens[eos]] * add_eos,
+            single=([tokens[bos]] if add_bos else []) + ["$A"] + ([tokens[eos]] if add_eos else []),
             special_tokens=[(tokens[i], i) for i, on in ((bos, add_bos), (eos, add_eos)) if on])
     return tokenizer
 

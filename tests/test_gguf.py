@@ -19,7 +19,7 @@ from tiny import FAMILIES, reference_logits, tiny_model
 import qwen_np
 from qwen_np.config import config_from_dict
 from qwen_np.gguf import (DEQUANTIZERS, IQ4_LEVELS, check_special_token_ids, config_from_gguf, dequantize,
-                          pre_tokenizer, read_gguf, unpermute_rope_rows)
+                          load_tokenizer, pre_tokenizer, read_gguf, unpermute_rope_rows)
 from qwen_np.gguf import load_params as load_gguf_params
 from qwen_np.ops import bf16_to_float32
 from qwen_np.weights import expected_shapes, float32_to_bf16
@@ -412,6 +412,17 @@ def test_qwen2_gguf_tokenizer_is_the_directory_tokenizer(qwen2_gguf, shared_data
             directory.encode(text).ids, skip_special_tokens=False)
     assert ours.encode("<|im_start|>").ids == [151644]
     assert ours.encode("<tool_call>").ids == [151657]  # user-defined: whole, though not special
+
+
+def test_qwen2_gguf_tokenizer_adds_bos_or_eos_when_the_file_asks(qwen2_gguf):
+    metadata, _ = read_gguf(qwen2_gguf[0])
+    bos_only = {**metadata, "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.bos_token_id": 151643}
+    del bos_only["tokenizer.ggml.eos_token_id"]  # asked for BOS only, with no EOS id at all
+    assert load_tokenizer(bos_only, qwen2_gguf[0]).encode("hi").ids == [151643, 6023]
+    eos_only = {**metadata, "tokenizer.ggml.add_eos_token": True, "tokenizer.ggml.eos_token_id": 151645}
+    del eos_only["tokenizer.ggml.bos_token_id"]
+    assert load_tokenizer(eos_only, qwen2_gguf[0]).encode("hi").ids == [6023, 151645]
+    assert qwen2_gguf[1].tokenizer.encode("hi").ids == [6023]  # Qwen's files ask for neither
 
 
 def test_qwen2_gguf_chat_settings(qwen2_gguf, shared_data):
