@@ -36,6 +36,7 @@ def build_parser():
     parser = Parser(prog="python -m qwen_np", description="Generate text or chat with a Qwen checkpoint, in NumPy.",
                     epilog='examples:\n  python -m qwen_np generate --model PATH "The capital of France is"\n'
                            '  python -m qwen_np chat --model PATH --system "Be brief." --no-think\n'
+                           '  python -m qwen_np chat --model Qwen/Qwen3-0.6B     (after: hf download Qwen/Qwen3-0.6B)\n'
                            'python -m qwen_np COMMAND --help lists the flags of a command.',
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat}")
