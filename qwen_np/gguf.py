@@ -235,11 +235,12 @@ GGML_TYPES = {  # ggml's type numbers, for the tensor table (those qwen_np reads
     29: "IQ1_M", 30: "BF16", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4",
 }
 MAX_NESTING = 16  # arrays of arrays: real files nest at most once
+MAX_DIMS = 4  # ggml's tensors have at most 4 dims
 
 
 class Tensor(NamedTuple):  # one entry of the tensor table
     name: str
-    type_name: str  # the ggml type: "Q4_K", "F32", ... ("type 99" for a number ggml does not have)
+    type_name: str  # the ggml type: "Q4_K", "F32", ... ("99" for a number ggml does not have)
     shape: tuple  # GGUF dims, fastest-varying first (numpy_shape reverses them)
     data: object  # its raw bytes, a uint8 view of the mapped file (None for a type qwen_np cannot read)
 
@@ -301,7 +302,10 @@ def parse_gguf(buffer):  # -> {key: value}, {name: Tensor}; raises Corrupt
         name = cursor.string()
         if name in table:
             raise Corrupt(f"the tensor {name!r} appears twice")
-        dims = tuple(cursor.scalar("<Q") for _ in range(cursor.scalar("<I")))
+        n_dims = cursor.scalar("<I")
+        if n_dims > MAX_DIMS:
+            raise Corrupt(f"the tensor {name!r} has {n_dims:,} dims (GGUF allows {MAX_DIMS})")
+        dims = tuple(cursor.scalar("<Q") for _ in range(n_dims))
         table[name] = (cursor.scalar("<I"), dims, cursor.scalar("<Q"))
     alignment = metadata.get("general.alignment", 32)
     if not is_int(alignment) or alignment < 1:
@@ -309,7 +313,7 @@ def parse_gguf(buffer):  # -> {key: value}, {name: Tensor}; raises Corrupt
     data_start = -(-cursor.pos // alignment) * alignment
     tensors = {}
     for name, (number, dims, offset) in table.items():
-        type_name = GGML_TYPES.get(number, f"type {number}")
+        type_name = GGML_TYPES.get(number, str(number))
         data = None
         if type_name in DEQUANTIZERS:
             values, block_bytes, _ = DEQUANTIZERS[type_name]

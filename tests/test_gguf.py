@@ -492,6 +492,8 @@ def test_bad_headers_and_tables_are_named(tmp_path):
                        r"general.alignment=0 is not a positive integer"),
         "tensor.gguf": (data[:first] + data[first:].replace(b"blk.0.attn_k.weight", b"blk.0.attn_q.weight", 1),
                         "the tensor 'blk.0.attn_q.weight' appears twice"),
+        "dims.gguf": (data[:first + 25] + struct.pack("<I", 2**32 - 1) + data[first + 29:],  # after the name
+                      "the tensor 'token_embd.weight' has 4,294,967,295 dims \\(GGUF allows 4\\)"),
     }
     for name, (raw, message) in cases.items():
         (tmp_path / name).write_bytes(raw)
