@@ -113,7 +113,9 @@ def float32_to_bf16(x):  # [...] float32 -> [...] uint16 bfloat16 bits
     # Keep the top 16 bits, rounded to nearest, ties to even (as torch's .to(torch.bfloat16)):
     # add 0x7FFF plus the lowest kept bit, then drop the low 16 bits.
     bits = x.view(np.uint32)
-    return ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16).astype(np.uint16)
+    rounded = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16).astype(np.uint16)
+    # A NaN's low bits could carry into its sign and exponent (0x7FFFFFFF would become -0.0): keep it a NaN.
+    return np.where(np.isnan(x), np.uint16(0x7FC0), rounded)
 
 
 def checkpoint_files(directory):

@@ -163,6 +163,10 @@ def test_float32_to_bf16_rounds_to_nearest_even():
     expected = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     np.testing.assert_array_equal(float32_to_bf16(values), expected)
     np.testing.assert_array_equal(bf16_to_float32(expected), torch.from_numpy(values).to(torch.bfloat16).float())
+    # NaNs stay NaNs, whatever their low bits (rounding alone would carry some into -0.0 or +0.0).
+    nans = np.array([0x7FFFFFFF, 0xFFFFFFFF, 0x7FC00000, 0x7F800001, 0xFF8FFFFF], np.uint32).view(np.float32)
+    assert np.isnan(bf16_to_float32(float32_to_bf16(nans))).all()
+    assert np.isnan(torch.from_numpy(nans).to(torch.bfloat16).float().numpy()).all()  # as in torch
 
 
 def test_fp16_checkpoint(tmp_path):
