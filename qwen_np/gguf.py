@@ -232,7 +232,7 @@ GGML_TYPES = {  # ggml's type numbers, for the tensor table (those qwen_np reads
     0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K",
     12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S",
     20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64",
-    29: "IQ1_M", 30: "BF16", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4",
+    29: "IQ1_M", 30: "BF16", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4", 40: "NVFP4", 41: "Q1_0",
 }
 MAX_NESTING = 16  # arrays of arrays: real files nest at most once
 MAX_DIMS = 4  # ggml's tensors have at most 4 dims
@@ -308,8 +308,8 @@ def parse_gguf(buffer):  # -> {key: value}, {name: Tensor}; raises Corrupt
         dims = tuple(cursor.scalar("<Q") for _ in range(n_dims))
         table[name] = (cursor.scalar("<I"), dims, cursor.scalar("<Q"))
     alignment = metadata.get("general.alignment", 32)
-    if not is_int(alignment) or alignment < 1:
-        raise Corrupt(f"general.alignment={alignment!r} is not a positive integer")
+    if not is_int(alignment) or alignment < 1 or alignment & (alignment - 1):  # as llama.cpp requires
+        raise Corrupt(f"general.alignment={alignment!r} is not a power of two")
     data_start = -(-cursor.pos // alignment) * alignment
     tensors = {}
     for name, (number, dims, offset) in table.items():
@@ -317,10 +317,11 @@ def parse_gguf(buffer):  # -> {key: value}, {name: Tensor}; raises Corrupt
         data = None
         if type_name in DEQUANTIZERS:
             values, block_bytes, _ = DEQUANTIZERS[type_name]
-            count = math.prod(dims)
-            if count % values:
-                raise Corrupt(f"tensor {name!r} has {count:,} values, not a whole number of {type_name} blocks")
-            size, start = count // values * block_bytes, data_start + offset
+            row = dims[0] if dims else 1  # blocks never straddle two rows
+            if row % values:
+                raise Corrupt(f"tensor {name!r} has rows of {row:,} values, not a whole number of {type_name} "
+                              f"blocks of {values}")
+            size, start = math.prod(dims) // values * block_bytes, data_start + offset
             if start + size > len(buffer):
                 raise Corrupt(f"the data of tensor {name!r} (bytes {start:,} to {start + size:,}) runs past the "
                               f"end of the file")

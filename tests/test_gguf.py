@@ -489,7 +489,13 @@ def test_bad_headers_and_tables_are_named(tmp_path):
                      "the metadata key 'x.twice_*' appears twice"),
         "align.gguf": (data[:16] + struct.pack("<Q", len(metadata) + 1) + struct.pack("<Q", 17)
                        + b"general.alignment" + struct.pack("<II", 4, 0) + data[24:],  # unpadded: refused first
-                       r"general.alignment=0 is not a positive integer"),
+                       r"general.alignment=0 is not a power of two"),
+        "align48.gguf": (data[:16] + struct.pack("<Q", len(metadata) + 1) + struct.pack("<Q", 17)
+                         + b"general.alignment" + struct.pack("<II", 4, 48) + data[24:],
+                         r"general.alignment=48 is not a power of two"),
+        # the Q8_0 embedding's GGUF dims [32, 64] as [16, 128]: the same count, rows of half a block
+        "rows.gguf": (data[:first + 29] + struct.pack("<QQ", 16, 128) + data[first + 45:],
+                      r"tensor 'token_embd.weight' has rows of 16 values, not a whole number of Q8_0 blocks of 32"),
         "tensor.gguf": (data[:first] + data[first:].replace(b"blk.0.attn_k.weight", b"blk.0.attn_q.weight", 1),
                         "the tensor 'blk.0.attn_q.weight' appears twice"),
         "dims.gguf": (data[:first + 25] + struct.pack("<I", 2**32 - 1) + data[first + 29:],  # after the name
