@@ -92,18 +92,21 @@ def read_model(name, path, mmap, low_memory):  # the body of `load`: name is the
 
 def hub_id(name):  # -> ("Qwen/Qwen3-0.6B", "" or a file of it), or None for what can only be a path
     # owner/name, or owner/name/file.gguf of a GGUF repository; not "./a/b", "~/x", "a/b/c", "a/b.gguf", "a/b c"
-    m = re.fullmatch(r"(\w[\w.-]*/\w[\w.-]*)(?:/(\w[\w.-]*\.gguf))?", name)
-    if m is None or (m[2] is None and name.endswith(".gguf")):
+    m = re.fullmatch(r"(\w[\w.-]*/\w[\w.-]*)(?:/(\w[\w.-]*\.gguf))?", name, re.ASCII | re.IGNORECASE)
+    if m is None or (m[2] is None and name.lower().endswith(".gguf")):
         return None
     return m[1], m[2] or ""
 
 
 def hub_cache():  # -> the Hugging Face Hub's cache directory, found as huggingface_hub finds it
+    def path(variable):  # huggingface_hub expands $VARS and ~ in these
+        return Path(os.path.expandvars(os.environ[variable])).expanduser()
+
     for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):  # the second is its older name
         if os.environ.get(variable):
-            return Path(os.environ[variable]).expanduser()
+            return path(variable)
     if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+        return path("HF_HOME") / "hub"
     if os.environ.get("XDG_CACHE_HOME"):
         return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "huggingface" / "hub"
     return Path.home() / ".cache" / "huggingface" / "hub"
@@ -121,8 +124,12 @@ def hub_cache_model(name):  # -> where Hub id `name` is in the Hub's cache, or N
         snapshot = folder / "snapshots" / commit
     elif len(snapshots) == 1:
         snapshot = snapshots[0]
+    elif snapshots:  # downloaded at several commits, none of them known as main's: which is wanted?
+        raise QwenNPError(f"{name}: the Hugging Face cache holds {len(snapshots)} snapshots of {repo} and no "
+                          f"refs/main to choose one; pass one of them: {folder / 'snapshots' / '<commit>' / file}"
+                          f" ({', '.join(p.name for p in snapshots[:5])})")
     else:
-        return folder if snapshots else None  # several, none of them main's: loading the folder names them
+        return None
     return snapshot / file if (snapshot / file).exists() else None
 
 

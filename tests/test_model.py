@@ -413,7 +413,7 @@ def test_a_hub_id_that_is_not_a_local_path_says_how_to_fetch_it(tmp_path, monkey
             f"local files only. To fetch Qwen/Qwen3-0.6B from the Hub: pip install huggingface_hub, then hf download "
             f"Qwen/Qwen3-0.6B, and pass Qwen/Qwen3-0.6B again)")):
         qwen_np.load("Qwen/Qwen3-0.6B")
-    for path in ("nope", "./nope/x", str(tmp_path / "a" / "b"), "a/b/c", "a/b.gguf", "a/b c"):  # plainly paths: no hint
+    for path in ("nope", "./nope/x", str(tmp_path / "a" / "b"), "a/b/c", "a/b.gguf", "a/b c", "café/x"):  # paths
         with pytest.raises(qwen_np.QwenNPError) as error:
             qwen_np.load(path)
         assert str(error.value).endswith("does not exist"), error.value
@@ -433,13 +433,16 @@ def test_a_hub_id_loads_from_the_hugging_face_cache(checkpoint, tmp_path, monkey
     assert hub_cache() == tmp_path / "cache" / "huggingface" / "hub"
     monkeypatch.setenv("HF_HOME", str(tmp_path / "cache" / "huggingface"))
     assert hub_cache() == tmp_path / "cache" / "huggingface" / "hub"
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache" / "huggingface" / "hub"))
+    monkeypatch.setenv("TOP", str(tmp_path))  # $VARS in these are expanded, as huggingface_hub does
+    monkeypatch.setenv("HF_HUB_CACHE", "$TOP/cache/huggingface/hub")
     model = qwen_np.load("Qwen/Tiny")
     assert model.path == folder / "snapshots" / "4567def"  # main's commit, of the two
     np.testing.assert_array_equal(qwen_np.forward(model.params, model.config, ids)[0], expected)
 
-    (folder / "refs" / "main").unlink()  # two snapshots, neither known as main's: the error names the folder
-    with pytest.raises(qwen_np.QwenNPError, match=re.escape(f"cache: pass {folder / 'snapshots' / '<commit>'})")):
+    (folder / "refs" / "main").unlink()  # two snapshots, neither known as main's: not guessed at
+    with pytest.raises(qwen_np.QwenNPError, match=re.escape(
+            f"Qwen/Tiny: the Hugging Face cache holds 2 snapshots of Qwen/Tiny and no refs/main to choose one; pass "
+            f"one of them: {folder / 'snapshots' / '<commit>'} (0123abc, 4567def)")):
         qwen_np.load("Qwen/Tiny")
     shutil.rmtree(folder / "snapshots" / "0123abc")  # one snapshot: that one
     assert qwen_np.load("Qwen/Tiny").path == folder / "snapshots" / "4567def"
@@ -449,6 +452,8 @@ def test_a_hub_id_loads_from_the_hugging_face_cache(checkpoint, tmp_path, monkey
     (gguf_snapshot / "tiny-q8_0.gguf").write_bytes(b"")
     assert hub_cache_model("Qwen/Tiny-GGUF/tiny-q8_0.gguf") == gguf_snapshot / "tiny-q8_0.gguf"
     assert hub_cache_model("Qwen/Tiny-GGUF/tiny-q4_0.gguf") is None
+    (gguf_snapshot / "TINY.GGUF").write_bytes(b"")
+    assert hub_cache_model("Qwen/Tiny-GGUF/TINY.GGUF") == gguf_snapshot / "TINY.GGUF"
     with pytest.raises(qwen_np.QwenNPError, match="then hf download Qwen/Tiny-GGUF tiny-q4_0.gguf, and pass "
                                                   "Qwen/Tiny-GGUF/tiny-q4_0.gguf again"):
         qwen_np.load("Qwen/Tiny-GGUF/tiny-q4_0.gguf")
