@@ -91,8 +91,8 @@ def read_model(name, path, mmap, low_memory):  # the body of `load`: name is the
 
 
 def hub_id(name):  # -> ("Qwen/Qwen3-0.6B", "" or a file of it), or None for what can only be a path
-    # owner/name, or owner/name/file.gguf of a GGUF repository; not "./a/b", "~/x", "a/b/c", "a/b.gguf", "a/b c"
-    m = re.fullmatch(r"(\w[\w.-]*/\w[\w.-]*)(?:/(\w[\w.-]*\.gguf))?", name, re.ASCII | re.IGNORECASE)
+    # owner/name, or owner/name/[folder/]file.gguf of a GGUF repository; not "./a/b", "~/x", "a/b/c", "a/b.gguf"
+    m = re.fullmatch(r"(\w[\w.-]*/\w[\w.-]*)(?:/((?:\w[\w.-]*/)*\w[\w.-]*\.gguf))?", name, re.ASCII | re.I)
     if m is None or (m[2] is None and name.lower().endswith(".gguf")):
         return None
     return m[1], m[2] or ""

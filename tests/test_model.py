@@ -454,6 +454,9 @@ def test_a_hub_id_loads_from_the_hugging_face_cache(checkpoint, tmp_path, monkey
     assert hub_cache_model("Qwen/Tiny-GGUF/tiny-q4_0.gguf") is None
     (gguf_snapshot / "TINY.GGUF").write_bytes(b"")
     assert hub_cache_model("Qwen/Tiny-GGUF/TINY.GGUF") == gguf_snapshot / "TINY.GGUF"
+    (gguf_snapshot / "Q4").mkdir()  # a repository with a folder per quantization
+    (gguf_snapshot / "Q4" / "tiny-q4.gguf").write_bytes(b"")
+    assert hub_cache_model("Qwen/Tiny-GGUF/Q4/tiny-q4.gguf") == gguf_snapshot / "Q4" / "tiny-q4.gguf"
     with pytest.raises(qwen_np.QwenNPError, match="then hf download Qwen/Tiny-GGUF tiny-q4_0.gguf, and pass "
                                                   "Qwen/Tiny-GGUF/tiny-q4_0.gguf again"):
         qwen_np.load("Qwen/Tiny-GGUF/tiny-q4_0.gguf")
