@@ -19,7 +19,9 @@ Two facts about the format the code depends on:
 """
 
 import math
+import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -503,18 +505,23 @@ def load_params(tensors, config, path, low_memory=False):
     if missing:
         raise QwenNPError(f"{path}: missing tensor(s) {', '.join(missing[:5])} (the config calls for them)")
 
-    arrays = {}  # GGUF name -> dequantized array (an expert tensor is read once for all its experts)
-    flat = {}
+    wanted = {}  # HF name -> the shape of its GGUF tensor (for an expert, that of all experts stacked)
     for name, (tensor, expert) in plan.items():
-        found, wanted = numpy_shape(tensor), shapes[name] if expert is None else (config.num_experts, *shapes[name])
-        if [n for n in found if n != 1] != [n for n in wanted if n != 1]:
+        wanted[name] = shapes[name] if expert is None else (config.num_experts, *shapes[name])
+        found = numpy_shape(tensor)
+        if [n for n in found if n != 1] != [n for n in wanted[name] if n != 1]:
             # Only dims of size 1 may differ: llama.cpp stores the [1, D] shared-expert gate as [D].
             raise QwenNPError(f"{path}: tensor {tensor.name!r} has shape {list(found)} but the config implies "
-                              f"{list(wanted)} ({name})")
-        if tensor.name not in arrays:
-            arrays[tensor.name] = read_tensor(tensor, path, low_memory and len(shapes[name]) == 2)
+                              f"{list(wanted[name])} ({name})")
+    # Each GGUF tensor is dequantized once (an expert tensor for all its experts), by one thread
+    # per core (at most 8): the dequantizers' NumPy operations release the GIL.
+    reads = {tensor.name: (tensor, low_memory and len(shapes[name]) == 2) for name, (tensor, _) in plan.items()}
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        arrays = dict(zip(reads, pool.map(lambda read: read_tensor(read[0], path, read[1]), reads.values())))
+    flat = {}
+    for name, (tensor, expert) in plan.items():
         # An expert is a view of the stacked [E, out, in] array (reshaped first: dims of size 1 may differ).
-        value = arrays[tensor.name] if expert is None else arrays[tensor.name].reshape(wanted)[expert]
+        value = arrays[tensor.name] if expert is None else arrays[tensor.name].reshape(wanted[name])[expert]
         flat[name] = value.reshape(shapes[name])
     if config.model_type == "llama":
         for i in range(config.num_hidden_layers):
