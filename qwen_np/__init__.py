@@ -90,9 +90,13 @@ def read_model(name, path, mmap, low_memory):  # the body of `load`: name is the
                  tokenizer_config=tokenizer_config, path=path)
 
 
+HUB_PART = r"\w[\w.-]*"  # an owner, a repository, a folder or a file name on the Hub
+
+
 def hub_id(name):  # -> ("Qwen/Qwen3-0.6B", "" or a file of it), or None for what can only be a path
     # owner/name, or owner/name/[folder/]file.gguf of a GGUF repository; not "./a/b", "~/x", "a/b/c", "a/b.gguf"
-    m = re.fullmatch(r"(\w[\w.-]*/\w[\w.-]*)(?:/((?:\w[\w.-]*/)*\w[\w.-]*\.gguf))?", name, re.ASCII | re.I)
+    P = HUB_PART
+    m = re.fullmatch(rf"({P}/{P})(?:/((?:{P}/)*{P}\.gguf))?", name, re.ASCII | re.IGNORECASE)
     if m is None or (m[2] is None and name.lower().endswith(".gguf")):
         return None
     return m[1], m[2] or ""
@@ -108,7 +112,7 @@ def hub_cache():  # -> the Hugging Face Hub's cache directory, found as huggingf
     if os.environ.get("HF_HOME"):
         return path("HF_HOME") / "hub"
     if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "huggingface" / "hub"
+        return path("XDG_CACHE_HOME") / "huggingface" / "hub"
     return Path.home() / ".cache" / "huggingface" / "hub"
 
 

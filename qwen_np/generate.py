@@ -361,10 +361,11 @@ def new_cache(config, batch_size, capacity, past=None, reused=0):
         if past is None:
             return empty_cache(config, batch_size, capacity)
         return copy_cache(past.cache, reused, capacity)  # a copy: `past` itself stays as it was
-    except (MemoryError, ValueError):  # NumPy's "Unable to allocate" / "array is too big"
-        per_position = 4 * 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim  # bytes
-        raise QwenNPError(f"a KV cache for {capacity:,} positions ({capacity * batch_size * per_position / 1e9:,.1f} "
-                          f"GB) cannot be allocated: "
+    except (MemoryError, ValueError):  # np.zeros: "Unable to allocate ..." / "array is too big"
+        # float32 keys and values, of every layer and key/value head, per position
+        per_position = 4 * 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+        gb = capacity * batch_size * per_position / 1e9
+        raise QwenNPError(f"a KV cache for {capacity:,} positions ({gb:,.1f} GB) cannot be allocated: "
                           f"lower max_new_tokens") from None
 
 

@@ -7,8 +7,9 @@ dims, type, offset), then the tensor data. `read_gguf` parses it (its layout is 
 
 1. the config, rebuilt from the metadata as a config.json-style dict (`config_from_gguf`);
 2. every tensor dequantized to float32 by our own NumPy dequantizers (one per block type,
-   each with its block layout in a comment), renamed onto the Hugging Face params tree, and
-   shape-checked by `weights.expected_shapes`, exactly like a safetensors checkpoint;
+   each with its block layout in a comment; with low_memory the matrices are then rounded to
+   bfloat16), renamed onto the Hugging Face params tree, and shape-checked by
+   `weights.expected_shapes`, exactly like a safetensors checkpoint;
 3. a byte-level BPE `tokenizers.Tokenizer` built from the vocabulary and merges in the metadata.
 
 Two facts about the format the code depends on:
@@ -173,7 +174,7 @@ def dequantize_q6_k(blocks):  # [N, 210] -> [N, 256]
 
 # The "IQ4" quants index a fixed non-linear grid of 16 levels instead of spacing them evenly:
 # the levels crowd near zero, where most weights are. llama.cpp also writes IQ4_NL for the
-# tensors of a Q2_K or Q3_K file whose rows are not a multiple of 256 (Qwen2.5-0.5B: 896).
+# Q2_K and Q3_K tensors whose rows are not a multiple of 256 (Qwen2.5-0.5B's 896).
 IQ4_LEVELS = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
 
 
@@ -187,11 +188,11 @@ def dequantize_iq4_xs(blocks):  # [N, 136] -> [N, 256]
     # Sub-block j has a 6-bit scale: its low 4 bits are nibble j of scales_l (low nibble first),
     # its high 2 bits are bits 2j, 2j+1 of scales_h. x = d * (scale - 32) * IQ4_LEVELS[q]
     N = blocks.shape[0]
-    low = np.stack([blocks[:, 4:8] & 0x0F, blocks[:, 4:8] >> 4], axis=-1).reshape(N, 8)
+    low = np.stack([blocks[:, 4:8] & 0x0F, blocks[:, 4:8] >> 4], axis=-1).reshape(N, 8)  # [N, 8]
     high = (blocks[:, 2:4].view(np.uint16) >> np.arange(0, 16, 2, dtype=np.uint16)) & 3  # [N, 8]
     scale = (low | (high << 4)).astype(np.float32) - 32  # [N, 8]
-    q = IQ4_LEVELS[nibbles(blocks[:, 8:].reshape(N * 8, 16))].reshape(N, 8, 32)
-    x = (f16(blocks, 0) * scale)[..., None] * q
+    q = IQ4_LEVELS[nibbles(blocks[:, 8:].reshape(N * 8, 16))].reshape(N, 8, 32)  # [N, 8, 32]
+    x = (f16(blocks, 0) * scale)[..., None] * q  # [N, 8, 32]
     return x.reshape(N, 256)
 
 
@@ -206,8 +207,8 @@ DEQUANTIZERS = {
 }
 
 
-def dequantize(raw, type_name, shape, bf16=False):  # raw bytes of one tensor -> float32 array of `shape`
-    # bf16: the values rounded to bfloat16 bits (uint16), for load(..., low_memory=True).
+def dequantize(raw, type_name, shape, bf16=False):  # raw bytes -> [shape] float32 (bf16=True: uint16 bits)
+    # bf16: the values rounded to bfloat16, for load(..., low_memory=True).
     values, block_bytes, dequantizer = DEQUANTIZERS[type_name]
     blocks = np.ascontiguousarray(raw).view(np.uint8).reshape(-1, block_bytes)
     out = np.empty((len(blocks), values), np.uint16 if bf16 else np.float32)
@@ -243,7 +244,7 @@ MAX_DIMS = 4  # ggml's tensors have at most 4 dims
 class Tensor(NamedTuple):  # one entry of the tensor table
     name: str
     type_name: str  # the ggml type: "Q4_K", "F32", ... ("99" for a number ggml does not have)
-    shape: tuple  # GGUF dims, fastest-varying first (numpy_shape reverses them)
+    dims: tuple  # fastest-varying first: dims[0] is the length of a row (numpy_shape reverses them)
     data: object  # its raw bytes, a uint8 view of the mapped file (None for a type qwen_np cannot read)
 
 
@@ -312,24 +313,27 @@ def parse_gguf(buffer):  # -> {key: value}, {name: Tensor}; raises Corrupt
     alignment = metadata.get("general.alignment", 32)
     if not is_int(alignment) or alignment < 1 or alignment & (alignment - 1):  # as llama.cpp requires
         raise Corrupt(f"general.alignment={alignment!r} is not a power of two")
-    data_start = -(-cursor.pos // alignment) * alignment
+    data_start = -(-cursor.pos // alignment) * alignment  # the table's end rounded up to the alignment
     tensors = {}
     for name, (number, dims, offset) in table.items():
         type_name = GGML_TYPES.get(number, str(number))
-        data = None
-        if type_name in DEQUANTIZERS:
-            values, block_bytes, _ = DEQUANTIZERS[type_name]
-            row = dims[0] if dims else 1  # blocks never straddle two rows
-            if row % values:
-                raise Corrupt(f"tensor {name!r} has rows of {row:,} values, not a whole number of {type_name} "
-                              f"blocks of {values}")
-            size, start = math.prod(dims) // values * block_bytes, data_start + offset
-            if start + size > len(buffer):
-                raise Corrupt(f"the data of tensor {name!r} (bytes {start:,} to {start + size:,}) runs past the "
-                              f"end of the file")
-            data = np.frombuffer(buffer, np.uint8, size, start)
-        tensors[name] = Tensor(name, type_name, dims, data)
+        tensors[name] = Tensor(name, type_name, dims, tensor_bytes(buffer, name, type_name, dims, data_start + offset))
     return metadata, tensors
+
+
+def tensor_bytes(buffer, name, type_name, dims, start):  # -> [bytes] uint8 view of the file (None: unreadable type)
+    if type_name not in DEQUANTIZERS:
+        return None  # refused if the model uses it (read_tensor), with the type named
+    values, block_bytes, _ = DEQUANTIZERS[type_name]
+    row = dims[0] if dims else 1  # a block never straddles two rows
+    if row % values:
+        raise Corrupt(f"tensor {name!r} has rows of {row:,} values, not a whole number of {type_name} blocks of "
+                      f"{values}")
+    size = math.prod(dims) // values * block_bytes
+    if start + size > len(buffer):
+        raise Corrupt(f"the data of tensor {name!r} (bytes {start:,} to {start + size:,}) runs past the end of the "
+                      f"file")
+    return np.frombuffer(buffer, np.uint8, size, start)
 
 
 def read_gguf(path):  # -> {metadata key: value}, {tensor name: Tensor}
@@ -340,7 +344,7 @@ def read_gguf(path):  # -> {metadata key: value}, {tensor name: Tensor}
     if len(head) < 8:
         raise QwenNPError(f"{path} ({len(head)} bytes) is truncated: it ends inside the GGUF header")
     version = int.from_bytes(head[4:], "little")
-    if version & 0xFFFF == 0 and version:  # a small number written big-endian
+    if (version & 0xFFFF) == 0 and version:  # a small number written big-endian
         raise QwenNPError(f"{path} is a big-endian GGUF file; qwen_np reads little-endian files only")
     if version not in (2, 3):
         raise QwenNPError(f"{path} is a GGUF file of version {version}; qwen_np reads versions 2 and 3")
@@ -359,7 +363,7 @@ def read_gguf(path):  # -> {metadata key: value}, {tensor name: Tensor}
 
 
 def numpy_shape(tensor):  # GGUF dims are fastest-varying first: reverse them for NumPy
-    return tuple(int(n) for n in reversed(tensor.shape))
+    return tuple(int(n) for n in reversed(tensor.dims))
 
 
 def config_from_gguf(metadata, tensors, path):
@@ -517,7 +521,8 @@ def load_params(tensors, config, path, low_memory=False):
     # per core (at most 8): the dequantizers' NumPy operations release the GIL.
     reads = {tensor.name: (tensor, low_memory and len(shapes[name]) == 2) for name, (tensor, _) in plan.items()}
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        arrays = dict(zip(reads, pool.map(lambda read: read_tensor(read[0], path, read[1]), reads.values())))
+        futures = {name: pool.submit(read_tensor, tensor, path, bf16) for name, (tensor, bf16) in reads.items()}
+        arrays = {name: future.result() for name, future in futures.items()}
     flat = {}
     for name, (tensor, expert) in plan.items():
         # An expert is a view of the stacked [E, out, in] array (reshaped first: dims of size 1 may differ).

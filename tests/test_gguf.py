@@ -173,7 +173,7 @@ def test_moe_experts_are_views_of_one_array(tmp_path):
     # The same stacked tensor with one more GGUF dim of size 1 ([in, out, E, 1]) gives the same experts.
     metadata, tensors = read_gguf(model.path)
     up = tensors["blk.1.ffn_up_exps.weight"]
-    tensors["blk.1.ffn_up_exps.weight"] = up._replace(shape=np.append(up.shape, 1))
+    tensors["blk.1.ffn_up_exps.weight"] = up._replace(dims=(*up.dims, 1))
     params = load_gguf_params(tensors, model.config, model.path)
     for e in range(4):
         np.testing.assert_array_equal(params["model"]["layers"][1]["mlp"]["experts"][e]["up_proj"]["weight"],
@@ -520,7 +520,7 @@ def test_metadata_values_of_the_wrong_type_are_named(tmp_path):
         check_special_token_ids({"tokenizer.ggml.tokens": 5, "tokenizer.ggml.eos_token_id": -1}, "x.gguf")
     with pytest.raises(qwen_np.QwenNPError, match=r"x.gguf: unsupported GGUF architecture \['qwen2'\]"):
         config_from_gguf({"general.architecture": ["qwen2"]}, {}, "x.gguf")
-    scalar = types.SimpleNamespace(shape=np.array([], np.int64))  # a 0-D token_embd.weight
+    scalar = types.SimpleNamespace(dims=())  # a 0-D token_embd.weight
     with pytest.raises(qwen_np.QwenNPError, match="x.gguf: no 2-D token_embd.weight tensor"):
         config_from_gguf({"general.architecture": "qwen2"}, {"token_embd.weight": scalar}, "x.gguf")
     with pytest.raises(qwen_np.QwenNPError, match=r"unsupported pre-tokenizer tokenizer.ggml.pre = \['qwen2'\]"):
