@@ -26,9 +26,10 @@ np.set_printoptions(precision=4, suppress=True, linewidth=110)
 
 
 def model_path():
-    """QWEN_NP_MODEL when set, otherwise the out-of-the-box model."""
+    """QWEN_NP_MODEL when set (a Hub id: its copy in the Hugging Face cache), otherwise the out-of-the-box model."""
     if os.environ.get("QWEN_NP_MODEL"):
-        return Path(os.environ["QWEN_NP_MODEL"]).expanduser()
+        path = Path(os.environ["QWEN_NP_MODEL"]).expanduser()
+        return path if path.exists() else qwen_np.hub_cache_model(os.environ["QWEN_NP_MODEL"]) or path
     from qwen_np.download import default_model_path
     return Path(default_model_path())
 
