@@ -8,6 +8,7 @@ stderr and a non-zero exit status, never a traceback.
 """
 
 import argparse
+import os
 import sys
 
 from .config import QwenNPError
@@ -192,6 +193,11 @@ def main(argv=None):
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
+    if sys.stdout is None:  # started with stdout closed (`>&-`): Python leaves None there
+        sys.stderr.write("error: standard output is closed: there is nowhere to write the text\n")
+        return 1
+    if sys.stdin is None:  # started with stdin closed (`<&-`): read it as an empty input
+        sys.stdin = open(os.devnull, encoding="utf-8")
     try:
         args = build_parser().parse_args(argv)
         from . import load

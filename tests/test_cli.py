@@ -3,6 +3,7 @@ directories that hold the real Qwen3 tokenizer files."""
 
 import io
 import os
+import shlex
 import subprocess
 import sys
 
@@ -220,3 +221,15 @@ def test_ctrl_c_in_a_terminal_stops_the_answer_and_the_chat_goes_on(terminal, mo
                          {"role": "user", "content": "second"}, {"role": "assistant", "content": "Par"},
                          {"role": "user", "content": "third"}], "cache of turn 1")
     assert "prefill: 6 tokens" in err and "decode: 4 tokens" in err  # the finished turns only
+
+
+@pytest.mark.parametrize("command, closed, code, message", [
+    ("chat", "<&-", 0, ""),  # a closed stdin is an empty input: the chat ends at once
+    ("generate -", "<&-", 1, "error: the prompt is empty"),
+    ("generate hi", ">&-", 1, "error: standard output is closed: there is nowhere to write the text"),
+])
+def test_closed_stdin_or_stdout_is_no_traceback(spelling_dir, command, closed, code, message):
+    shell = f"exec {shlex.quote(sys.executable)} -m qwen_np {command} --model {shlex.quote(str(spelling_dir))} {closed}"
+    result = subprocess.run(["sh", "-c", shell], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == code and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith(message)
