@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import hub_cache_model
 from .config import QwenNPError, read_config
 from .weights import expected_shapes
 
@@ -304,9 +305,22 @@ def positive_int(text):  # an argparse type
     return int(text)
 
 
+def checkpoint_dirs(paths):  # --model's [Path] -> {name: checkpoint directory}
+    """A Hub id that is not a local path stands for its copy in the Hugging Face cache, as in `load`."""
+    models = {}
+    for path in paths:
+        directory = path if path.exists() else hub_cache_model(str(path)) or path
+        if not (directory / "config.json").is_file():
+            raise QwenNPError(f"--model {path}: not a checkpoint directory with a config.json (the benchmark reads "
+                              f"safetensors checkpoints, not .gguf files)")
+        models[path.name if directory == path else str(path)] = directory
+    return models
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m qwen_np.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", action="append", type=Path, help="a checkpoint directory (repeatable)")
+    parser.add_argument("--model", action="append", type=Path, help="a checkpoint directory, or a Hub id in the Hugging Face "
+                                                                   "cache (repeatable)")
     parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument("--threads", type=positive_int, default=2, help="threads for both engines (default 2)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, one round")
@@ -336,18 +350,18 @@ def main(argv=None):
     sizes = SMOKE_SIZES if args.smoke else SIZES
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
     rounds = 1 if args.smoke else args.rounds
-    for path in args.model or ():
-        if not (path / "config.json").is_file():
-            parser.error(f"--model {path}: not a checkpoint directory with a config.json (the benchmark reads "
-                         f"safetensors checkpoints, not .gguf files)")
+    try:
+        given = checkpoint_dirs(args.model or ())
+    except QwenNPError as e:
+        parser.error(str(e))
     unknown = set(args.shapes or ()) - set(shapes)
     if unknown:
         parser.error(f"--shapes: unknown {', '.join(sorted(unknown))}; the shapes are {', '.join(shapes)}")
     engines = (ENGINES + (("qwen_np-mmap",) if args.mmap else ()) + (("qwen_np-low-memory",) if args.low_memory else ())
                + (("transformers-bf16",) if args.bf16 else ()))
     with tempfile.TemporaryDirectory(prefix="qwen_np_bench_") as tmp:
-        if args.model:
-            models = {path.name: path for path in args.model}
+        if given:
+            models = given
         else:
             root = args.checkpoints or Path(tmp)
             models = {name: root / name for name in (args.shapes or shapes)}

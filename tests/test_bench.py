@@ -4,11 +4,12 @@ the figures of a smoke run mean nothing, only their presence and shape are check
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, require_reference
 
-from qwen_np.bench import SMOKE_SHAPES, SMOKE_SIZES, figures, main
+from qwen_np.bench import SMOKE_SHAPES, SMOKE_SIZES, checkpoint_dirs, figures, main
 
 FIGURES = {"load_s", "first_forward_s", "prefill_16_s", "prefill_32_s", "decode_short_tok_s", "decode_long_tok_s",
            "peak_rss_load_gb", "peak_rss_prefill_gb", "peak_rss_long_gb"}
@@ -48,6 +49,17 @@ def test_bad_arguments_are_usage_errors(capsys, args, message):
     with pytest.raises(SystemExit) as e:
         main(args)  # refused before any checkpoint is written or timed
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_model_takes_directories_and_hub_ids_in_the_cache(tmp_path, monkeypatch):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "config.json").write_text("{}")
+    snapshot = tmp_path / "hub" / "models--Qwen--Tiny" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    assert checkpoint_dirs([Path("mine"), Path("Qwen/Tiny")]) == {"mine": Path("mine"), "Qwen/Tiny": snapshot}
 
 
 def test_a_bad_checkpoint_is_a_usage_error(capsys, tmp_path):
