@@ -319,8 +319,8 @@ def checkpoint_dirs(paths):  # --model's [Path] -> {name: checkpoint directory}
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m qwen_np.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", action="append", type=Path, help="a checkpoint directory, or a Hub id in the Hugging Face "
-                                                                   "cache (repeatable)")
+    parser.add_argument("--model", action="append", type=Path,
+                        help="a checkpoint directory, or a Hub id in the Hugging Face cache (repeatable)")
     parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument("--threads", type=positive_int, default=2, help="threads for both engines (default 2)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, one round")
