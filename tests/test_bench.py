@@ -17,8 +17,8 @@ FIGURES = {"load_s", "first_forward_s", "prefill_16_s", "prefill_32_s", "decode_
 
 def test_smoke_run_prints_table_and_json():
     require_reference()  # the reference worker imports torch and transformers
-    done = subprocess.run([sys.executable, "-m", "qwen_np.bench", "--smoke", "--mmap", "--low-memory"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "qwen_np.bench", "--smoke", "--mmap", "--low-memory"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     *table, last = done.stdout.strip().splitlines()
     result = json.loads(last)
