@@ -122,7 +122,7 @@ def hub_cache_model(name):  # -> where Hub id `name` is in the Hub's cache, or N
     repo, file = parts
     folder = hub_cache() / f"models--{repo.replace('/', '--')}"  # the layout: refs/main, snapshots/<commit>/
     main = folder / "refs" / "main"  # holds the commit of the main branch when it was last downloaded
-    commit = main.read_text().strip() if main.is_file() else ""
+    commit = main.read_text("utf-8", errors="replace").strip() if main.is_file() else ""
     snapshots = sorted(p for p in folder.glob("snapshots/*") if p.is_dir())
     if commit and (folder / "snapshots" / commit).is_dir():
         snapshot = folder / "snapshots" / commit
