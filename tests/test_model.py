@@ -439,7 +439,7 @@ def test_a_hub_id_loads_from_the_hugging_face_cache(checkpoint, tmp_path, monkey
     assert model.path == folder / "snapshots" / "4567def"  # main's commit, of the two
     np.testing.assert_array_equal(qwen_np.forward(model.params, model.config, ids)[0], expected)
 
-    (folder / "refs" / "main").unlink()  # two snapshots, neither known as main's: not guessed at
+    (folder / "refs" / "main").write_bytes(b"\xff\xfe")  # two snapshots, neither known as main's: not guessed at
     with pytest.raises(qwen_np.QwenNPError, match=re.escape(
             f"Qwen/Tiny: the Hugging Face cache holds 2 snapshots of Qwen/Tiny and no refs/main to choose one; pass "
             f"one of them: {folder / 'snapshots' / '<commit>'} (0123abc, 4567def)")):
