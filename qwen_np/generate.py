@@ -364,8 +364,9 @@ def new_cache(config, batch_size, capacity, past=None, reused=0):
     except (MemoryError, ValueError):  # np.zeros: "Unable to allocate ..." / "array is too big"
         # float32 keys and values, of every layer and key/value head, per position
         per_position = 4 * 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
-        gb = capacity * batch_size * per_position / 1e9
-        raise QwenNPError(f"a KV cache for {capacity:,} positions ({gb:,.1f} GB) cannot be allocated: "
+        size = capacity * batch_size * per_position  # bytes: a Python int, of any size
+        gb = f"{size / 1e9:,.1f} GB" if size < 1e300 else "more bytes than a float counts"
+        raise QwenNPError(f"a KV cache for {capacity:,} positions ({gb}) cannot be allocated: "
                           f"lower max_new_tokens") from None
 
 
