@@ -187,6 +187,10 @@ def run_chat(model, args):
         report(stats, sys.stderr)
 
 
+def one_line_error(e):  # -> "error: ...\n", on one line even where the message quotes a newline (in a path, say)
+    return "error: " + str(e).replace("\r", "\\r").replace("\n", "\\n") + "\n"
+
+
 def main(argv=None):
     # The model writes any Unicode: where the terminal's or pipe's encoding lacks a character (a
     # cp1252 console, PYTHONIOENCODING=ascii), it is shown as "?" rather than ending the answer.
@@ -206,7 +210,7 @@ def main(argv=None):
             raise QwenNPError(f"{no_tokenizer(model)}; the command line needs one to read and write text")
         (run_generate if args.command == "generate" else run_chat)(model, args)
     except QwenNPError as e:
-        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.write(one_line_error(e))
         return 1
     except KeyboardInterrupt:
         sys.stderr.write("\n")
@@ -214,7 +218,7 @@ def main(argv=None):
     except BrokenPipeError:  # the reader of stdout went away (e.g. `| head`)
         return 141
     except OSError as e:  # unreadable files and the like
-        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.write(one_line_error(e))
         return 1
     except MemoryError as e:
         sys.stderr.write(f"error: out of memory ({e or 'no details'}): try a smaller model, --low-memory or a "

@@ -161,6 +161,9 @@ def sampling_settings(generation_config, temperature=None, top_k=None, top_p=Non
     if temperature is None and not setting(g, "do_sample", None, False):
         temperature = 0.0
     temperature = float(setting(g, "temperature", temperature, 1.0))
+    if temperature and np.float32(temperature) == 0:  # the logits are divided by it in float32
+        raise QwenNPError(f"temperature={temperature} is 0 in float32, where the logits are divided by it: use "
+                          f"temperature=0 for greedy decoding, or a larger one")
     filters = g if temperature else {}  # greedy decoding reads none of the file's filter values (nor checks them)
     return Sampling(temperature=temperature,
                     top_k=int(setting(filters, "top_k", top_k, 50)),

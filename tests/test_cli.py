@@ -128,6 +128,8 @@ def test_help_explains_every_flag(command):
     (["generate", "--model", "{spelling}", "--max-new-tokens", "300", "hi"], ["max_position_embeddings=256"]),
     (["generate", "--model", "{spelling}", "--frobnicate", "hi"], ["unrecognized arguments: --frobnicate"]),
     (["generate", "--model", "{empty}", "hi"], ["config.json"]),
+    (["generate", "--model", "a\nb", "hi"], ["a\\nb does not exist"]),  # a newline in a path, shown escaped
+    (["generate", "--model", "{spelling}", "--temperature", "1e-320", "hi"], ["temperature=1e-320 is 0 in float32"]),
     ([], ["required"]),
 ])
 def test_errors_are_one_line_and_a_non_zero_exit(spelling_dir, tmp_path, args, fragments):

@@ -397,6 +397,15 @@ def test_numpy_integers_are_accepted_where_ints_are(tiny_models):
         qwen_np.generate(model, PROMPTS[1], temperature=0, max_new_tokens=6))
 
 
+def test_a_temperature_that_is_0_in_float32_is_refused():
+    # Divided by 0, the logits would become inf, -inf and NaN, and the draw would pick from NaNs.
+    with pytest.raises(qwen_np.QwenNPError, match=r"temperature=1e-320 is 0 in float32"):
+        sampling_settings({}, temperature=1e-320)
+    with pytest.raises(qwen_np.QwenNPError, match=r"temperature=1e-50 is 0 in float32"):
+        sampling_settings({"do_sample": True, "temperature": 1e-50})  # from generation_config.json too
+    assert sampling_settings({}, temperature=1e-40).temperature == 1e-40  # a float32 subnormal: not 0
+
+
 def test_greedy_decoding_neither_reads_nor_checks_the_files_filter_values():
     # transformers ignores top_k / top_p / min_p when do_sample is off, whatever they hold.
     assert sampling_settings({"do_sample": False, "top_p": 0.0, "top_k": -1, "min_p": 5}) == Sampling(0.0, 50, 1.0,
