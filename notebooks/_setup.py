@@ -2,8 +2,9 @@
 lives, and the residual stream layer by layer. Each notebook imports it first.
 
 The model is the one named by the QWEN_NP_MODEL environment variable when it is set (what
-qwen_np.load takes: a GGUF file, a checkpoint directory, a Hub id in the Hugging Face cache), otherwise the out-of-the-box model that
-`qwen_np.download.default_model_path()` returns (downloaded once, then cached).
+qwen_np.load takes: a GGUF file, a checkpoint directory, a Hub id in the Hugging Face cache),
+otherwise the out-of-the-box model that `qwen_np.download.default_model_path()` returns
+(downloaded once, then cached).
 """
 
 import os
@@ -28,8 +29,8 @@ np.set_printoptions(precision=4, suppress=True, linewidth=110)
 def model_path():
     """QWEN_NP_MODEL when set (a Hub id: its copy in the Hugging Face cache), otherwise the out-of-the-box model."""
     if os.environ.get("QWEN_NP_MODEL"):
-        path = Path(os.environ["QWEN_NP_MODEL"]).expanduser()
-        return path if path.exists() else qwen_np.hub_cache_model(os.environ["QWEN_NP_MODEL"]) or path
+        name = os.environ["QWEN_NP_MODEL"]
+        return qwen_np.model_location(name) or Path(name).expanduser()
     from qwen_np.download import default_model_path
     return Path(default_model_path())
 

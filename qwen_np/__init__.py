@@ -59,17 +59,15 @@ def load(path, mmap=False, low_memory=False):
     """
     keep_freed_memory()
     try:
-        return read_model(str(path), Path(path).expanduser(), mmap, low_memory)
+        return read_model(str(path), mmap, low_memory)
     except OSError as e:  # a file that cannot be read: a directory in its place, a broken link, no permission
         raise QwenNPError(f"cannot read {e.filename or path}: {e.strerror or e}") from None
 
 
-def read_model(name, path, mmap, low_memory):  # the body of `load`: name is the path as given
-    if not path.exists():
-        cached = hub_cache_model(name)
-        if cached is None:
-            raise QwenNPError(f"{path} does not exist{hub_hint(name)}")
-        path = cached
+def read_model(name, mmap, low_memory):  # the body of `load`: name is the path as given
+    path = model_location(name)
+    if path is None:
+        raise QwenNPError(f"{Path(name).expanduser()} does not exist{hub_hint(name)}")
     if path.is_file() and path.suffix.lower() == ".gguf":
         if mmap:
             raise QwenNPError(f"{path}: mmap is for safetensors checkpoints; a GGUF file is always dequantized "
@@ -114,6 +112,11 @@ def hub_cache():  # -> the Hugging Face Hub's cache directory, found as huggingf
     if os.environ.get("XDG_CACHE_HOME"):
         return path("XDG_CACHE_HOME") / "huggingface" / "hub"
     return Path.home() / ".cache" / "huggingface" / "hub"
+
+
+def model_location(name):  # -> the Path `name` (~ expanded) if it exists, else a Hub id's cached copy, else None
+    path = Path(name).expanduser()
+    return path if path.exists() else hub_cache_model(str(name))
 
 
 def hub_cache_model(name):  # -> where Hub id `name` is in the Hub's cache, or None (nothing is downloaded)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import hub_cache_model
+from . import model_location
 from .config import QwenNPError, read_config
 from .weights import expected_shapes
 
@@ -309,7 +309,7 @@ def checkpoint_dirs(paths):  # --model's [Path] -> {name: checkpoint directory}
     """A Hub id that is not a local path stands for its copy in the Hugging Face cache, as in `load`."""
     models = {}
     for path in paths:
-        directory = path if path.exists() else hub_cache_model(str(path)) or path
+        directory = model_location(path) or path
         if not (directory / "config.json").is_file():
             raise QwenNPError(f"--model {path}: not a checkpoint directory with a config.json (the benchmark reads "
                               f"safetensors checkpoints, not .gguf files)")
