@@ -126,17 +126,16 @@ def hub_cache_model(name):  # -> where Hub id `name` is in the Hub's cache, or N
     folder = hub_cache() / f"models--{repo.replace('/', '--')}"  # the layout: refs/main, snapshots/<commit>/
     main = folder / "refs" / "main"  # holds the commit of the main branch when it was last downloaded
     commit = main.read_text("utf-8", errors="replace").strip() if main.is_file() else ""
-    snapshots = sorted(p for p in folder.glob("snapshots/*") if p.is_dir())
-    if commit and (folder / "snapshots" / commit).is_dir():
-        snapshot = folder / "snapshots" / commit
-    elif len(snapshots) == 1:
+    snapshot = folder / "snapshots" / commit
+    if not (commit and snapshot.is_dir()):  # no usable refs/main: only a lone snapshot is unambiguous
+        snapshots = sorted(p for p in folder.glob("snapshots/*") if p.is_dir())
+        if not snapshots:
+            return None
+        if len(snapshots) > 1:  # downloaded at several commits, none of them known as main's: which is wanted?
+            raise QwenNPError(f"{name}: the Hugging Face cache holds {len(snapshots)} snapshots of {repo} and no "
+                              f"refs/main to choose one; pass one of them: {folder / 'snapshots' / '<commit>' / file}"
+                              f" ({', '.join(p.name for p in snapshots[:5])})")
         snapshot = snapshots[0]
-    elif snapshots:  # downloaded at several commits, none of them known as main's: which is wanted?
-        raise QwenNPError(f"{name}: the Hugging Face cache holds {len(snapshots)} snapshots of {repo} and no "
-                          f"refs/main to choose one; pass one of them: {folder / 'snapshots' / '<commit>' / file}"
-                          f" ({', '.join(p.name for p in snapshots[:5])})")
-    else:
-        return None
     return snapshot / file if (snapshot / file).exists() else None
 
 

@@ -169,7 +169,8 @@ def forward(params, config, input_ids, cache=None, attention_mask=None, last_onl
     try:
         input_ids = np.asarray(input_ids)
     except ValueError:  # ragged rows
-        raise QwenNPError(f"input_ids must be a non-empty integer array [batch, tokens], got {reprlib.repr(input_ids)}")
+        raise QwenNPError(f"input_ids must be a non-empty integer array [batch, tokens], got "
+                          f"{reprlib.repr(input_ids)}") from None
     if input_ids.ndim != 2 or input_ids.size == 0 or not np.issubdtype(input_ids.dtype, np.integer):
         raise QwenNPError(f"input_ids must be a non-empty integer array [batch, tokens], got shape "
                           f"{input_ids.shape} of {input_ids.dtype}")
