@@ -675,8 +675,8 @@ def load_gguf(path, low_memory=False):
     path = Path(path)
     metadata, tensors = read_gguf(path)
     config = config_from_gguf(metadata, tensors, path)
+    check_special_token_ids(metadata, path)  # metadata only: before the weights are dequantized
     params = load_params(tensors, config, path, low_memory)
-    check_special_token_ids(metadata, path)
     tokenizer = load_tokenizer(metadata, path)  # checks the vocabulary, which chat_settings reads too
     tokenizer_config, generation_config = chat_settings(metadata)
     return config, params, tokenizer, generation_config, tokenizer_config
