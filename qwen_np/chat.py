@@ -140,7 +140,7 @@ def chat_ids(model, messages, add_generation_prompt=False, **kwargs):  # -> list
     if model.tokenizer is None:
         raise QwenNPError(f"{no_tokenizer(model)}, so it cannot encode a chat")
     text = render_chat(model.tokenizer_config, messages, add_generation_prompt, **kwargs)
-    return encode(model.tokenizer, text, "the chat", add_special_tokens=False)
+    return encode(model, text, "the chat", add_special_tokens=False)
 
 
 def split_thinking(text):  # -> (thinking, answer)

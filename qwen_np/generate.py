@@ -280,9 +280,17 @@ def check_unicode(text, what):  # refuses a str the tokenizer would fail on with
         raise QwenNPError(f"{what} is not valid Unicode text: it holds a lone surrogate") from None
 
 
-def encode(tokenizer, text, what, **kwargs):  # -> the token ids of text
+def encode(model, text, what, **kwargs):  # -> the token ids of text, by the model's tokenizer
     check_unicode(text, what)
-    return tokenizer.encode(text, **kwargs).ids
+    try:
+        return model.tokenizer.encode(text, **kwargs).ids
+    except BaseException as e:
+        # A tokenizer file can load and still fail on text (a post-processor naming a token the
+        # vocabulary lacks): the tokenizers library then panics, raising a BaseException.
+        if type(e).__name__ != "PanicException":
+            raise
+        raise QwenNPError(f"the tokenizer of {model.path} failed to encode {what} ({e}): "
+                          f"its tokenizer may be damaged") from None
 
 
 def token_id_list(prompt):  # a list, tuple or array of token ids, or one [1, T] row of them -> list[int]
@@ -301,7 +309,7 @@ def prompt_ids(model, prompt):  # str or token ids -> list[int]
     if isinstance(prompt, str):
         if model.tokenizer is None:
             raise QwenNPError(f"{no_tokenizer(model)}: pass the prompt as a list of token ids")
-        ids = encode(model.tokenizer, prompt, "the prompt")
+        ids = encode(model, prompt, "the prompt")
     else:
         ids = token_id_list(prompt)
     if not ids:

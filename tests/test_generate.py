@@ -346,12 +346,29 @@ def test_bad_prompts_are_clear_errors(tiny_models, prompt, message):
         next(qwen_np.generate_batch(model, [PROMPTS[1], prompt]))
 
 
-def test_text_with_a_lone_surrogate_is_a_clear_error():
+def test_text_with_a_lone_surrogate_is_a_clear_error(tiny_models):
     from tokenizers import Tokenizer, models
-    tokenizer = Tokenizer(models.WordLevel({"a": 0}, unk_token="a"))
-    assert encode(tokenizer, "a", "the prompt") == [0]
+    model = dataclasses.replace(tiny_models["qwen2"][0], tokenizer=Tokenizer(models.WordLevel({"a": 0}, unk_token="a")))
+    assert encode(model, "a", "the prompt") == [0]
     with pytest.raises(qwen_np.QwenNPError, match="the prompt is not valid Unicode text: it holds a lone surrogate"):
-        encode(tokenizer, "a\udcff", "the prompt")
+        encode(model, "a\udcff", "the prompt")
+
+
+def test_a_tokenizer_that_panics_on_text_is_a_clear_error(tiny_models):
+    # A tokenizer.json the library loads, whose post-processor adds a token the vocabulary lacks:
+    # encoding panics in Rust (a BaseException, not an Exception).
+    import json
+
+    from tokenizers import Tokenizer, models
+    document = json.loads(Tokenizer(models.WordLevel({"a": 0}, unk_token="a")).to_str())
+    document["post_processor"] = {"type": "TemplateProcessing", "pair": [], "special_tokens": {},
+                                  "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                                             {"Sequence": {"id": "A", "type_id": 0}}]}
+    model = dataclasses.replace(tiny_models["qwen2"][0], tokenizer=Tokenizer.from_str(json.dumps(document)))
+    with pytest.raises(qwen_np.QwenNPError, match=f"the tokenizer of .*{model.path.name} failed to encode the "
+                                                  "prompt .*: its tokenizer may be damaged"):
+        next(qwen_np.generate(model, "a"))
+    assert encode(model, "a", "the chat", add_special_tokens=False) == [0]  # without the post-processor it works
 
 
 @pytest.mark.parametrize("prompts", ["one prompt", [1, 2, 3], [], None, 5, np.int64(3)])
