@@ -21,6 +21,7 @@ torch and transformers are imported only inside the reference worker: qwen_np ne
 """
 
 import argparse
+import inspect
 import json
 import os
 import subprocess
@@ -179,13 +180,17 @@ def transformers_worker(directory, sizes, threads, bf16=False):
         return transformers.AutoModelForCausalLM.from_pretrained(
             directory, dtype=dtype, attn_implementation="eager").eval()
 
+    # forward's argument for the cache: transformers 5.24 renamed past_key_values to cache (the old name deprecated)
+    argument = "cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters \
+        else "past_key_values"
+
     def step(model, ids, cache):
         with torch.inference_mode():  # logits_to_keep=1: the LM head on the last position, as generate() does
-            out = model(input_ids=torch.from_numpy(ids), past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].float().numpy(), out.past_key_values
+            out = model(input_ids=torch.from_numpy(ids), **{argument: cache}, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].float().numpy(), cache  # the model appended to the cache in place
 
-    def new_cache(model, capacity):  # its default: a DynamicCache, created by the first call
-        return None
+    def new_cache(model, capacity):  # its default, which the model would create on the first call
+        return transformers.DynamicCache(config=model.config)
 
     return measure(load, step, new_cache, read_config(directory).vocab_size, sizes)
 
