@@ -234,6 +234,16 @@ def load_params(directory, config, mmap=False, low_memory=False):
     headers = {f: read_safetensors_header(f) for f in sorted(set(files.values()))}
     if not any(name.startswith("model.") for name in files):  # a base model's checkpoint: see with_model_prefix
         files, headers = with_model_prefix(files), {f: with_model_prefix(h) for f, h in headers.items()}
+    if config.tie_word_embeddings and "lm_head.weight" in files:
+        # transformers ties the head to the embeddings only where the checkpoint does not hold two
+        # different matrices: a differing lm_head.weight is read as an untied head, and one without
+        # embed_tokens serves as both (see build_tree). An equal copy is left unread.
+        embed = "model.embed_tokens.weight"
+        if embed not in files:
+            shapes["lm_head.weight"] = shapes.pop(embed)
+        elif not same_bytes(files[embed], headers[files[embed]][embed],
+                            files["lm_head.weight"], headers[files["lm_head.weight"]]["lm_head.weight"]):
+            shapes["lm_head.weight"] = shapes[embed]
     # Check every name and shape from the headers first, so a bad checkpoint fails before any reading.
     for name, shape in shapes.items():
         if name not in files or name not in headers[files[name]]:
@@ -265,13 +275,23 @@ def with_model_prefix(tensors):  # {name: x} -> {"model." + name: x}, lm_head.* 
 def check_no_unexpected_layer_tensors(headers, shapes, config):
     """Refuses a decoder layer's tensor that the config does not call for: the config does not describe
     these weights (a Qwen3 checkpoint labelled llama would lose its q_norm/k_norm). Other extras, such as
-    an lm_head beside tied embeddings, are left unread; so is rotary_emb.inv_freq, a buffer that some
+    an lm_head equal to tied embeddings, are left unread; so is rotary_emb.inv_freq, a buffer that some
     older checkpoints saved."""
     for f, header in headers.items():
         for name in header:
             if name.startswith("model.layers.") and name not in shapes and not name.endswith("rotary_emb.inv_freq"):
                 raise QwenNPError(f"{f}: tensor {name!r} is in the checkpoint but the config (model_type "
                                   f"{config.model_type!r}, {config.num_hidden_layers} layers) does not call for it")
+
+
+def same_bytes(path_a, entry_a, path_b, entry_b):  # two tensors' (dtype, shape, offset, nbytes) -> equal?
+    (dtype_a, shape_a, offset_a, size), (dtype_b, shape_b, offset_b, size_b) = entry_a, entry_b
+    if (dtype_a, shape_a, size) != (dtype_b, shape_b, size_b):
+        return False
+    a = np.frombuffer(map_file(path_a), np.uint8, size, offset_a)
+    b = np.frombuffer(map_file(path_b), np.uint8, size, offset_b)
+    # A chunk at a time: array_equal builds a boolean array as large as what it compares.
+    return all(np.array_equal(a[i:i + CHUNK], b[i:i + CHUNK]) for i in range(0, size, CHUNK))
 
 
 def map_file(path):  # -> the whole file mapped read-only; it stays mapped while a view of it lives
@@ -282,9 +302,12 @@ def map_file(path):  # -> the whole file mapped read-only; it stays mapped while
 def build_tree(flat):
     """The params tree of {dotted HF name: array}; without an lm_head the embeddings are tied."""
     params = nest(flat)
+    # Tied embeddings: the LM head is the embedding matrix itself (the same array, not a copy); a
+    # checkpoint that holds only lm_head.weight gives it to the embeddings instead, as transformers does.
     if "lm_head" not in params:
-        # Tied embeddings: the LM head is the embedding matrix itself (the same array, not a copy).
         params["lm_head"] = {"weight": params["model"]["embed_tokens"]["weight"]}
+    elif "embed_tokens" not in params["model"]:
+        params["model"] = {"embed_tokens": {"weight": params["lm_head"]["weight"]}, **params["model"]}
     return params
 
 

@@ -50,6 +50,27 @@ def test_qwen2_tied_embeddings_share_one_array(tmp_path):
     assert params["lm_head"]["weight"] is params["model"]["embed_tokens"]["weight"]
 
 
+@pytest.mark.parametrize("head", ["different", "equal", "alone"])
+def test_tied_config_with_an_lm_head_in_the_checkpoint_loads_as_transformers_loads_it(tmp_path, head):
+    # tie_word_embeddings true, and yet lm_head.weight in the file (Qwen3-0.6B ships an equal copy):
+    # transformers ties only equal matrices, and a head without embeddings serves as both.
+    torch, transformers = require_reference()
+    tiny_model("qwen3", tmp_path, tie_word_embeddings=False)
+    tensors = load_file(tmp_path / "model.safetensors")
+    if head == "equal":
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].copy()
+    elif head == "alone":
+        del tensors["model.embed_tokens.weight"]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    edit_config(tmp_path, tie_word_embeddings=True)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    model = qwen_np.load(tmp_path)
+    x = ids(2, 12)
+    np.testing.assert_allclose(qwen_np.forward(model.params, model.config, x)[0], reference_logits(reference, x), **TOL)
+    shared = model.params["lm_head"]["weight"] is model.params["model"]["embed_tokens"]["weight"]
+    assert shared == (head != "different")
+
+
 def test_llama_with_attention_and_mlp_biases(tmp_path):
     compare("llama", tmp_path, attention_bias=True, mlp_bias=True)  # tiny_model makes the biases nonzero
     layer = qwen_np.load(tmp_path).params["model"]["layers"][0]
@@ -647,10 +668,11 @@ def test_layer_tensors_the_config_does_not_call_for_are_refused(tmp_path, family
 
 
 def test_extra_tensors_outside_the_layers_and_inv_freq_still_load(tmp_path):
-    # A tied checkpoint that also stores lm_head, and the rotary buffer that some older checkpoints saved.
+    # A tied checkpoint that also stores a copy of the embeddings as lm_head, and the rotary buffer that
+    # some older checkpoints saved.
     tiny_model("qwen2", tmp_path, tie_word_embeddings=True)
     tensors = load_file(tmp_path / "model.safetensors")
-    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"] + 1
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].copy()
     tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(8, np.float32)
     save_file(tensors, tmp_path / "model.safetensors")
     params = qwen_np.load(tmp_path).params
