@@ -52,7 +52,7 @@ def test_qwen2_tied_embeddings_share_one_array(tmp_path):
 
 @pytest.mark.parametrize("head", ["different", "equal", "alone"])
 def test_tied_config_with_an_lm_head_in_the_checkpoint_loads_as_transformers_loads_it(tmp_path, head):
-    # tie_word_embeddings true, and yet lm_head.weight in the file (Qwen3-0.6B ships an equal copy):
+    # tie_word_embeddings true, and yet lm_head.weight in the file (some tied checkpoints store a copy):
     # transformers ties only equal matrices, and a head without embeddings serves as both.
     torch, transformers = require_reference()
     tiny_model("qwen3", tmp_path, tie_word_embeddings=False)
