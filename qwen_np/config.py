@@ -22,6 +22,11 @@ SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "llama")
 REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 DEFAULT_KV_HEADS = {"qwen2": 32, "qwen3": 32, "qwen2_moe": 16, "qwen3_moe": 4}  # the reference's; llama: none
+DEFAULT_MAX_POSITIONS = {"llama": 2048}  # the reference's; the Qwen families: 32768
+DEFAULT_MOE = {  # the reference's values for MoE keys that config.json leaves out
+    "qwen2_moe": dict(num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408),
+    "qwen3_moe": dict(num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768)}
+ACTIVATIONS = ("silu", "swish")  # hidden_act values the reference maps to SiLU, the only one Qwen uses
 MOE_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
             "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers")
 
@@ -175,9 +180,7 @@ def config_from_dict(raw, source="config"):
         method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else quantization
         raise QwenNPError(f"{source}: this checkpoint is quantized (quantization_config: quant_method {method!r}); "
                           "qwen_np reads float32, float16 and bfloat16 checkpoints, and quantized GGUF files")
-    required = REQUIRED_KEYS + (("num_experts", "num_experts_per_tok", "moe_intermediate_size")
-                                if model_type.endswith("_moe") else ())
-    missing = [k if k not in raw else f"{k} (null)" for k in required if raw.get(k) is None]
+    missing = [k if k not in raw else f"{k} (null)" for k in REQUIRED_KEYS if raw.get(k) is None]
     if missing:
         raise QwenNPError(f"{source}: missing required key(s) {', '.join(missing)}")
     # Keys the reference ignores are dropped, unchecked: the MoE ones in a dense model, the window's
@@ -189,6 +192,9 @@ def config_from_dict(raw, source="config"):
         ignored |= {"layer_types", "max_window_layers"}
     raw = {k: v for k, v in raw.items() if k not in ignored}
     check_values(raw, source)
+    if raw.get("hidden_act") is not None and raw["hidden_act"] not in ACTIVATIONS:
+        raise QwenNPError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported: qwen_np's MLP is SwiGLU "
+                          f"with SiLU ({' or '.join(ACTIVATIONS)}), as in every Qwen checkpoint")
 
     def get(key, default):  # a key that is present but null takes the default, as in the reference
         value = raw.get(key)
@@ -213,6 +219,10 @@ def config_from_dict(raw, source="config"):
                           f"of dimensions)")
     if len(layer_types) != n_layers:
         raise QwenNPError(f"{source}: layer_types has {len(layer_types)} entries for {n_layers} layers")
+    max_positions = get("max_position_embeddings", DEFAULT_MAX_POSITIONS.get(model_type, 32768))
+    rope = read_rope_parameters(raw, source, max_positions)
+    if rope["rope_type"] == "dynamic" and head_dim == 2:  # its base grows as a power head_dim / (head_dim - 2)
+        raise QwenNPError(f"{source}: rope type 'dynamic' needs a head_dim above 2, got {head_dim}")
     if model_type == "qwen2":
         attention_bias = True  # Qwen2 always has q/k/v biases, whatever the config says
     elif model_type == "qwen2_moe":
@@ -220,8 +230,9 @@ def config_from_dict(raw, source="config"):
     else:
         attention_bias = bool(get("attention_bias", False))
 
-    num_experts = get("num_experts", 0) if model_type.endswith("_moe") else 0
-    top_k = get("num_experts_per_tok", 0) if num_experts else 0
+    moe_defaults = DEFAULT_MOE.get(model_type, dict(num_experts=0, num_experts_per_tok=0, moe_intermediate_size=0))
+    num_experts = get("num_experts", moe_defaults["num_experts"])
+    top_k = get("num_experts_per_tok", moe_defaults["num_experts_per_tok"]) if num_experts else 0
     if num_experts and not 0 < top_k <= num_experts:
         raise QwenNPError(f"{source}: num_experts_per_tok={top_k} must be between 1 and num_experts={num_experts}")
 
@@ -234,17 +245,17 @@ def config_from_dict(raw, source="config"):
         num_attention_heads=n_heads,
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
-        max_position_embeddings=get("max_position_embeddings", 32768),
+        max_position_embeddings=max_positions,
         rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(get("tie_word_embeddings", False)),
-        rope_parameters=read_rope_parameters(raw, source),
+        rope_parameters=rope,
         attention_bias=attention_bias,
         mlp_bias=bool(get("mlp_bias", False)) if model_type == "llama" else False,
         sliding_window=sliding_window,
         layer_types=layer_types,
         num_experts=num_experts,
         num_experts_per_tok=top_k,
-        moe_intermediate_size=get("moe_intermediate_size", 0),
+        moe_intermediate_size=get("moe_intermediate_size", moe_defaults["moe_intermediate_size"]),
         shared_expert_intermediate_size=get("shared_expert_intermediate_size", 5632)
         if model_type == "qwen2_moe" else 0,
         norm_topk_prob=bool(get("norm_topk_prob", False)),
@@ -270,8 +281,9 @@ def default_layer_types(model_type, n_layers, sliding_window, max_window_layers)
     return tuple("sliding_attention" if s else "full_attention" for s in sliding)
 
 
-def read_rope_parameters(raw, source):
-    """One rope dict from either format: `rope_scaling` + top-level `rope_theta`, or `rope_parameters`."""
+def read_rope_parameters(raw, source, max_positions):
+    """One rope dict from either format: `rope_scaling` + top-level `rope_theta`, or `rope_parameters`.
+    `max_positions` is the model's max_position_embeddings (yarn's and llama3's default original length)."""
     rope = raw.get("rope_scaling") or raw.get("rope_parameters") or {}  # the reference's priority
     if not isinstance(rope, dict):
         raise QwenNPError(f"{source}: rope_scaling / rope_parameters must be an object, got {rope!r}")
@@ -288,7 +300,7 @@ def read_rope_parameters(raw, source):
     if rope["rope_type"] in ("yarn", "llama3"):
         # A top-level original_max_position_embeddings wins, as in the reference.
         original = raw.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
-        rope["original_max_position_embeddings"] = original or raw.get("max_position_embeddings", 32768)
+        rope["original_max_position_embeddings"] = original or max_positions
     needs = {"linear": ("factor",), "dynamic": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}
     for key in needs.get(rope["rope_type"], ()):
         if rope.get(key) is None:

@@ -277,6 +277,40 @@ def test_keys_left_out_or_null_take_the_reference_values(reference, case):
     assert ours.layer_types == tuple(expected)
 
 
+@pytest.mark.parametrize("class_name, raw", [
+    ("LlamaConfig", dict(model_type="llama")), ("Qwen2Config", dict(model_type="qwen2")),
+    ("Qwen3Config", dict(model_type="qwen3")), ("Qwen2MoeConfig", dict(model_type="qwen2_moe")),
+    ("Qwen3MoeConfig", dict(model_type="qwen3_moe"))])
+def test_sizes_left_out_take_the_reference_defaults(reference, class_name, raw):
+    # max_position_embeddings (Llama's is 2048, the Qwen families' 32768) and the MoE sizes
+    _, transformers = reference
+    raw = {**SIZES, "num_key_value_heads": 2, **raw}
+    ours = config_from_dict(raw)
+    theirs = getattr(transformers, class_name)(**{k: v for k, v in raw.items() if k != "model_type"})
+    assert ours.max_position_embeddings == theirs.max_position_embeddings
+    for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+        assert getattr(ours, key) == getattr(theirs, key, 0)
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4},
+                                  {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "rope_theta": 5e5}])
+def test_llama_without_max_position_embeddings_scales_rope_from_2048(tmp_path, rope):
+    # yarn's and llama3's original length defaults to max_position_embeddings, which defaults to 2048 for Llama
+    _, transformers = require_reference()
+    tiny_model("llama", tmp_path)
+    edit_config(tmp_path, max_position_embeddings=None, rope_parameters=rope)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    model = qwen_np.load(tmp_path)
+    assert model.config.rope_parameters["original_max_position_embeddings"] == 2048
+    x = ids(1, 40)
+    np.testing.assert_allclose(qwen_np.forward(model.params, model.config, x)[0], reference_logits(reference, x), **TOL)
+
+
+def test_swish_is_silu(tmp_path):
+    compare("qwen3", tmp_path, hidden_act="swish")  # the reference's name for the same activation
+
+
 PUBLISHED = {  # config.json of released checkpoints, as published (the keys qwen_np or the reference read)
     "Qwen2.5-0.5B-Instruct": dict(
         architectures=["Qwen2ForCausalLM"], bos_token_id=151643, eos_token_id=151645, hidden_act="silu",
@@ -523,6 +557,9 @@ BAD_VALUES = [  # (config.json changes, the error's words)
     (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 0}), "factor must be a number > 0"),
     (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "high_freq_factor": 4.0}),
      "rope type 'llama3' needs a 'low_freq_factor'"),
+    (dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported: qwen_np's MLP is SwiGLU with SiLU"),
+    (dict(head_dim=2, rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}),
+     "rope type 'dynamic' needs a head_dim above 2, got 2"),
 ]
 
 
