@@ -3,7 +3,7 @@
 `read_config` accepts both formats found in released checkpoints: the older one with
 `rope_theta` / `rope_scaling` at the top level and `torch_dtype`, and the newer one with a
 `rope_parameters` dict and `dtype`. Unknown keys are ignored; defaults are the reference's
-(transformers' `Qwen2Config`, `Qwen3Config`, `Qwen2MoeConfig`, `Qwen3MoeConfig`).
+(transformers' `Qwen2Config`, `Qwen3Config`, `Qwen2MoeConfig`, `Qwen3MoeConfig`, `LlamaConfig`).
 """
 
 import json
