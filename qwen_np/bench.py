@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from . import model_location
-from .config import QwenNPError, read_config
+from .config import QwenNPError, read_config, read_json
 from .weights import expected_shapes
 
 # Random checkpoints of real shapes (the released models' config.json, minus the tokenizer ids).
@@ -175,14 +175,17 @@ def transformers_worker(directory, sizes, threads, bf16=False):
 
     torch.set_num_threads(threads)
     dtype = torch.bfloat16 if bf16 else torch.float32
+    # transformers imports its modelling code on first use (2-3 s here): done now, so that the
+    # load below times reading the checkpoint, not Python imports (qwen_np is imported already).
+    architectures = read_json(Path(directory) / "config.json").get("architectures") or ["LlamaForCausalLM"]
+    model_class = getattr(transformers, architectures[0], transformers.LlamaForCausalLM)
 
     def load():
         return transformers.AutoModelForCausalLM.from_pretrained(
             directory, dtype=dtype, attn_implementation="eager").eval()
 
     # forward's argument for the cache: transformers 5.24 renamed past_key_values to cache (the old name deprecated)
-    argument = "cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters \
-        else "past_key_values"
+    argument = "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
     def step(model, ids, cache):
         with torch.inference_mode():  # logits_to_keep=1: the LM head on the last position, as generate() does
