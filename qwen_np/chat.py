@@ -13,6 +13,7 @@ special tokens (`bos_token`, `eos_token`, ...) and any extra keyword, such as Qw
 import json
 from datetime import datetime
 
+import numpy as np
 from jinja2 import TemplateError, nodes
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -22,6 +23,10 @@ from .generate import check_unicode, encode, end_token_ids, generate_text, no_to
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # the names transformers accepts, first wins
+# apply_chat_template's own options, which render_chat would otherwise pass on as template variables
+NOT_TEMPLATE_VARIABLES = ("continue_final_message", "chat_template", "tokenize", "return_dict", "return_tensors",
+                          "padding", "truncation", "max_length", "return_assistant_tokens_mask",
+                          "sanitize_control_tokens")
 
 
 def raise_exception(message):
@@ -82,7 +87,7 @@ def chat_template_source(tokenizer_config, tools=None):  # -> the template's tex
         if not all(isinstance(t, dict) and "name" in t and "template" in t for t in template):
             raise QwenNPError("chat_template in tokenizer_config.json is a list, but not of {name, template} objects")
         named = {t["name"]: t["template"] for t in template}
-        template = named.get("tool_use") if tools and "tool_use" in named else named.get("default")
+        template = named.get("tool_use") if tools is not None and "tool_use" in named else named.get("default")
     if not template:
         raise QwenNPError("this checkpoint has no chat template (no chat_template in tokenizer_config.json and "
                           "no chat_template.jinja); use generate with a plain prompt instead")
@@ -121,8 +126,15 @@ def render_chat(tokenizer_config, messages, add_generation_prompt=False, tools=N
     kwargs: more template variables, e.g. enable_thinking=False for Qwen3.
     """
     check_chat(messages, tools)
+    for name in NOT_TEMPLATE_VARIABLES:
+        if name in kwargs:
+            raise QwenNPError(f"{name} is an option of transformers' apply_chat_template that render_chat does not "
+                              f"have; its keyword arguments are template variables (such as enable_thinking)")
     source = chat_template_source(tokenizer_config, tools)
-    variables = {**special_tokens(tokenizer_config), **kwargs}  # the caller's values win
+    # The caller's values win. A NumPy scalar becomes its Python value, as in transformers: Jinja's
+    # `x is false` holds for False only, not for np.False_.
+    variables = {**special_tokens(tokenizer_config),
+                 **{k: v.item() if isinstance(v, np.generic) else v for k, v in kwargs.items()}}
     try:
         template = compile_template(source)
     except TemplateError as e:
@@ -144,8 +156,10 @@ def chat_ids(model, messages, add_generation_prompt=False, **kwargs):  # -> list
 
 
 def split_thinking(text):  # -> (thinking, answer)
-    """Splits a Qwen3 reply "<think>\\n...\\n</think>\\n\\nanswer" into its two parts, the way the
-    template itself does; thinking is "" when there is none, answer "" while still thinking."""
+    """Splits a Qwen3 reply "<think>\\n...\\n</think>\\n\\nanswer" into its two parts at the first
+    </think>, stripped of newlines as the template strips them; thinking is "" when there is none,
+    answer "" while still thinking. (The template, re-reading an earlier reply, keeps only what
+    follows the last </think>; here an answer that writes </think> again keeps it.)"""
     if "</think>" in text:
         thinking, answer = text.split("</think>", 1)
         return thinking.split("<think>")[-1].strip("\n"), answer.lstrip("\n")

@@ -135,6 +135,27 @@ def test_bad_templates_messages_and_tools_are_clear_errors(tokenizer_config, mes
         render_chat(tokenizer_config, messages, tools=tools)
 
 
+def test_template_variables_are_plain_python_values():
+    # Jinja's `is false` is an identity test: np.False_ must arrive as False, as transformers passes it.
+    template = {"chat_template": "{% if enable_thinking is false %}off{% else %}on{% endif %}"}
+    messages = [{"role": "user", "content": "Hi"}]
+    assert render_chat(template, messages, enable_thinking=np.bool_(False)) == "off"
+    assert render_chat(template, messages, enable_thinking=np.bool_(True)) == "on"
+
+
+def test_named_templates_pick_tool_use_whenever_tools_are_given():
+    named = {"chat_template": [{"name": "default", "template": "default"}, {"name": "tool_use", "template": "tools"}]}
+    messages = [{"role": "user", "content": "Hi"}]
+    assert render_chat(named, messages) == "default"
+    assert render_chat(named, messages, tools=[]) == "tools"  # as transformers: tools is not None
+
+
+@pytest.mark.parametrize("option", ["continue_final_message", "tokenize", "chat_template"])
+def test_apply_chat_template_options_are_not_taken_for_template_variables(option):
+    with pytest.raises(qwen_np.QwenNPError, match=f"{option} is an option of transformers' apply_chat_template"):
+        render_chat({"chat_template": "{{ messages }}"}, [{"role": "user", "content": "Hi"}], **{option: True})
+
+
 def test_numpy_values_in_tool_arguments_render_as_json_numbers():
     template = {"chat_template": "{{ messages[0].tool_calls | tojson }}"}
     call = {"name": "add", "arguments": {"a": np.int64(2), "b": np.float32(0.5), "c": np.arange(2)}}
