@@ -100,6 +100,8 @@ def check_chat(messages, tools):
     """messages: a list of dicts with a role; tools: None or a list of JSON schemas (dicts)."""
     if not isinstance(messages, (list, tuple)):
         raise QwenNPError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got {messages!r}")
+    if not messages:  # as transformers refuses it
+        raise QwenNPError("the chat is empty: give at least one message")
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise QwenNPError(f"message {i} must be a dict with a 'role' (and 'content'), got {message!r}")

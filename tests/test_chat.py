@@ -109,22 +109,24 @@ def test_a_missing_or_failing_template_is_a_clear_error(tokenizers):
         render_chat(failing, CHATS["user only"])
     assert render_chat({"chat_template": "{{ '%Y' | length }} {{ strftime_now('%Y') | length }} "
                                         "{{ {'a': '<é>'} | tojson }} {{ eos_token }}", "eos_token": "<|im_end|>"},
-                       []) == '2 4 {"a": "<é>"} <|im_end|>'
+                       CHATS["user only"]) == '2 4 {"a": "<é>"} <|im_end|>'
 
 
+HI = [{"role": "user", "content": "Hi"}]
 BAD_CHATS = [  # (tokenizer_config, messages, tools, the error's words)
-    ({"chat_template": "{% for %}"}, [], None, "the chat template is not valid Jinja"),
-    ({"chat_template": "{{ x | no_such_filter }}"}, [], None, "the chat template is not valid Jinja"),
-    ({"chat_template": 5}, [], None, "the chat template must be a string, found int"),
-    ({"chat_template": ["default"]}, [], None, "a list, but not of {name, template} objects"),
-    ({"chat_template": "{{ 1 / 0 }}"}, [], None, "the chat template failed: ZeroDivisionError"),
+    ({"chat_template": "{% for %}"}, HI, None, "the chat template is not valid Jinja"),
+    ({"chat_template": "{{ x | no_such_filter }}"}, HI, None, "the chat template is not valid Jinja"),
+    ({"chat_template": 5}, HI, None, "the chat template must be a string, found int"),
+    ({"chat_template": ["default"]}, HI, None, "a list, but not of {name, template} objects"),
+    ({"chat_template": "{{ 1 / 0 }}"}, HI, None, "the chat template failed: ZeroDivisionError"),
     ({"chat_template": "{{ messages[0].tool_calls | tojson }}"}, [{"role": "user", "tool_calls": [print]}], None,
      "the chat template failed: TypeError"),
     ({"chat_template": "{{ messages }}"}, "Hello", None, "messages must be a list"),
+    ({"chat_template": "{{ messages }}"}, [], None, "the chat is empty: give at least one message"),
     ({"chat_template": "{{ messages }}"}, [{"content": "Hello"}], None, "message 0 must be a dict with a 'role'"),
     ({"chat_template": "{{ messages }}"}, ["Hello"], None, "message 0 must be a dict with a 'role'"),
-    ({"chat_template": "{{ tools }}"}, [], [print], "tools must be a list of JSON schemas"),
-    ({"chat_template": "{{ messages }}", "eos_token": "\ud800"}, [], None,  # valid JSON: "\\ud800"
+    ({"chat_template": "{{ tools }}"}, HI, [print], "tools must be a list of JSON schemas"),
+    ({"chat_template": "{{ messages }}", "eos_token": "\ud800"}, HI, None,  # valid JSON: "\\ud800"
      "eos_token in tokenizer_config.json is not valid Unicode text: it holds a lone surrogate"),
 ]
 
