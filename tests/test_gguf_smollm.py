@@ -58,6 +58,14 @@ def test_smollm_tokenizer_matches_transformers(smollm, smollm_path, reference):
     assert smollm.tokenizer.encode("<|im_start|>user").ids[0] == 1  # a control token, matched whole
 
 
+@pytest.mark.parametrize("text, ids", [("x\n\n1", [104, 1116, 33]), ("x  12", [104, 256, 33, 34])])
+def test_smollm_splits_digits_off_first_as_llama_cpp_does(smollm, text, ids):
+    # The file says tokenizer.ggml.pre = "smollm": llama.cpp splits each digit off first, then applies
+    # GPT-2's split to the rest, so "\n\n" before a digit stays one token (1116) and so do two spaces
+    # (256). transformers' GGUF tokenizer has no "smollm" entry and splits them ([104, 198, 198, 33]).
+    assert smollm.tokenizer.encode(text).ids == ids
+
+
 def render_chat(model, messages):
     """The prompt of a chat, by the checkpoint's own template (rendered as transformers does)."""
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
