@@ -238,12 +238,11 @@ def load_params(directory, config, mmap=False, low_memory=False):
         # transformers ties the head to the embeddings only where the checkpoint does not hold two
         # different matrices: a differing lm_head.weight is read as an untied head, and one without
         # embed_tokens serves as both (see build_tree). An equal copy is left unread.
-        embed = "model.embed_tokens.weight"
+        embed, head = "model.embed_tokens.weight", "lm_head.weight"
         if embed not in files:
-            shapes["lm_head.weight"] = shapes.pop(embed)
-        elif not same_bytes(files[embed], headers[files[embed]][embed],
-                            files["lm_head.weight"], headers[files["lm_head.weight"]]["lm_head.weight"]):
-            shapes["lm_head.weight"] = shapes[embed]
+            shapes[head] = shapes.pop(embed)
+        elif not same_tensor(files, headers, embed, head):
+            shapes[head] = shapes[embed]
     # Check every name and shape from the headers first, so a bad checkpoint fails before any reading.
     for name, shape in shapes.items():
         if name not in files or name not in headers[files[name]]:
@@ -284,12 +283,16 @@ def check_no_unexpected_layer_tensors(headers, shapes, config):
                                   f"{config.model_type!r}, {config.num_hidden_layers} layers) does not call for it")
 
 
-def same_bytes(path_a, entry_a, path_b, entry_b):  # two tensors' (dtype, shape, offset, nbytes) -> equal?
-    (dtype_a, shape_a, offset_a, size), (dtype_b, shape_b, offset_b, size_b) = entry_a, entry_b
+def same_tensor(files, headers, name_a, name_b):  # -> whether the checkpoint stores the two tensors alike
+    # A name missing from its file's header counts as alike: the shape check names what is missing.
+    if name_a not in headers[files[name_a]] or name_b not in headers[files[name_b]]:
+        return True
+    (dtype_a, shape_a, offset_a, size), (dtype_b, shape_b, offset_b, size_b) = (
+        headers[files[name_a]][name_a], headers[files[name_b]][name_b])
     if (dtype_a, shape_a, size) != (dtype_b, shape_b, size_b):
         return False
-    a = np.frombuffer(map_file(path_a), np.uint8, size, offset_a)
-    b = np.frombuffer(map_file(path_b), np.uint8, size, offset_b)
+    a = np.frombuffer(map_file(files[name_a]), np.uint8, size, offset_a)
+    b = np.frombuffer(map_file(files[name_b]), np.uint8, size, offset_b)
     # A chunk at a time: array_equal builds a boolean array as large as what it compares.
     return all(np.array_equal(a[i:i + CHUNK], b[i:i + CHUNK]) for i in range(0, size, CHUNK))
 

@@ -613,6 +613,19 @@ def test_missing_tensor_is_named(checkpoint):
         qwen_np.load(checkpoint)
 
 
+def test_tied_embeddings_an_index_places_wrongly_are_named(checkpoint):
+    # tie_word_embeddings true, lm_head.weight in a second file, and the index sends embed_tokens there too
+    tensors = load_file(checkpoint / "model.safetensors")
+    save_file({"lm_head.weight": tensors.pop("lm_head.weight")}, checkpoint / "head.safetensors")
+    save_file(tensors, checkpoint / "model.safetensors")
+    weight_map = {name: "model.safetensors" for name in tensors}
+    weight_map.update({"lm_head.weight": "head.safetensors", "model.embed_tokens.weight": "head.safetensors"})
+    (checkpoint / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    edit_config(checkpoint, tie_word_embeddings=True)
+    with pytest.raises(qwen_np.QwenNPError, match=r"missing tensor 'model\.embed_tokens\.weight' in .*head\.safetensors"):
+        qwen_np.load(checkpoint)
+
+
 def test_quantized_checkpoint_is_refused_by_name(checkpoint):
     edit_config(checkpoint, quantization_config={"quant_method": "gptq", "bits": 4})
     with pytest.raises(qwen_np.QwenNPError, match="quantized .*quant_method 'gptq'"):
