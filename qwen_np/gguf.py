@@ -416,14 +416,19 @@ def config_from_gguf(metadata, tensors, path):
     }
     if model_type.endswith("_moe"):
         check_values(raw, str(path))  # before the per-layer list below: a corrupt block_count may be 2**64
+        top_k = key("expert_used_count")
         raw.update({
             "num_experts": key("expert_count"),
-            "num_experts_per_tok": key("expert_used_count"),
-            "moe_intermediate_size": key("expert_feed_forward_length"),
-            "shared_expert_intermediate_size": key("expert_shared_feed_forward_length", 0),
-            # llama.cpp renormalises the top-k weights for Qwen3-MoE and not for Qwen2-MoE (so does
-            # transformers' GGUF loader); a file may say so itself.
-            "norm_topk_prob": key("expert_weights_norm", model_type == "qwen3_moe"),
+            "num_experts_per_tok": top_k,
+            # Sizes a file may leave out, derived as llama.cpp derives them: the experts' from
+            # feed_forward_length / expert_used_count, Qwen2-MoE's shared expert's as feed_forward_length.
+            "moe_intermediate_size": key("expert_feed_forward_length",
+                                         raw["intermediate_size"] // top_k if is_int(top_k, 1) else None),
+            "shared_expert_intermediate_size": key("expert_shared_feed_forward_length", raw["intermediate_size"])
+            if model_type == "qwen2_moe" else 0,
+            # llama.cpp renormalises the top-k weights for Qwen3-MoE and not for Qwen2-MoE, whatever the
+            # file's expert_weights_norm says (it reads that key for other architectures only).
+            "norm_topk_prob": model_type == "qwen3_moe",
             # GGUF has no mlp_only_layers: a layer is sparse when the file holds its router.
             "mlp_only_layers": [i for i in range(raw["num_hidden_layers"])
                                 if f"blk.{i}.ffn_gate_inp.weight" not in tensors],
@@ -432,14 +437,18 @@ def config_from_gguf(metadata, tensors, path):
 
 
 def rope_scaling_from_gguf(key, path):  # -> config.json's rope_scaling dict, or None
-    kind = key("rope.scaling.type", "none")
-    if kind == "none":
+    # As llama.cpp reads it: the type defaults to linear, the factor may be under its older name
+    # rope.scale_linear (none, 0 or 1: no scaling), YaRN's original length defaults to context_length.
+    factor = key("rope.scaling.factor", None) or key("rope.scale_linear", None)
+    kind = key("rope.scaling.type", "linear")
+    if kind == "none" or kind == "linear" and factor in (None, 1):
         return None
     if kind == "linear":
-        return {"rope_type": "linear", "factor": key("rope.scaling.factor")}
+        return {"rope_type": "linear", "factor": factor}
     if kind == "yarn":
-        rope = {"rope_type": "yarn", "factor": key("rope.scaling.factor"),
-                "original_max_position_embeddings": key("rope.scaling.original_context_length")}
+        rope = {"rope_type": "yarn", "factor": factor if factor is not None else key("rope.scaling.factor"),
+                "original_max_position_embeddings": key("rope.scaling.original_context_length",
+                                                        key("context_length", 32768))}
         for name in ("beta_fast", "beta_slow"):
             if key(f"rope.scaling.yarn_{name}", None) is not None:
                 rope[name] = key(f"rope.scaling.yarn_{name}")

@@ -48,14 +48,15 @@ VARIED_TEXT = ("<|im_start|>user\nHello, world! It's 2024; isn't it?  Tabs\tand 
 
 
 def write_gguf(path, family, config, tensors, qtype=gguf.GGMLQuantizationType.F32, tokenizer=None,
-               extra_metadata=(), raw_tensors=None, extra_tensors=None):
+               extra_metadata=(), raw_tensors=None, extra_tensors=None, omit=()):
     """Writes `tensors` ({HF name: array}) of a `config` (config.json dict) as a GGUF file.
 
     2-D and 3-D weights are stored as `qtype` when their rows fit its blocks (else F32, as
     llama.cpp falls back); norms and biases stay F32. `tokenizer`: dict of tokenizer metadata
     (see `qwen_tokenizer_metadata`). `extra_metadata`: (key, value, GGUFValueType) triples.
     `raw_tensors`: {GGUF name: (raw bytes [rows, bytes per row] uint8, ggml type)} written instead.
-    `extra_tensors`: {GGUF name: array} written as they are, after the model's."""
+    `extra_tensors`: {GGUF name: array} written as they are, after the model's. `omit`: the MoE size
+    keys to leave out ("expert_feed_forward_length", "expert_shared_feed_forward_length")."""
     raw_tensors = raw_tensors or {}
     arch = ARCHS[family]
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
@@ -77,8 +78,9 @@ def write_gguf(path, family, config, tensors, qtype=gguf.GGMLQuantizationType.F3
     if experts:
         writer.add_expert_count(experts)
         writer.add_expert_used_count(config["num_experts_per_tok"])
-        writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
-        if config.get("shared_expert_intermediate_size"):
+        if "expert_feed_forward_length" not in omit:
+            writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
+        if config.get("shared_expert_intermediate_size") and "expert_shared_feed_forward_length" not in omit:
             writer.add_expert_shared_feed_forward_length(config["shared_expert_intermediate_size"])
     for key, value, kind in extra_metadata:
         writer.add_key_value(key, value, kind)

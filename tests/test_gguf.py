@@ -215,6 +215,40 @@ def test_rope_scaling_and_token_ids_from_metadata(tmp_path):
         qwen_np.load(random_gguf(tmp_path / "long.gguf", "llama", small_config("llama"), extra_metadata=metadata))
 
 
+@pytest.mark.parametrize("metadata, rope", [
+    # As llama.cpp reads them: YaRN's original length defaults to context_length (256 here), the
+    # type to linear, and the factor may be under its older name; a factor of 1 scales nothing.
+    ([("rope.scaling.type", "yarn", "s"), ("rope.scaling.factor", 4.0, "f")],
+     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}),
+    ([("rope.scaling.factor", 2.0, "f")], {"rope_type": "linear", "factor": 2.0}),
+    ([("rope.scale_linear", 2.0, "f")], {"rope_type": "linear", "factor": 2.0}),
+    ([("rope.scaling.type", "linear", "s"), ("rope.scaling.factor", 1.0, "f")], {"rope_type": "default"}),
+])
+def test_rope_scaling_keys_read_as_llama_cpp_reads_them(tmp_path, metadata, rope):
+    kinds = {"s": gguf.GGUFValueType.STRING, "f": gguf.GGUFValueType.FLOAT32}
+    metadata = [(f"llama.{name}", value, kinds[kind]) for name, value, kind in metadata]
+    model = qwen_np.load(random_gguf(tmp_path / "m.gguf", "llama", small_config("llama"), extra_metadata=metadata))
+    assert model.config.rope_parameters == {**rope, "rope_theta": 10000.0}
+
+
+@pytest.mark.parametrize("family, expert_weights_norm", [("qwen2_moe", True), ("qwen3_moe", False)])
+def test_moe_sizes_and_renormalisation_as_llama_cpp_sets_them(tmp_path, family, expert_weights_norm):
+    # llama.cpp renormalises the top-k weights for Qwen3-MoE only, whatever expert_weights_norm says,
+    # and derives the sizes a file leaves out: the experts' as feed_forward_length / expert_used_count,
+    # the shared expert's as feed_forward_length.
+    shared = {"shared_expert_intermediate_size": 64} if family == "qwen2_moe" else {}
+    config = small_config(family, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, **shared,
+                          **({"head_dim": 8} if family == "qwen3_moe" else {}))
+    arch = "qwen2moe" if family == "qwen2_moe" else "qwen3moe"
+    path = random_gguf(tmp_path / "m.gguf", family, config, omit=("expert_feed_forward_length",
+                                                                  "expert_shared_feed_forward_length"),
+                       extra_metadata=[(f"{arch}.expert_weights_norm", expert_weights_norm, gguf.GGUFValueType.BOOL)])
+    model = qwen_np.load(path)
+    assert model.config.norm_topk_prob == (family == "qwen3_moe")
+    assert model.config.moe_intermediate_size == 64 // 2
+    assert model.config.shared_expert_intermediate_size == (64 if family == "qwen2_moe" else 0)
+
+
 def test_unsupported_architecture(tmp_path):
     path = tmp_path / "gemma.gguf"
     writer = gguf.GGUFWriter(str(path), "gemma2")
