@@ -441,7 +441,7 @@ def rope_scaling_from_gguf(key, path):  # -> config.json's rope_scaling dict, or
     # rope.scale_linear (none, 0 or 1: no scaling), YaRN's original length defaults to context_length.
     factor = key("rope.scaling.factor", None) or key("rope.scale_linear", None)
     kind = key("rope.scaling.type", "linear")
-    if kind == "none" or kind == "linear" and factor in (None, 1):
+    if kind == "none" or (kind == "linear" and factor in (None, 1)):
         return None
     if kind == "linear":
         return {"rope_type": "linear", "factor": factor}

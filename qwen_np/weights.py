@@ -284,11 +284,10 @@ def check_no_unexpected_layer_tensors(headers, shapes, config):
 
 
 def same_tensor(files, headers, name_a, name_b):  # -> whether the checkpoint stores the two tensors alike
-    # A name missing from its file's header counts as alike: the shape check names what is missing.
-    if name_a not in headers[files[name_a]] or name_b not in headers[files[name_b]]:
+    entry_a, entry_b = headers[files[name_a]].get(name_a), headers[files[name_b]].get(name_b)
+    if entry_a is None or entry_b is None:  # counts as alike: the shape check names what is missing
         return True
-    (dtype_a, shape_a, offset_a, size), (dtype_b, shape_b, offset_b, size_b) = (
-        headers[files[name_a]][name_a], headers[files[name_b]][name_b])
+    (dtype_a, shape_a, offset_a, size), (dtype_b, shape_b, offset_b, size_b) = entry_a, entry_b
     if (dtype_a, shape_a, size) != (dtype_b, shape_b, size_b):
         return False
     a = np.frombuffer(map_file(files[name_a]), np.uint8, size, offset_a)
