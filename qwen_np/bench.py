@@ -6,6 +6,8 @@
     python -m qwen_np.bench --bf16            # also time transformers in bfloat16
     python -m qwen_np.bench --mmap            # also time qwen_np.load(..., mmap=True)
     python -m qwen_np.bench --low-memory      # also time qwen_np.load(..., low_memory=True)
+    python -m qwen_np.bench --no-huge-pages   # also time qwen_np with NumPy's huge pages off
+    python -m qwen_np.bench --checkpoint-dtype float32   # random checkpoints in float32, not bf16
 
 Every measurement runs in a fresh worker process (`--worker ENGINE DIR`), one engine after the
 other and in alternating order round by round, so that both see the same noise from a shared
@@ -24,6 +26,7 @@ import argparse
 import inspect
 import json
 import os
+import struct
 import subprocess
 import sys
 import tempfile
@@ -34,7 +37,7 @@ import numpy as np
 
 from . import model_location
 from .config import QwenNPError, read_config, read_json
-from .weights import expected_shapes
+from .weights import expected_shapes, float32_to_bf16
 
 # Random checkpoints of real shapes (the released models' config.json, minus the tokenizer ids).
 SHAPES = {
@@ -52,7 +55,7 @@ SHAPES = {
                         moe_intermediate_size=1024, norm_topk_prob=True, max_position_embeddings=40960,
                         rope_theta=1000000.0),
 }
-COMMON = dict(rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu", torch_dtype="float32")
+COMMON = dict(rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu")
 SMOKE_SHAPES = {  # the same families, tiny
     "tiny-qwen2": dict(SHAPES["qwen2.5-0.5b"], vocab_size=512, hidden_size=64, intermediate_size=128,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
@@ -67,27 +70,45 @@ SIZES = dict(prefill=[128, 1024], short_prompt=16, long_context=2048, new_tokens
 SMOKE_SIZES = dict(prefill=[16, 32], short_prompt=4, long_context=48, new_tokens=4,
                    bandwidth_matrix=(1024, 2048), matmul_n=256)
 ENGINES = ("qwen_np", "transformers")
-QWEN_NP_VARIANTS = {"qwen_np": {}, "qwen_np-mmap": dict(mmap=True), "qwen_np-low-memory": dict(low_memory=True)}
+QWEN_NP_VARIANTS = {"qwen_np": {}, "qwen_np-mmap": dict(mmap=True), "qwen_np-low-memory": dict(low_memory=True),
+                    "qwen_np-no-huge-pages": {}}
+# NumPy asks Linux for 2 MB pages (madvise MADV_HUGEPAGE) for every array of 4 MB or more, which
+# makes the weights' pages fewer and the decode faster; torch does not. This NumPy setting, read
+# at import, turns that off for the variant's worker process.
+WORKER_ENV = {"qwen_np-no-huge-pages": dict(NUMPY_MADVISE_HUGEPAGE="0")}
 
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoints and what the config says a token costs
 
 
-def write_checkpoint(directory, raw_config, seed=0):
-    """config.json and a model.safetensors of random float32 weights with the config's shapes."""
-    from safetensors.numpy import save_file
-
+def write_checkpoint(directory, raw_config, seed=0, dtype="float32"):
+    """config.json and a model.safetensors of random weights with the config's shapes, stored as
+    `dtype`: "float32", or "bfloat16" (as Qwen publishes its checkpoints)."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps({**COMMON, **raw_config}, indent=1))
+    (directory / "config.json").write_text(json.dumps({**COMMON, **raw_config, "torch_dtype": dtype}, indent=1))
     rng = np.random.default_rng(seed)
     tensors = {}
     for name, shape in expected_shapes(read_config(directory)).items():
         if name.endswith("norm.weight"):
-            tensors[name] = np.ones(shape, np.float32)
+            x = np.ones(shape, np.float32)
         else:  # small weights, like a trained model's, keep activations in range for any depth
-            tensors[name] = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
-    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+            x = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+        tensors[name] = float32_to_bf16(x) if dtype == "bfloat16" else x
+    write_safetensors(directory / "model.safetensors", tensors, "BF16" if dtype == "bfloat16" else "F32")
+
+
+def write_safetensors(path, tensors, dtype):  # {name: array} of one safetensors dtype (BF16: uint16 bits)
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, x in tensors.items():
+        header[name] = {"dtype": dtype, "shape": list(x.shape), "data_offsets": [offset, offset + x.nbytes]}
+        offset += x.nbytes
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data that follows starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)) + encoded)
+        for x in tensors.values():
+            x.tofile(f)
 
 
 def costs(config):
@@ -234,7 +255,7 @@ def read_through(directory):
 
 def run_worker(args, threads):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
-               MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+               MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false", **WORKER_ENV.get(args[0], {}))
     root = str(Path(__file__).resolve().parent.parent)  # so the worker imports this qwen_np
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     done = subprocess.run([sys.executable, "-m", "qwen_np.bench", "--threads", str(threads), "--worker", *args],
@@ -295,14 +316,15 @@ def summarise(config, runs, ceilings, sizes, engines):
 def table(name, config, summary, sizes, engines):
     """The printed table of one model."""
     c = costs(config)
+    width = max(18, *(len(e) + 2 for e in engines))
     lines = [f"\n{name}: {c['weight_bytes'] / 4e6:.4g}M parameters, {c['weight_bytes'] / 1e9:.3g} GB float32; decoding "
              f"reads {c['decode_bytes'] / 1e9:.3g} GB of weights per token"
              + (f" (of {c['total_bytes'] / 1e9:.3g} GB: the active experts only)" if config.num_experts else "")
              + f"; KV cache at {sizes['long_context'] + sizes['new_tokens']} positions {summary['kv_cache_gb']:.3g} GB",
-             f"{'':30}" + "".join(f"{e:>18}" for e in engines) + f"{'qwen_np/transf.':>17}{'of ceiling':>12}"]
+             f"{'':30}" + "".join(f"{e:>{width}}" for e in engines) + f"{'qwen_np/transf.':>17}{'of ceiling':>12}"]
     for key, label, _ in figures(sizes):
         fraction = summary["of_ceiling"].get(key)
-        lines.append(f"{label:30}" + "".join(f"{summary[e][key]:>18.3g}" for e in engines)
+        lines.append(f"{label:30}" + "".join(f"{summary[e][key]:>{width}.3g}" for e in engines)
                      + f"{summary['ratio'][key]:>16.2f}x" + (f"{fraction:>12.0%}" if fraction is not None else ""))
     return "\n".join(lines)
 
@@ -337,6 +359,11 @@ def main(argv=None):
                                                             "left in the mapped file)")
     parser.add_argument("--low-memory", action="store_true", help="also time qwen_np with low_memory=True "
                                                                   "(weight matrices in bfloat16)")
+    parser.add_argument("--no-huge-pages", action="store_true", help="also time qwen_np with NumPy's huge pages "
+                                                                     "off (NUMPY_MADVISE_HUGEPAGE=0, 4 KB pages)")
+    parser.add_argument("--checkpoint-dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                        help="how the random checkpoints store their weights (default bfloat16, as Qwen publishes; "
+                             "both engines compute in float32)")
     parser.add_argument("--shapes", nargs="+", help=f"which random shapes (default all: {', '.join(SHAPES)})")
     parser.add_argument("--checkpoints", type=Path, help="write (or reuse) the random checkpoints here")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
@@ -366,17 +393,17 @@ def main(argv=None):
     if unknown:
         parser.error(f"--shapes: unknown {', '.join(sorted(unknown))}; the shapes are {', '.join(shapes)}")
     engines = (ENGINES + (("qwen_np-mmap",) if args.mmap else ()) + (("qwen_np-low-memory",) if args.low_memory else ())
-               + (("transformers-bf16",) if args.bf16 else ()))
+               + (("qwen_np-no-huge-pages",) if args.no_huge_pages else ()) + (("transformers-bf16",) if args.bf16 else ()))
     with tempfile.TemporaryDirectory(prefix="qwen_np_bench_") as tmp:
         if given:
             models = given
         else:
             root = args.checkpoints or Path(tmp)
-            models = {name: root / name for name in (args.shapes or shapes)}
+            models = {name: root / f"{name}-{args.checkpoint_dtype}" for name in (args.shapes or shapes)}
             for name, path in models.items():
                 if not (path / "model.safetensors").is_file():
                     print(f"writing a random {name} checkpoint to {path}", file=sys.stderr)
-                    write_checkpoint(path, shapes[name])
+                    write_checkpoint(path, shapes[name], dtype=args.checkpoint_dtype)
             if hasattr(os, "sync"):
                 os.sync()  # let the written gigabytes reach the disk before anything is timed
         try:
@@ -400,10 +427,12 @@ def main(argv=None):
     summaries = {name: summarise(configs[name], runs[name], ceilings, sizes, engines) for name in models}
     print(f"qwen_np against transformers (torch CPU, float32, eager attention), {args.threads} threads, "
           f"{rounds} round(s): medians, and ratios as medians of each round's ratio. This machine's ceilings: "
-          f"{bandwidth / 1e9:.1f} GB/s memory bandwidth, {flops / 1e9:.0f} GFLOP/s float32 matmul.")
+          f"{bandwidth / 1e9:.1f} GB/s memory bandwidth, {flops / 1e9:.0f} GFLOP/s float32 matmul."
+          + ("" if given else f" The random checkpoints store {args.checkpoint_dtype} weights."))
     for name in models:
         print(table(name, configs[name], summaries[name], sizes, engines))
     print(json.dumps({"bench": "qwen_np", "rounds": rounds, "threads": args.threads, "sizes": sizes,
+                      "checkpoint_dtype": None if given else args.checkpoint_dtype,
                       "ceilings": {"bandwidth_gb_s": bandwidth / 1e9, "matmul_gflop_s": flops / 1e9},
                       "models": summaries}))
 

@@ -6,10 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import ROOT, require_reference
 
-from qwen_np.bench import SMOKE_SHAPES, SMOKE_SIZES, checkpoint_dirs, figures, main
+import qwen_np
+from qwen_np import bench
+from qwen_np.bench import SMOKE_SHAPES, SMOKE_SIZES, checkpoint_dirs, figures, main, write_checkpoint
+from qwen_np.weights import float32_to_bf16, read_safetensors_header
 
 FIGURES = {"load_s", "first_forward_s", "prefill_16_s", "prefill_32_s", "decode_short_tok_s", "decode_long_tok_s",
            "peak_rss_load_gb", "peak_rss_prefill_gb", "peak_rss_long_gb"}
@@ -17,17 +21,18 @@ FIGURES = {"load_s", "first_forward_s", "prefill_16_s", "prefill_32_s", "decode_
 
 def test_smoke_run_prints_table_and_json():
     require_reference()  # the reference worker imports torch and transformers
-    done = subprocess.run([sys.executable, "-m", "qwen_np.bench", "--smoke", "--mmap", "--low-memory"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "qwen_np.bench", "--smoke", "--mmap", "--low-memory",
+                           "--no-huge-pages"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     *table, last = done.stdout.strip().splitlines()
     result = json.loads(last)
     assert result["bench"] == "qwen_np" and result["rounds"] == 1 and result["threads"] == 2
+    assert result["checkpoint_dtype"] == "bfloat16"
     assert result["ceilings"]["bandwidth_gb_s"] > 0 and result["ceilings"]["matmul_gflop_s"] > 0
     assert set(result["models"]) == set(SMOKE_SHAPES)
     assert SMOKE_SIZES["prefill"] == [16, 32]
     for name, model in result["models"].items():
-        variants = ["qwen_np-mmap", "qwen_np-low-memory"]
+        variants = ["qwen_np-mmap", "qwen_np-low-memory", "qwen_np-no-huge-pages"]
         assert set(model) == {"qwen_np", "transformers", *variants, "ratio", *[f"ratio_{v}" for v in variants],
                               "of_ceiling", "long_over_short", "weights_gb", "kv_cache_gb"}, name
         for engine in ["qwen_np", "transformers", *variants, "ratio"]:
@@ -67,3 +72,29 @@ def test_a_bad_checkpoint_is_a_usage_error(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["--model", str(tmp_path)])
     assert e.value.code == 2 and "config.json is not valid JSON" in capsys.readouterr().err
+
+
+def test_random_checkpoints_are_bf16_as_qwen_publishes_or_float32(tmp_path):
+    write_checkpoint(tmp_path / "bf16", SMOKE_SHAPES["tiny-qwen3"], dtype="bfloat16")
+    write_checkpoint(tmp_path / "f32", SMOKE_SHAPES["tiny-qwen3"], dtype="float32")
+    for name, dtype, stored in [("bf16", "bfloat16", "BF16"), ("f32", "float32", "F32")]:
+        assert json.loads((tmp_path / name / "config.json").read_text())["torch_dtype"] == dtype
+        header = read_safetensors_header(tmp_path / name / "model.safetensors")
+        assert {info[0] for info in header.values()} == {stored}
+    wide, narrow = qwen_np.load(tmp_path / "f32").params, qwen_np.load(tmp_path / "bf16").params
+    a, b = (p["model"]["layers"][1]["mlp"]["down_proj"]["weight"] for p in (wide, narrow))
+    assert b.dtype == np.float32 and np.array_equal(b.view(np.uint32) >> 16, float32_to_bf16(a))
+
+
+def test_the_no_huge_pages_worker_runs_with_numpys_huge_pages_off(monkeypatch):
+    seen = {}
+
+    def run(command, env, **kwargs):
+        seen[command[command.index("--worker") + 1]] = env.get("NUMPY_MADVISE_HUGEPAGE")
+        return subprocess.CompletedProcess(command, 0, stdout="{}\n", stderr="")
+
+    monkeypatch.setattr(bench.subprocess, "run", run)
+    monkeypatch.delenv("NUMPY_MADVISE_HUGEPAGE", raising=False)
+    for engine in ["qwen_np", "qwen_np-no-huge-pages", "transformers"]:
+        bench.run_worker([engine, "dir"], threads=2)
+    assert seen == {"qwen_np": None, "qwen_np-no-huge-pages": "0", "transformers": None}
