@@ -7,9 +7,11 @@ longer than a block."""
 import functools
 import inspect
 import json
+import os
 import subprocess
 import sys
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,7 +150,10 @@ def test_cache_keeps_keys_position_minor(models):
     assert position_minor(keep_rows(grown, np.array([False, True])))
 
 
-def traced_peak_of_load(path):  # -> (model, the largest memory NumPy held while loading, in bytes)
+def traced_peak_of_load(path, monkeypatch):  # -> (model, the largest memory NumPy held while loading, in bytes)
+    # The weights' own buffers are memory maps (see fresh_array), which tracemalloc does not see:
+    # here they come from np.empty, so that the peak counts them.
+    monkeypatch.setattr(qwen_np.weights, "fresh_array", lambda count, dtype: np.empty(count, dtype))
     tracemalloc.start()
     try:
         return qwen_np.load(path), tracemalloc.get_traced_memory()[1]
@@ -160,10 +165,12 @@ def weight_bytes(params):
     return sum(a.nbytes for a in {id(a): a for a in arrays(params)}.values())  # a tied matrix counts once
 
 
-def test_load_makes_no_second_copy(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_load_makes_no_second_copy(tmp_path, monkeypatch, dtype):
     # tracemalloc sees NumPy's buffers: the peak while loading stays near the weights themselves.
-    write_checkpoint(tmp_path, dict(CHECKPOINTS["qwen3"], hidden_size=256, intermediate_size=512, vocab_size=4096))
-    m, peak = traced_peak_of_load(tmp_path)
+    write_checkpoint(tmp_path, dict(CHECKPOINTS["qwen3"], hidden_size=256, intermediate_size=512, vocab_size=4096),
+                     dtype=dtype)
+    m, peak = traced_peak_of_load(tmp_path, monkeypatch)
     assert peak < 1.2 * weight_bytes(m.params), f"loading peaked at {peak} bytes"
 
 
@@ -173,7 +180,7 @@ def test_bf16_is_widened_in_chunks_into_float32(tmp_path, reference, monkeypatch
     torch, _ = reference
     monkeypatch.setattr(qwen_np.weights, "CHUNK", 1000)  # several chunks per matrix
     model = tiny_model("qwen2", tmp_path, dtype=torch.bfloat16, vocab_size=4096)
-    m, peak = traced_peak_of_load(tmp_path)
+    m, peak = traced_peak_of_load(tmp_path, monkeypatch)
     # Beyond the float32 weights: a chunk per reading thread, the headers and the threads' own
     # Python objects (50-110 KB measured); reading a whole 512 KB bf16 embedding before widening
     # it would show.
@@ -184,6 +191,42 @@ def test_bf16_is_widened_in_chunks_into_float32(tmp_path, reference, monkeypatch
             node = node[int(part)] if part.isdigit() else node[part]
         assert node.dtype == np.float32
         np.testing.assert_array_equal(node, expected.numpy(), err_msg=name)
+
+
+HUGE_PAGES = """
+import sys
+import numpy as np
+import qwen_np
+
+def huge_kb(a):  # the AnonHugePages of the mappings that hold array `a`, in kB
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        first = line.split()[0]
+        if not first.endswith(":"):  # a mapping's own line: start-end perms offset ...
+            start, end = (int(x, 16) for x in first.split("-"))
+            inside = start < a.ctypes.data + a.nbytes and a.ctypes.data < end
+        elif inside and first == "AnonHugePages:":
+            total += int(line.split()[1])
+    return total
+
+control = np.ones(8 << 20, np.float32)  # 32 MB from NumPy, which advises huge pages
+weight = qwen_np.load(sys.argv[1]).params["model"]["embed_tokens"]["weight"]  # 8 MB
+print(huge_kb(control), huge_kb(weight))
+"""
+
+
+def test_weights_are_in_the_systems_default_pages(tmp_path):
+    # NumPy asks for huge pages for large arrays; the loader's weights do not (see fresh_array).
+    if not Path("/proc/self/smaps").is_file():
+        pytest.skip("no /proc/self/smaps (not Linux): page sizes cannot be read")
+    write_checkpoint(tmp_path, dict(CHECKPOINTS["qwen3"], hidden_size=256, vocab_size=8192))
+    done = subprocess.run([sys.executable, "-c", HUGE_PAGES, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "NUMPY_MADVISE_HUGEPAGE": "1"})
+    assert done.returncode == 0, done.stderr
+    control, weight = map(int, done.stdout.split())
+    if control == 0:
+        pytest.skip("this system gives NumPy's arrays no huge pages (transparent_hugepage 'never'?): nothing to compare")
+    assert weight == 0, f"{weight} kB of the embeddings are in huge pages"
 
 
 FAULTS_PER_ROUND = """
