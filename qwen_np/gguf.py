@@ -29,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .config import QwenNPError, check_values, config_from_dict, is_int
-from .weights import CHUNK, build_tree, expected_shapes, float32_to_bf16, map_file
+from .weights import CHUNK, build_tree, expected_shapes, float32_to_bf16, fresh_array, map_file
 
 # GGUF architecture name -> our model_type (config.json's name for the family)
 ARCHITECTURES = {"qwen2": "qwen2", "qwen3": "qwen3", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe",
@@ -211,7 +211,7 @@ def dequantize(raw, type_name, shape, bf16=False):  # raw bytes -> [shape] float
     # bf16: the values rounded to bfloat16, for load(..., low_memory=True).
     values, block_bytes, dequantizer = DEQUANTIZERS[type_name]
     blocks = np.ascontiguousarray(raw).view(np.uint8).reshape(-1, block_bytes)
-    out = np.empty((len(blocks), values), np.uint16 if bf16 else np.float32)
+    out = fresh_array(len(blocks) * values, np.uint16 if bf16 else np.float32).reshape(len(blocks), values)
     step = max(1, CHUNK // values)  # blocks at a time: the dequantizers' temporaries stay a few MB
     for b in range(0, len(blocks), step):
         x = dequantizer(blocks[b:b + step])

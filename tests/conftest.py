@@ -1,10 +1,13 @@
-"""Shared test helpers: where the real test data lives, and whether the references are installed.
+"""Shared test helpers: where the real test data lives, whether the references are installed, and
+what pages a loaded model's weights sit in.
 
 Tests that need `../shared/data` or torch/transformers skip with a reason on a user's clone,
 and fail where CI is set (CI has both, so a skip there would hide a broken install).
 """
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,3 +45,39 @@ def require_reference():
 @pytest.fixture
 def reference():
     return require_reference()
+
+
+HUGE_PAGES = """
+import sys
+import numpy as np
+import qwen_np
+
+def huge_kb(a):  # the AnonHugePages of the mappings that hold array `a`, in kB
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        first = line.split()[0]
+        if not first.endswith(":"):  # a mapping's own line: start-end perms offset ...
+            start, end = (int(x, 16) for x in first.split("-"))
+            inside = start < a.ctypes.data + a.nbytes and a.ctypes.data < end
+        elif inside and first == "AnonHugePages:":
+            total += int(line.split()[1])
+    return total
+
+control = np.ones(8 << 20, np.float32)  # 32 MB from NumPy, which advises huge pages
+weight = qwen_np.load(sys.argv[1]).params["model"]["embed_tokens"]["weight"]  # 8 MB
+print(huge_kb(control), huge_kb(weight))
+"""
+
+
+def embeddings_huge_page_kb(path):
+    """kB of huge pages under the embeddings of the model at `path`, loaded in a fresh process;
+    skips where NumPy's own large arrays get none either (not Linux, or huge pages off)."""
+    if not Path("/proc/self/smaps").is_file():
+        pytest.skip("no /proc/self/smaps (not Linux): page sizes cannot be read")
+    done = subprocess.run([sys.executable, "-c", HUGE_PAGES, str(path)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "NUMPY_MADVISE_HUGEPAGE": "1"}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    control, weight = map(int, done.stdout.split())
+    if control == 0:
+        pytest.skip("this system gives NumPy's arrays no huge pages (transparent_hugepage 'never'?): nothing to compare")
+    return weight

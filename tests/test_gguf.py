@@ -11,6 +11,7 @@ import types
 import gguf
 import numpy as np
 import pytest
+from conftest import embeddings_huge_page_kb
 from gguf import GGMLQuantizationType as Q
 from gguf_files import (VARIED_TEXT, llama_cpp_permute, qwen_tokenizer_metadata, read_safetensors,
                         write_gguf)
@@ -257,6 +258,13 @@ def test_unsupported_architecture(tmp_path):
     with pytest.raises(qwen_np.QwenNPError, match="unsupported GGUF architecture 'gemma2'") as e:
         qwen_np.load(path)
     assert str(path) in str(e.value)
+
+
+def test_dequantized_weights_are_in_the_systems_default_pages(tmp_path):
+    # As for safetensors (see fresh_array): NumPy would ask for huge pages for these 8 MB.
+    path = random_gguf(tmp_path / "m.gguf", "qwen3", small_config("qwen3", vocab_size=8192, hidden_size=256, head_dim=8),
+                       qtype=Q.Q8_0)
+    assert embeddings_huge_page_kb(path) == 0
 
 
 def test_qwen_np_reads_gguf_without_the_test_only_packages(tmp_path):

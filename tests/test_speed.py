@@ -7,15 +7,13 @@ longer than a block."""
 import functools
 import inspect
 import json
-import os
 import subprocess
 import sys
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, embeddings_huge_page_kb
 
 import qwen_np
 from qwen_np import model as model_module
@@ -150,6 +148,12 @@ def test_cache_keeps_keys_position_minor(models):
     assert position_minor(keep_rows(grown, np.array([False, True])))
 
 
+def test_weights_are_in_the_systems_default_pages(tmp_path):
+    # NumPy asks for huge pages for large arrays; the loader's weights do not (see fresh_array).
+    write_checkpoint(tmp_path, dict(CHECKPOINTS["qwen3"], hidden_size=256, vocab_size=8192))
+    assert embeddings_huge_page_kb(tmp_path) == 0
+
+
 def traced_peak_of_load(path, monkeypatch):  # -> (model, the largest memory NumPy held while loading, in bytes)
     # The weights' own buffers are memory maps (see fresh_array), which tracemalloc does not see:
     # here they come from np.empty, so that the peak counts them.
@@ -191,42 +195,6 @@ def test_bf16_is_widened_in_chunks_into_float32(tmp_path, reference, monkeypatch
             node = node[int(part)] if part.isdigit() else node[part]
         assert node.dtype == np.float32
         np.testing.assert_array_equal(node, expected.numpy(), err_msg=name)
-
-
-HUGE_PAGES = """
-import sys
-import numpy as np
-import qwen_np
-
-def huge_kb(a):  # the AnonHugePages of the mappings that hold array `a`, in kB
-    total, inside = 0, False
-    for line in open("/proc/self/smaps"):
-        first = line.split()[0]
-        if not first.endswith(":"):  # a mapping's own line: start-end perms offset ...
-            start, end = (int(x, 16) for x in first.split("-"))
-            inside = start < a.ctypes.data + a.nbytes and a.ctypes.data < end
-        elif inside and first == "AnonHugePages:":
-            total += int(line.split()[1])
-    return total
-
-control = np.ones(8 << 20, np.float32)  # 32 MB from NumPy, which advises huge pages
-weight = qwen_np.load(sys.argv[1]).params["model"]["embed_tokens"]["weight"]  # 8 MB
-print(huge_kb(control), huge_kb(weight))
-"""
-
-
-def test_weights_are_in_the_systems_default_pages(tmp_path):
-    # NumPy asks for huge pages for large arrays; the loader's weights do not (see fresh_array).
-    if not Path("/proc/self/smaps").is_file():
-        pytest.skip("no /proc/self/smaps (not Linux): page sizes cannot be read")
-    write_checkpoint(tmp_path, dict(CHECKPOINTS["qwen3"], hidden_size=256, vocab_size=8192))
-    done = subprocess.run([sys.executable, "-c", HUGE_PAGES, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "NUMPY_MADVISE_HUGEPAGE": "1"})
-    assert done.returncode == 0, done.stderr
-    control, weight = map(int, done.stdout.split())
-    if control == 0:
-        pytest.skip("this system gives NumPy's arrays no huge pages (transparent_hugepage 'never'?): nothing to compare")
-    assert weight == 0, f"{weight} kB of the embeddings are in huge pages"
 
 
 FAULTS_PER_ROUND = """
