@@ -72,9 +72,10 @@ SMOKE_SIZES = dict(prefill=[16, 32], short_prompt=4, long_context=48, new_tokens
 ENGINES = ("qwen_np", "transformers")
 QWEN_NP_VARIANTS = {"qwen_np": {}, "qwen_np-mmap": dict(mmap=True), "qwen_np-low-memory": dict(low_memory=True),
                     "qwen_np-no-huge-pages": {}}
-# NumPy asks Linux for 2 MB pages (madvise MADV_HUGEPAGE) for every array of 4 MB or more, which
-# makes the weights' pages fewer and the decode faster; torch does not. This NumPy setting, read
-# at import, turns that off for the variant's worker process.
+# NumPy asks Linux for 2 MB pages (madvise MADV_HUGEPAGE) for every array of 4 MB or more; torch
+# does not, and qwen_np's loader keeps the weights out of them (see weights.fresh_array). This
+# NumPy setting, read at import, turns that off for the rest too (activations, the KV cache) in
+# the variant's worker process.
 WORKER_ENV = {"qwen_np-no-huge-pages": dict(NUMPY_MADVISE_HUGEPAGE="0")}
 
 
@@ -393,7 +394,8 @@ def main(argv=None):
     if unknown:
         parser.error(f"--shapes: unknown {', '.join(sorted(unknown))}; the shapes are {', '.join(shapes)}")
     engines = (ENGINES + (("qwen_np-mmap",) if args.mmap else ()) + (("qwen_np-low-memory",) if args.low_memory else ())
-               + (("qwen_np-no-huge-pages",) if args.no_huge_pages else ()) + (("transformers-bf16",) if args.bf16 else ()))
+               + (("qwen_np-no-huge-pages",) if args.no_huge_pages else ())
+               + (("transformers-bf16",) if args.bf16 else ()))
     with tempfile.TemporaryDirectory(prefix="qwen_np_bench_") as tmp:
         if given:
             models = given

@@ -8,10 +8,10 @@ reported by name.
 """
 
 import math
+import mmap as mmap_module
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
-import mmap as mmap_module
 from mmap import ACCESS_READ, mmap as memory_map
 from pathlib import Path
 
@@ -113,7 +113,7 @@ def read_tensor(path, name, dtype, shape, offset, nbytes, mapped=None, bf16=Fals
     return out.reshape(shape)
 
 
-def fresh_array(count, dtype):  # -> [count] array of `dtype`, uninitialised, in memory of its own
+def fresh_array(count, dtype):  # -> [count] array of `dtype` in fresh memory of its own, for the caller to fill
     # The same as np.empty(count, dtype), but in the system's default pages: NumPy asks Linux for
     # 2 MB "huge" pages for arrays of 4 MB and more (madvise), torch does not. On a virtual machine
     # such as the project's test machine, fresh huge pages are far dearer to fault in: loading took

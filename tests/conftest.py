@@ -79,5 +79,6 @@ def embeddings_huge_page_kb(path):
     assert done.returncode == 0, done.stderr
     control, weight = map(int, done.stdout.split())
     if control == 0:
-        pytest.skip("this system gives NumPy's arrays no huge pages (transparent_hugepage 'never'?): nothing to compare")
+        pytest.skip("this system gives NumPy's arrays no huge pages (transparent_hugepage 'never'?): "
+                    "nothing to compare")
     return weight

@@ -262,8 +262,8 @@ def test_unsupported_architecture(tmp_path):
 
 def test_dequantized_weights_are_in_the_systems_default_pages(tmp_path):
     # As for safetensors (see fresh_array): NumPy would ask for huge pages for these 8 MB.
-    path = random_gguf(tmp_path / "m.gguf", "qwen3", small_config("qwen3", vocab_size=8192, hidden_size=256, head_dim=8),
-                       qtype=Q.Q8_0)
+    config = small_config("qwen3", vocab_size=8192, hidden_size=256, head_dim=8)
+    path = random_gguf(tmp_path / "m.gguf", "qwen3", config, qtype=Q.Q8_0)
     assert embeddings_huge_page_kb(path) == 0
 
 
