@@ -72,10 +72,8 @@ SMOKE_SIZES = dict(prefill=[16, 32], short_prompt=4, long_context=48, new_tokens
 ENGINES = ("qwen_np", "transformers")
 QWEN_NP_VARIANTS = {"qwen_np": {}, "qwen_np-mmap": dict(mmap=True), "qwen_np-low-memory": dict(low_memory=True),
                     "qwen_np-no-huge-pages": {}}
-# NumPy asks Linux for 2 MB pages (madvise MADV_HUGEPAGE) for every array of 4 MB or more; torch
-# does not, and qwen_np's loader keeps the weights out of them (see weights.fresh_array). This
-# NumPy setting, read at import, turns that off for the rest too (activations, the KV cache) in
-# the variant's worker process.
+# NumPy's huge pages (see weights.fresh_array, which keeps the weights out of them) turned off for
+# everything else too, activations and the KV cache, in the variant's worker process.
 WORKER_ENV = {"qwen_np-no-huge-pages": dict(NUMPY_MADVISE_HUGEPAGE="0")}
 
 
@@ -83,9 +81,13 @@ WORKER_ENV = {"qwen_np-no-huge-pages": dict(NUMPY_MADVISE_HUGEPAGE="0")}
 # Checkpoints and what the config says a token costs
 
 
+STORED = {"float32": ("F32", lambda x: x), "bfloat16": ("BF16", float32_to_bf16)}  # dtype -> (safetensors', from float32)
+
+
 def write_checkpoint(directory, raw_config, seed=0, dtype="float32"):
     """config.json and a model.safetensors of random weights with the config's shapes, stored as
     `dtype`: "float32", or "bfloat16" (as Qwen publishes its checkpoints)."""
+    stored, convert = STORED[dtype]
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps({**COMMON, **raw_config, "torch_dtype": dtype}, indent=1))
     rng = np.random.default_rng(seed)
@@ -95,8 +97,8 @@ def write_checkpoint(directory, raw_config, seed=0, dtype="float32"):
             x = np.ones(shape, np.float32)
         else:  # small weights, like a trained model's, keep activations in range for any depth
             x = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
-        tensors[name] = float32_to_bf16(x) if dtype == "bfloat16" else x
-    write_safetensors(directory / "model.safetensors", tensors, "BF16" if dtype == "bfloat16" else "F32")
+        tensors[name] = convert(x)
+    write_safetensors(directory / "model.safetensors", tensors, stored)
 
 
 def write_safetensors(path, tensors, dtype):  # {name: array} of one safetensors dtype (BF16: uint16 bits)
@@ -362,7 +364,7 @@ def main(argv=None):
                                                                   "(weight matrices in bfloat16)")
     parser.add_argument("--no-huge-pages", action="store_true", help="also time qwen_np with NumPy's huge pages "
                                                                      "off (NUMPY_MADVISE_HUGEPAGE=0, 4 KB pages)")
-    parser.add_argument("--checkpoint-dtype", choices=["bfloat16", "float32"], default="bfloat16",
+    parser.add_argument("--checkpoint-dtype", choices=list(STORED), default="bfloat16",
                         help="how the random checkpoints store their weights (default bfloat16, as Qwen publishes; "
                              "both engines compute in float32)")
     parser.add_argument("--shapes", nargs="+", help=f"which random shapes (default all: {', '.join(SHAPES)})")

@@ -92,14 +92,17 @@ def read_tensor(path, name, dtype, shape, offset, nbytes, mapped=None, bf16=Fals
     if dtype == "F32" and mapped is not None and not bf16:
         return np.frombuffer(mapped, np.float32, count, offset).reshape(shape)
     out = fresh_array(count, np.uint16 if bf16 else np.float32)
-    with open(path, "rb") as f:
+    truncated = QwenNPError(f"{path} is truncated: tensor {name!r} ends past the end of the file")
+    with open(path, "rb") as f:  # buffered: its readinto fills the whole buffer unless the file ends
         f.seek(offset)
         if dtype == ("BF16" if bf16 else "F32"):  # already in the wanted form
             if f.readinto(out.view(np.uint8)) != nbytes:  # the file shrank since its header was read
-                raise QwenNPError(f"{path} is truncated: tensor {name!r} ends past the end of the file")
+                raise truncated
             return out.reshape(shape)
         for start in range(0, count, CHUNK):
             raw = np.fromfile(f, dtype=DTYPES[dtype], count=min(CHUNK, count - start))
+            if raw.size < min(CHUNK, count - start):
+                raise truncated
             chunk = out[start:start + raw.size]
             if bf16:  # F32 or F16 -> bfloat16 bits
                 chunk[:] = float32_to_bf16(raw.astype(np.float32, copy=False))
@@ -116,9 +119,9 @@ def read_tensor(path, name, dtype, shape, offset, nbytes, mapped=None, bf16=Fals
 def fresh_array(count, dtype):  # -> [count] array of `dtype` in fresh memory of its own, for the caller to fill
     # The same as np.empty(count, dtype), but in the system's default pages: NumPy asks Linux for
     # 2 MB "huge" pages for arrays of 4 MB and more (madvise), torch does not. On a virtual machine
-    # such as the project's test machine, fresh huge pages are far dearer to fault in: loading took
-    # 2-3x as long with them, and decoding was no faster (paired, in one process). An anonymous
-    # memory map (private, as malloc's) is fresh memory that NumPy has not advised.
+    # such as the project's test machine, fresh huge pages are dearer to fault in: loading took up
+    # to 2-3x as long with them, and decoding was no faster (see the README's Speed and memory).
+    # An anonymous memory map (private, as malloc's) is fresh memory that NumPy has not advised.
     if MAP_PRIVATE is None:  # not Unix: NumPy's own memory
         return np.empty(count, dtype)
     return np.frombuffer(memory_map(-1, max(1, count * np.dtype(dtype).itemsize), flags=MAP_PRIVATE), dtype, count)

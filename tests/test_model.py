@@ -14,7 +14,7 @@ import qwen_np
 from conftest import require_reference
 from qwen_np import hub_cache, hub_cache_model
 from qwen_np.config import config_from_dict, read_json
-from qwen_np.weights import expected_shapes, read_safetensors_header
+from qwen_np.weights import expected_shapes, float32_to_bf16, read_safetensors_header, read_tensor
 from tiny import drop_tensor, edit_config, reference_logits, tiny_model
 
 rng = np.random.default_rng(0)
@@ -647,6 +647,21 @@ def test_truncated_safetensors(checkpoint):
     path.write_bytes(b"\x10\x00")
     with pytest.raises(qwen_np.QwenNPError, match="is not a safetensors file"):
         qwen_np.load(checkpoint)
+
+
+@pytest.mark.parametrize("stored, low_memory", [("F32", False), ("BF16", False), ("BF16", True), ("F32", True)])
+def test_a_file_that_shrinks_after_its_header_is_read(tmp_path, stored, low_memory):
+    # Read as stored, widened or narrowed: a short read is named, never zeros in the weights.
+    from qwen_np.bench import write_safetensors
+
+    path = tmp_path / "model.safetensors"
+    values = (np.arange(3000) % 200).astype(np.float32).reshape(30, 100)  # exact in bfloat16
+    write_safetensors(path, {"w": float32_to_bf16(values) if stored == "BF16" else values}, stored)
+    header = read_safetensors_header(path)
+    np.testing.assert_array_equal(read_tensor(path, "w", *header["w"]), values)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(qwen_np.QwenNPError, match=r"model\.safetensors is truncated: tensor 'w' ends past the end"):
+        read_tensor(path, "w", *header["w"], bf16=low_memory)
 
 
 def test_no_weights(checkpoint):
