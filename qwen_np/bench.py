@@ -81,7 +81,8 @@ WORKER_ENV = {"qwen_np-no-huge-pages": dict(NUMPY_MADVISE_HUGEPAGE="0")}
 # Checkpoints and what the config says a token costs
 
 
-STORED = {"float32": ("F32", lambda x: x), "bfloat16": ("BF16", float32_to_bf16)}  # dtype -> (safetensors', from float32)
+# A checkpoint's dtype -> (its safetensors dtype, the conversion of a float32 array to it)
+STORED = {"float32": ("F32", lambda x: x), "bfloat16": ("BF16", float32_to_bf16)}
 
 
 def write_checkpoint(directory, raw_config, seed=0, dtype="float32"):

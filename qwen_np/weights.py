@@ -100,10 +100,10 @@ def read_tensor(path, name, dtype, shape, offset, nbytes, mapped=None, bf16=Fals
                 raise truncated
             return out.reshape(shape)
         for start in range(0, count, CHUNK):
-            raw = np.fromfile(f, dtype=DTYPES[dtype], count=min(CHUNK, count - start))
-            if raw.size < min(CHUNK, count - start):
+            chunk = out[start:start + CHUNK]
+            raw = np.fromfile(f, dtype=DTYPES[dtype], count=chunk.size)
+            if raw.size < chunk.size:
                 raise truncated
-            chunk = out[start:start + raw.size]
             if bf16:  # F32 or F16 -> bfloat16 bits
                 chunk[:] = float32_to_bf16(raw.astype(np.float32, copy=False))
             elif dtype == "BF16":
