@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 from conftest import require_reference
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 import qwen_np
 from qwen_np.chat import render_chat
@@ -143,6 +144,21 @@ def test_template_variables_are_plain_python_values():
     messages = [{"role": "user", "content": "Hi"}]
     assert render_chat(template, messages, enable_thinking=np.bool_(False)) == "off"
     assert render_chat(template, messages, enable_thinking=np.bool_(True)) == "on"
+
+
+def test_a_template_is_compiled_once_and_renders_afresh_each_time(monkeypatch):
+    compiled = []
+    real = ImmutableSandboxedEnvironment.from_string
+    monkeypatch.setattr(ImmutableSandboxedEnvironment, "from_string",
+                        lambda env, source: compiled.append(source) or real(env, source))
+    # A source no other test uses, so that this test's first render is the first compile.
+    counter = {"chat_template": "{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}"
+                                "{% endfor %}{{ ns.n }} messages (test_a_template_is_compiled_once)"}
+    hi = {"role": "user", "content": "Hi"}
+    assert render_chat(counter, [hi]) == "1 messages (test_a_template_is_compiled_once)"
+    assert render_chat(counter, [hi, hi, hi]) == "3 messages (test_a_template_is_compiled_once)"  # no state kept
+    assert render_chat(dict(counter), [hi]).startswith("1 messages")  # an equal config: the same template
+    assert len(compiled) == 1
 
 
 def test_named_templates_pick_tool_use_whenever_tools_are_given():
