@@ -4,7 +4,7 @@
     python -m qwen_np.bench --model DIR       # a checkpoint of your own instead
     python -m qwen_np.bench --smoke           # tiny shapes, one round: checks that the benchmark runs
     python -m qwen_np.bench --bf16            # also time transformers in bfloat16
-    python -m qwen_np.bench --mmap            # also time qwen_np.load(..., mmap=True)
+    python -m qwen_np.bench --mmap --checkpoint-dtype float32   # also time qwen_np.load(..., mmap=True)
     python -m qwen_np.bench --low-memory      # also time qwen_np.load(..., low_memory=True)
     python -m qwen_np.bench --no-huge-pages   # also time qwen_np with NumPy's huge pages off
     python -m qwen_np.bench --checkpoint-dtype float32   # random checkpoints in float32, not bf16
@@ -360,11 +360,14 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, one round")
     parser.add_argument("--bf16", action="store_true", help="also time transformers in bfloat16")
     parser.add_argument("--mmap", action="store_true", help="also time qwen_np with mmap=True (float32 weights "
-                                                            "left in the mapped file)")
+                                                            "left in the mapped file; with random checkpoints, "
+                                                            "needs --checkpoint-dtype float32)")
     parser.add_argument("--low-memory", action="store_true", help="also time qwen_np with low_memory=True "
                                                                   "(weight matrices in bfloat16)")
     parser.add_argument("--no-huge-pages", action="store_true", help="also time qwen_np with NumPy's huge pages "
-                                                                     "off (NUMPY_MADVISE_HUGEPAGE=0, 4 KB pages)")
+                                                                     "off (NUMPY_MADVISE_HUGEPAGE=0) for activations "
+                                                                     "and the KV cache; the loader's weights never ask "
+                                                                     "for them")
     parser.add_argument("--checkpoint-dtype", choices=list(STORED), default="bfloat16",
                         help="how the random checkpoints store their weights (default bfloat16, as Qwen publishes; "
                              "both engines compute in float32)")
@@ -396,6 +399,10 @@ def main(argv=None):
     unknown = set(args.shapes or ()) - set(shapes)
     if unknown:
         parser.error(f"--shapes: unknown {', '.join(sorted(unknown))}; the shapes are {', '.join(shapes)}")
+    if args.mmap and not given and args.checkpoint_dtype != "float32":
+        # mmap=True maps float32 tensors only; bf16 ones are widened into memory as without it.
+        parser.error(f"--mmap maps float32 weights only, and the random checkpoints would be {args.checkpoint_dtype}: "
+                     f"add --checkpoint-dtype float32")
     engines = (ENGINES + (("qwen_np-mmap",) if args.mmap else ()) + (("qwen_np-low-memory",) if args.low_memory else ())
                + (("qwen_np-no-huge-pages",) if args.no_huge_pages else ())
                + (("transformers-bf16",) if args.bf16 else ()))

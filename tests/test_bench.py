@@ -19,20 +19,24 @@ FIGURES = {"load_s", "first_forward_s", "prefill_16_s", "prefill_32_s", "decode_
            "peak_rss_load_gb", "peak_rss_prefill_gb", "peak_rss_long_gb"}
 
 
-def test_smoke_run_prints_table_and_json():
+@pytest.mark.parametrize("dtype, variants", [
+    ("bfloat16", ["qwen_np-low-memory", "qwen_np-no-huge-pages"]),  # the default checkpoints
+    ("float32", ["qwen_np-mmap"]),  # mmap=True maps float32 weights only
+])
+def test_smoke_run_prints_table_and_json(dtype, variants):
     require_reference()  # the reference worker imports torch and transformers
-    done = subprocess.run([sys.executable, "-m", "qwen_np.bench", "--smoke", "--mmap", "--low-memory",
-                           "--no-huge-pages"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    options = [v.replace("qwen_np", "-") for v in variants]  # "qwen_np-mmap" -> "--mmap"
+    done = subprocess.run([sys.executable, "-m", "qwen_np.bench", "--smoke", "--checkpoint-dtype", dtype, *options],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     *table, last = done.stdout.strip().splitlines()
     result = json.loads(last)
     assert result["bench"] == "qwen_np" and result["rounds"] == 1 and result["threads"] == 2
-    assert result["checkpoint_dtype"] == "bfloat16"
+    assert result["checkpoint_dtype"] == dtype
     assert result["ceilings"]["bandwidth_gb_s"] > 0 and result["ceilings"]["matmul_gflop_s"] > 0
     assert set(result["models"]) == set(SMOKE_SHAPES)
     assert SMOKE_SIZES["prefill"] == [16, 32]
     for name, model in result["models"].items():
-        variants = ["qwen_np-mmap", "qwen_np-low-memory", "qwen_np-no-huge-pages"]
         assert set(model) == {"qwen_np", "transformers", *variants, "ratio", *[f"ratio_{v}" for v in variants],
                               "of_ceiling", "long_over_short", "weights_gb", "kv_cache_gb"}, name
         for engine in ["qwen_np", "transformers", *variants, "ratio"]:
@@ -49,6 +53,7 @@ def test_smoke_run_prints_table_and_json():
     (["--threads", "two"], "'two' is not a positive integer"),
     (["--model", "no-such-dir"], "--model no-such-dir: not a checkpoint directory with a config.json"),
     (["--shapes", "qwen9"], "--shapes: unknown qwen9"),
+    (["--mmap"], "--mmap maps float32 weights only, and the random checkpoints would be bfloat16"),
 ])
 def test_bad_arguments_are_usage_errors(capsys, args, message):
     with pytest.raises(SystemExit) as e:
