@@ -37,7 +37,7 @@ import numpy as np
 
 from . import model_location
 from .config import QwenNPError, read_config, read_json
-from .weights import expected_shapes, float32_to_bf16
+from .weights import checkpoint_files, expected_shapes, float32_to_bf16, read_safetensors_header
 
 # Random checkpoints of real shapes (the released models' config.json, minus the tokenizer ids).
 SHAPES = {
@@ -339,6 +339,11 @@ def positive_int(text):  # an argparse type
     return int(text)
 
 
+def stored_dtypes(directory):  # -> {"BF16", ...}: the safetensors dtypes of a checkpoint's tensors
+    files = set(checkpoint_files(directory).values())
+    return {dtype for path in files for dtype, *_ in read_safetensors_header(path).values()}
+
+
 def checkpoint_dirs(paths):  # --model's [Path] -> {name: checkpoint directory}
     """A Hub id that is not a local path stands for its copy in the Hugging Face cache, as in `load`."""
     models = {}
@@ -399,10 +404,18 @@ def main(argv=None):
     unknown = set(args.shapes or ()) - set(shapes)
     if unknown:
         parser.error(f"--shapes: unknown {', '.join(sorted(unknown))}; the shapes are {', '.join(shapes)}")
+    # mmap=True maps float32 tensors only; others are widened into memory as without it.
     if args.mmap and not given and args.checkpoint_dtype != "float32":
-        # mmap=True maps float32 tensors only; bf16 ones are widened into memory as without it.
         parser.error(f"--mmap maps float32 weights only, and the random checkpoints would be {args.checkpoint_dtype}: "
                      f"add --checkpoint-dtype float32")
+    try:
+        dtypes = {name: stored_dtypes(path) for name, path in given.items() if args.mmap}
+    except QwenNPError as e:
+        parser.error(str(e))
+    for name, stored in dtypes.items():
+        if "F32" not in stored:
+            parser.error(f"--mmap maps float32 weights only, and --model {name} stores {', '.join(sorted(stored))}: "
+                         f"its mmap row would load like the default one")
     engines = (ENGINES + (("qwen_np-mmap",) if args.mmap else ()) + (("qwen_np-low-memory",) if args.low_memory else ())
                + (("qwen_np-no-huge-pages",) if args.no_huge_pages else ())
                + (("transformers-bf16",) if args.bf16 else ()))

@@ -79,6 +79,14 @@ def test_a_bad_checkpoint_is_a_usage_error(capsys, tmp_path):
     assert e.value.code == 2 and "config.json is not valid JSON" in capsys.readouterr().err
 
 
+def test_mmap_of_a_checkpoint_with_no_float32_weights_is_a_usage_error(capsys, tmp_path):
+    write_checkpoint(tmp_path / "bf16", SMOKE_SHAPES["tiny-qwen3"], dtype="bfloat16")
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tmp_path / "bf16"), "--mmap"])  # refused before anything is timed
+    assert e.value.code == 2
+    assert "--mmap maps float32 weights only, and --model bf16 stores BF16" in capsys.readouterr().err
+
+
 def test_random_checkpoints_are_bf16_as_qwen_publishes_or_float32(tmp_path):
     write_checkpoint(tmp_path / "bf16", SMOKE_SHAPES["tiny-qwen3"], dtype="bfloat16")
     write_checkpoint(tmp_path / "f32", SMOKE_SHAPES["tiny-qwen3"], dtype="float32")
