@@ -404,18 +404,18 @@ def main(argv=None):
     unknown = set(args.shapes or ()) - set(shapes)
     if unknown:
         parser.error(f"--shapes: unknown {', '.join(sorted(unknown))}; the shapes are {', '.join(shapes)}")
-    # mmap=True maps float32 tensors only; others are widened into memory as without it.
-    if args.mmap and not given and args.checkpoint_dtype != "float32":
-        parser.error(f"--mmap maps float32 weights only, and the random checkpoints would be {args.checkpoint_dtype}: "
-                     f"add --checkpoint-dtype float32")
-    try:
-        dtypes = {name: stored_dtypes(path) for name, path in given.items() if args.mmap}
-    except QwenNPError as e:
-        parser.error(str(e))
-    for name, stored in dtypes.items():
-        if "F32" not in stored:
-            parser.error(f"--mmap maps float32 weights only, and --model {name} stores {', '.join(sorted(stored))}: "
-                         f"its mmap row would load like the default one")
+    if args.mmap:  # mmap=True maps float32 tensors only; others are widened into memory as without it
+        if not given and args.checkpoint_dtype != "float32":
+            parser.error(f"--mmap maps float32 weights only, and the random checkpoints would be "
+                         f"{args.checkpoint_dtype}: add --checkpoint-dtype float32")
+        for name, path in given.items():
+            try:
+                stored = stored_dtypes(path)
+            except QwenNPError as e:
+                parser.error(str(e))
+            if "F32" not in stored:
+                parser.error(f"--mmap maps float32 weights only, and --model {name} stores "
+                             f"{', '.join(sorted(stored))}: its mmap row would load like the default one")
     engines = (ENGINES + (("qwen_np-mmap",) if args.mmap else ()) + (("qwen_np-low-memory",) if args.low_memory else ())
                + (("qwen_np-no-huge-pages",) if args.no_huge_pages else ())
                + (("transformers-bf16",) if args.bf16 else ()))
