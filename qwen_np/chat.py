@@ -20,7 +20,7 @@ from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .config import QwenNPError
-from .generate import check_unicode, encode, end_token_ids, generate_text, no_tokenizer
+from .generate import check_model, check_unicode, encode, end_token_ids, generate_text, no_tokenizer
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # the names transformers accepts, first wins
@@ -155,6 +155,7 @@ def render_chat(tokenizer_config, messages, add_generation_prompt=False, tools=N
 def chat_ids(model, messages, add_generation_prompt=False, **kwargs):  # -> list[int]
     """The token ids of the rendered chat, like apply_chat_template(..., tokenize=True). The
     template writes the special tokens as text; the tokenizer adds none of its own."""
+    check_model(model, "chat_ids")
     if model.tokenizer is None:
         raise QwenNPError(f"{no_tokenizer(model)}, so it cannot encode a chat")
     text = render_chat(model.tokenizer_config, messages, add_generation_prompt, **kwargs)
@@ -183,6 +184,7 @@ def chat(model, messages, enable_thinking=None, tools=None, eos_token_id=None, *
     past=stats.past from the previous turn reuses the KV cache of the conversation so far.
     Returns (as StopIteration.value) a GenerationStats.
     """
+    check_model(model, "chat")
     variables = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
     ids = chat_ids(model, messages, add_generation_prompt=True, tools=tools, **variables)
     ends = end_token_ids(model, eos_token_id)

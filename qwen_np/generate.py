@@ -268,6 +268,13 @@ def check_past(past, config):
         raise QwenNPError(f"past= does not fit this model: {e}") from None
 
 
+def check_model(model, caller):
+    """`model` is what qwen_np.load returns (Model is defined in __init__, which imports this module)."""
+    if not all(hasattr(model, name) for name in ("config", "params", "tokenizer", "generation_config", "path")):
+        raise QwenNPError(f"{caller} takes the Model that qwen_np.load returns as its first argument, "
+                          f"got {type(model).__name__}")
+
+
 def no_tokenizer(model):  # -> "PATH has no tokenizer (why)", for messages
     why = "its metadata holds no vocabulary" if model.path.suffix.lower() == ".gguf" else "no tokenizer.json"
     return f"{model.path} has no tokenizer ({why})"
@@ -407,6 +414,7 @@ def generate_batch(model, prompts, max_new_tokens=None, temperature=None, top_k=
     past: the `past` of an earlier one-prompt generation (GenerationStats.past): the tokens this
     prompt shares with its start are taken from its cache, only the rest is prefilled.
     """
+    check_model(model, "generate_batch")
     params, config = model.params, model.config
     if isinstance(prompts, np.ndarray) and prompts.ndim == 2:  # [B, T] token ids: one prompt a row
         prompts = list(prompts)
@@ -501,6 +509,7 @@ def generate(model, prompt, max_new_tokens=None, temperature=None, top_k=None, t
     `past` of the returned stats of an earlier call, whose cached tokens this prompt need not recompute.
     Returns (as StopIteration.value) a GenerationStats.
     """
+    check_model(model, "generate")
     steps = generate_batch(model, [prompt], max_new_tokens, temperature, top_k, top_p, min_p,
                            repetition_penalty, seed, stop, eos_token_id, past)
     while True:
@@ -515,6 +524,7 @@ def generate_text(model, prompt, stop=None, **kwargs):
     """Yields the completion of `prompt` as text, in pieces as they are produced: never half a
     UTF-8 character, and never text past a stop string (the stop string itself is left out).
     Keyword arguments are those of `generate`. Returns (as StopIteration.value) a GenerationStats."""
+    check_model(model, "generate_text")
     if model.tokenizer is None:
         raise QwenNPError(f"{no_tokenizer(model)}, so it cannot produce text")
     stop = stop_strings(stop)

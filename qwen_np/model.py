@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .config import QwenNPError
+from .config import Config, QwenNPError
 from .ops import (apply_rope, attention, causal_mask, embedding, linear, mlp, moe_experts, moe_route,
                   rms_norm, rope_cos_sin, rope_default, rope_dynamic, rope_linear, rope_llama3, rope_yarn,
                   sigmoid, sliding_window_mask)
@@ -158,6 +158,16 @@ def check_cache(cache, config, batch_size):
         raise QwenNPError(f"the cache holds {cache.valid.shape[0]} sequences but input_ids has {batch_size}")
 
 
+def check_params_config(params, config):
+    """forward's first two arguments are a Model's params tree and config, in that order."""
+    for name, value, kind, want in (("params", params, dict, "model.params, the tree of weights"),
+                                    ("config", config, Config, "model.config")):
+        if not isinstance(value, kind):
+            swapped = " (params and config are swapped?)" if isinstance(params, Config) else ""
+            raise QwenNPError(f"forward(params, config, input_ids): {name} must be {want}, got "
+                              f"{type(value).__name__}{swapped}")
+
+
 def forward(params, config, input_ids, cache=None, attention_mask=None, last_only=False, return_router=False):
     """Logits for `input_ids` [B, T] after the positions already in `cache`.
 
@@ -166,6 +176,7 @@ def forward(params, config, input_ids, cache=None, attention_mask=None, last_onl
     return_router: also return, per layer, (experts [B, T, k], weights [B, T, k]) or None.
     Returns (logits [B, T, V] float32, cache) or (logits, cache, router).
     """
+    check_params_config(params, config)
     try:
         input_ids = np.asarray(input_ids)
     except ValueError:  # ragged rows

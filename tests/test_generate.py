@@ -346,6 +346,19 @@ def test_bad_prompts_are_clear_errors(tiny_models, prompt, message):
         next(qwen_np.generate_batch(model, [PROMPTS[1], prompt]))
 
 
+@pytest.mark.parametrize("function, argument", [
+    ("generate", PROMPTS[1]), ("generate_batch", [PROMPTS[1]]), ("generate_text", PROMPTS[1]),
+    ("chat", [{"role": "user", "content": "hi"}]), ("chat_ids", [{"role": "user", "content": "hi"}])])
+def test_a_first_argument_that_is_not_a_model_is_a_clear_error(tiny_models, function, argument):
+    model, _ = tiny_models["qwen2"]
+    call = getattr(qwen_np, function)
+    for wrong, kind in ((model.params, "dict"), (model.config, "Config"), (str(model.path), "str")):
+        with pytest.raises(qwen_np.QwenNPError, match=f"^{function} takes the Model that qwen_np.load returns "
+                                                      f"as its first argument, got {kind}$"):
+            result = call(wrong, argument)
+            next(result) if function != "chat_ids" else None  # the others are generators: they start when asked
+
+
 def test_text_with_a_lone_surrogate_is_a_clear_error(tiny_models):
     from tokenizers import Tokenizer, models
     model = dataclasses.replace(tiny_models["qwen2"][0], tokenizer=Tokenizer(models.WordLevel({"a": 0}, unk_token="a")))

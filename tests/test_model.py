@@ -781,6 +781,18 @@ def test_token_ids_outside_the_vocabulary(checkpoint):
             qwen_np.forward(model.params, model.config, bad)
 
 
+def test_forward_arguments_of_the_wrong_kind_are_named(checkpoint):
+    model = qwen_np.load(checkpoint)
+    ids = np.array([[1, 2]])
+    with pytest.raises(qwen_np.QwenNPError, match=r"params must be model.params, the tree of weights, got Config "
+                                                  r"\(params and config are swapped\?\)"):
+        qwen_np.forward(model.config, model.params, ids)
+    with pytest.raises(qwen_np.QwenNPError, match="params must be model.params, the tree of weights, got Model$"):
+        qwen_np.forward(model, model.config, ids)
+    with pytest.raises(qwen_np.QwenNPError, match="config must be model.config, got NoneType$"):
+        qwen_np.forward(model.params, None, ids)
+
+
 def test_tokenizer_is_loaded_when_present(checkpoint, shared_data):
     assert qwen_np.load(checkpoint).tokenizer is None
     for name in ("tokenizer.json", "tokenizer_config.json"):
