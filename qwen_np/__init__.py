@@ -15,8 +15,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from . import download  # download.default_model_path(): the out-of-the-box model
-from .config import Config, QwenNPError, read_config, read_json
+from .config import Config, QwenNPError, is_int, read_config, read_json
 from .model import KVCache, forward
 from .weights import load_params, load_tokenizer, read_text
 from .generate import GenerationStats, Past, generate, generate_batch, generate_text
@@ -58,6 +60,12 @@ def load(path, mmap=False, low_memory=False):
 
     Loading also tells the C library to keep freed memory for reuse (`keep_freed_memory`).
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise QwenNPError(f"load takes the path of a checkpoint directory or .gguf file (a str or Path), or a "
+                          f"Hub id, got {type(path).__name__}")
+    for name, value in (("mmap", mmap), ("low_memory", low_memory)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise QwenNPError(f"load: {name} must be True or False, got {value!r}")
     keep_freed_memory()
     try:
         return read_model(str(path), mmap, low_memory)
@@ -68,7 +76,7 @@ def load(path, mmap=False, low_memory=False):
 def read_model(name, mmap, low_memory):  # the body of `load`: name is the path as given
     path = model_location(name)
     if path is None:
-        raise QwenNPError(f"{Path(name).expanduser()} does not exist{hub_hint(name)}")
+        raise QwenNPError(f"{expanded(name)} does not exist{hub_hint(name)}")
     if path.is_file() and path.suffix.lower() == ".gguf":
         if mmap:
             raise QwenNPError(f"{path}: mmap is for safetensors checkpoints; a GGUF file is always dequantized "
@@ -115,8 +123,15 @@ def hub_cache():  # -> the Hugging Face Hub's cache directory, found as huggingf
     return Path.home() / ".cache" / "huggingface" / "hub"
 
 
+def expanded(name):  # -> Path(name) with a leading ~ or ~user expanded where it can be
+    try:
+        return Path(name).expanduser()
+    except RuntimeError:  # "~someone/..." for a user who does not exist: the path as written
+        return Path(name)
+
+
 def model_location(name):  # -> the Path `name` (~ expanded) if it exists, else a Hub id's cached copy, else None
-    path = Path(name).expanduser()
+    path = expanded(name)
     return path if path.exists() else hub_cache_model(str(name))
 
 
@@ -161,10 +176,13 @@ def keep_freed_memory(mmap_threshold=32 << 20, trim_threshold=256 << 20):
     larger ones (the weights) are still mapped and unmapped. This is process-wide and lasts, as
     mallopt(3) settings do.
     """
+    for name, value in (("mmap_threshold", mmap_threshold), ("trim_threshold", trim_threshold)):
+        if not is_int(value) or value >= 2**31:  # mallopt takes a C int
+            raise QwenNPError(f"{name} must be a number of bytes, an integer from 0 to 2**31 - 1, got {value!r}")
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the C library of this process
     except (OSError, AttributeError, TypeError):  # not glibc-like: nothing to do
         return
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from <malloc.h>
-    mallopt(M_MMAP_THRESHOLD, mmap_threshold)
-    mallopt(M_TRIM_THRESHOLD, trim_threshold)
+    mallopt(M_MMAP_THRESHOLD, int(mmap_threshold))
+    mallopt(M_TRIM_THRESHOLD, int(trim_threshold))

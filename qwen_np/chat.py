@@ -131,6 +131,9 @@ def render_chat(tokenizer_config, messages, add_generation_prompt=False, tools=N
     add_generation_prompt: end with the header of an assistant turn, for the model to write it.
     kwargs: more template variables, e.g. enable_thinking=False for Qwen3.
     """
+    if not isinstance(tokenizer_config, dict):
+        raise QwenNPError(f"render_chat takes a model's tokenizer_config (model.tokenizer_config, a dict), "
+                          f"got {type(tokenizer_config).__name__}")
     check_chat(messages, tools)
     for name in NOT_TEMPLATE_VARIABLES:
         if name in kwargs:
@@ -167,6 +170,9 @@ def split_thinking(text):  # -> (thinking, answer)
     </think>, stripped of newlines as the template strips them; thinking is "" when there is none,
     answer "" while still thinking. (The template, re-reading an earlier reply, keeps only what
     follows the last </think>; here an answer that writes </think> again keeps it.)"""
+    if not isinstance(text, str):
+        raise QwenNPError(f"split_thinking takes the reply as one string (\"\".join the pieces chat yields), "
+                          f"got {type(text).__name__}")
     if "</think>" in text:
         thinking, answer = text.split("</think>", 1)
         return thinking.split("<think>")[-1].strip("\n"), answer.lstrip("\n")
@@ -185,6 +191,8 @@ def chat(model, messages, enable_thinking=None, tools=None, eos_token_id=None, *
     Returns (as StopIteration.value) a GenerationStats.
     """
     check_model(model, "chat")
+    if enable_thinking is not None and not isinstance(enable_thinking, (bool, np.bool_)):
+        raise QwenNPError(f"enable_thinking must be True, False or None, got {enable_thinking!r}")
     variables = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
     ids = chat_ids(model, messages, add_generation_prompt=True, tools=tools, **variables)
     ends = end_token_ids(model, eos_token_id)

@@ -130,10 +130,14 @@ RULES = {  # setting -> (test, what it must be), for the arguments and generatio
     "max_new_tokens": (lambda v: is_int(v, 1), "a positive integer"),
     "seed": (lambda v: is_int(v) or isinstance(v, (np.random.Generator, np.random.SeedSequence)),
              "None, an integer >= 0 or a NumPy Generator"),
-    "eos_token_id": (lambda v: is_int(v, -math.inf) or isinstance(v, (list, tuple, set, np.ndarray)) and all(
+    "eos_token_id": (lambda v: is_int(v, -math.inf) or (isinstance(v, (list, tuple, set)) or is_vector(v)) and all(
         is_int(e, -math.inf) for e in v), "a token id or a list of token ids"),
     "do_sample": (lambda v: isinstance(v, bool), "true or false"),
 }
+
+
+def is_vector(value):  # a one-dimensional NumPy array
+    return isinstance(value, np.ndarray) and value.ndim == 1
 
 
 def checked(name, value, source=None):  # -> value, if it is what setting `name` must be
@@ -510,6 +514,9 @@ def generate(model, prompt, max_new_tokens=None, temperature=None, top_k=None, t
     Returns (as StopIteration.value) a GenerationStats.
     """
     check_model(model, "generate")
+    if is_int(prompt, -math.inf):  # generate_batch would take [prompt] for a list of one-token prompts
+        raise QwenNPError(f"a prompt must be a string or a list of token ids (integers), got {prompt!r}: "
+                          f"for one token, pass [{prompt!r}]")
     steps = generate_batch(model, [prompt], max_new_tokens, temperature, top_k, top_p, min_p,
                            repetition_penalty, seed, stop, eos_token_id, past)
     while True:

@@ -159,13 +159,52 @@ def check_cache(cache, config, batch_size):
 
 
 def check_params_config(params, config):
-    """forward's first two arguments are a Model's params tree and config, in that order."""
+    """forward's first two arguments are a Model's params tree and config, in that order, of one model."""
     for name, value, kind, want in (("params", params, dict, "model.params, the tree of weights"),
                                     ("config", config, Config, "model.config")):
         if not isinstance(value, kind):
             swapped = " (params and config are swapped?)" if isinstance(params, Config) else ""
             raise QwenNPError(f"forward(params, config, input_ids): {name} must be {want}, got "
                               f"{type(value).__name__}{swapped}")
+    if "model" not in params or "lm_head" not in params:
+        raise QwenNPError(f"forward(params, config, input_ids): params must be model.params, whose top keys are "
+                          f"'model' and 'lm_head', got a dict of {reprlib.repr(list(params))}")
+    found = (len(params["model"]["layers"]), *params["model"]["embed_tokens"]["weight"].shape)
+    expected = (config.num_hidden_layers, config.vocab_size, config.hidden_size)
+    if found != expected:
+        raise QwenNPError(f"params and config are of different models: the params have {found[0]} layers and a "
+                          f"{found[1]} x {found[2]} embedding, the config {expected[0]} and {expected[1]} x "
+                          f"{expected[2]}")
+
+
+def check_input_ids(input_ids, vocab_size):  # -> input_ids as an integer array [B, T]
+    try:
+        input_ids = np.asarray(input_ids)
+    except ValueError:  # ragged rows
+        raise QwenNPError(f"input_ids must be a non-empty integer array [batch, tokens], got "
+                          f"{reprlib.repr(input_ids)}") from None
+    if input_ids.ndim != 2 or input_ids.size == 0 or not np.issubdtype(input_ids.dtype, np.integer):
+        raise QwenNPError(f"input_ids must be a non-empty integer array [batch, tokens], got shape "
+                          f"{input_ids.shape} of {input_ids.dtype}")
+    if input_ids.min() < 0 or input_ids.max() >= vocab_size:
+        bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)][0]
+        raise QwenNPError(f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
+    return input_ids
+
+
+def check_attention_mask(attention_mask, shape):  # -> [B, T] bool, True for a real token
+    if attention_mask is None:
+        return np.ones(shape, bool)
+    try:
+        mask = np.asarray(attention_mask)
+        zeros_and_ones = mask.dtype.kind in "biuf" and np.isin(mask, (0, 1)).all()
+    except ValueError:  # ragged rows
+        mask, zeros_and_ones = None, False
+    if not zeros_and_ones or mask.shape != shape:
+        got = f"shape {mask.shape} of {mask.dtype}" if mask is not None else reprlib.repr(attention_mask)
+        raise QwenNPError(f"attention_mask must be an array {shape} of 1 (a real token) and 0 (padding), "
+                          f"like input_ids; got {got}")
+    return mask.astype(bool)
 
 
 def forward(params, config, input_ids, cache=None, attention_mask=None, last_only=False, return_router=False):
@@ -177,23 +216,16 @@ def forward(params, config, input_ids, cache=None, attention_mask=None, last_onl
     Returns (logits [B, T, V] float32, cache) or (logits, cache, router).
     """
     check_params_config(params, config)
-    try:
-        input_ids = np.asarray(input_ids)
-    except ValueError:  # ragged rows
-        raise QwenNPError(f"input_ids must be a non-empty integer array [batch, tokens], got "
-                          f"{reprlib.repr(input_ids)}") from None
-    if input_ids.ndim != 2 or input_ids.size == 0 or not np.issubdtype(input_ids.dtype, np.integer):
-        raise QwenNPError(f"input_ids must be a non-empty integer array [batch, tokens], got shape "
-                          f"{input_ids.shape} of {input_ids.dtype}")
-    if input_ids.min() < 0 or input_ids.max() >= config.vocab_size:
-        bad = input_ids[(input_ids < 0) | (input_ids >= config.vocab_size)][0]
-        raise QwenNPError(f"token id {bad} is outside the vocabulary (0..{config.vocab_size - 1})")
+    input_ids = check_input_ids(input_ids, config.vocab_size)
     B, T = input_ids.shape
-    new_valid = np.ones((B, T), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
-    if new_valid.shape != (B, T):
-        raise QwenNPError(f"attention_mask has shape {new_valid.shape}, expected {(B, T)}")
+    new_valid = check_attention_mask(attention_mask, (B, T))
     if cache is not None:
         check_cache(cache, config, B)
+        if cache.valid[:, cache.length:].any():
+            # Another call has already written past this cache's length into the same buffers (the
+            # cache was passed twice, e.g. to try two continuations): write into a copy instead, so
+            # that the cache the other call returned keeps what it holds.
+            cache = copy_cache(cache, cache.length, cache.valid.shape[1])
     cache = empty_cache(config, B, T) if cache is None else grow_cache(cache, cache.length + T)
     start, end = cache.length, cache.length + T
     cache.valid[:, start:end] = new_valid

@@ -122,6 +122,8 @@ BAD_CHATS = [  # (tokenizer_config, messages, tools, the error's words)
     ({"chat_template": "{{ 1 / 0 }}"}, HI, None, "the chat template failed: ZeroDivisionError"),
     ({"chat_template": "{{ messages[0].tool_calls | tojson }}"}, [{"role": "user", "tool_calls": [print]}], None,
      "the chat template failed: TypeError"),
+    ("{{ messages }}", HI, None, "render_chat takes a model's tokenizer_config (model.tokenizer_config, a dict), "
+                                 "got str"),
     ({"chat_template": "{{ messages }}"}, "Hello", None, "messages must be a list"),
     ({"chat_template": "{{ messages }}"}, [], None, "the chat is empty: give at least one message"),
     ({"chat_template": "{{ messages }}"}, [{"content": "Hello"}], None, "message 0 must be a dict with a 'role'"),

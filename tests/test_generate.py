@@ -83,6 +83,22 @@ def test_decoding_writes_in_place_and_the_cache_grows_by_doubling(tiny_models):
     assert cache.keys[0].shape[2] < 2 * 63
 
 
+def test_a_cache_passed_twice_branches_without_touching_the_later_one(tiny_models):
+    # forward writes into the free slots past a cache's length: a second call with the same cache
+    # (two continuations of one prefix) must not overwrite what the first call's cache holds.
+    model, _ = tiny_models["qwen3"]
+    P, C = model.params, model.config
+    _, prefix = qwen_np.forward(P, C, np.array([[1, 2, 3, 4]]))
+    _, first = qwen_np.forward(P, C, np.array([[5, 6]]), prefix)  # grows: buffers of its own
+    _, later = qwen_np.forward(P, C, np.array([[7]]), first)  # shares first's buffers
+    _, other = qwen_np.forward(P, C, np.array([[9]]), first)  # the same slot: must not write into `later`'s
+    assert np.shares_memory(later.keys[0], first.keys[0]) and not np.shares_memory(other.keys[0], first.keys[0])
+    for cache, ids in ((later, [1, 2, 3, 4, 5, 6, 7]), (other, [1, 2, 3, 4, 5, 6, 9])):
+        logits, _ = qwen_np.forward(P, C, np.array([[8]]), cache)
+        full, _ = qwen_np.forward(P, C, np.array([ids + [8]]))
+        np.testing.assert_allclose(logits[:, -1], full[:, -1], atol=2e-5, rtol=1e-5)
+
+
 # --- samplers against transformers' logits processors ----------------------------------------
 
 def random_scores(rows=4, vocab=50, seed=0):
@@ -357,6 +373,17 @@ def test_a_first_argument_that_is_not_a_model_is_a_clear_error(tiny_models, func
                                                       f"as its first argument, got {kind}$"):
             result = call(wrong, argument)
             next(result) if function != "chat_ids" else None  # the others are generators: they start when asked
+
+
+def test_one_token_id_as_the_prompt_and_a_0d_eos_array_are_clear_errors(tiny_models):
+    model, _ = tiny_models["qwen2"]
+    with pytest.raises(qwen_np.QwenNPError, match=r"^a prompt must be a string or a list of token ids \(integers\), "
+                                                  r"got 5: for one token, pass \[5\]$"):
+        next(qwen_np.generate(model, 5))
+    with pytest.raises(qwen_np.QwenNPError, match=r"eos_token_id must be a token id or a list of token ids, "
+                                                  r"got array\(5\)"):
+        next(qwen_np.generate(model, [1, 2], eos_token_id=np.array(5)))
+    assert len(list(qwen_np.generate(model, [1, 2], eos_token_id=np.array([200]), max_new_tokens=2))) == 2
 
 
 def test_text_with_a_lone_surrogate_is_a_clear_error(tiny_models):
@@ -641,3 +668,8 @@ def test_chat_stops_at_im_end_and_splits_thinking(spelling):
     assert qwen_np.split_thinking("<think>\nhmm, Paris.\n</think>\n\nParis.") == ("hmm, Paris.", "Paris.")
     assert qwen_np.split_thinking("Paris.") == ("", "Paris.")
     assert qwen_np.split_thinking("<think>\nstill thinking") == ("still thinking", "")
+    with pytest.raises(qwen_np.QwenNPError, match=r"split_thinking takes the reply as one string "
+                                                  r'\(\"\"\.join the pieces chat yields\), got generator'):
+        qwen_np.split_thinking(qwen_np.chat(no_end, messages))
+    with pytest.raises(qwen_np.QwenNPError, match="enable_thinking must be True, False or None, got 'no'"):
+        next(qwen_np.chat(no_end, messages, enable_thinking="no"))  # a string would be true to the template

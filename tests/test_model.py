@@ -1,6 +1,7 @@
 """The whole dense model (Qwen2 / Qwen2.5 / Qwen3) against transformers, through our own loader,
 and the loader's errors on bad input."""
 
+import dataclasses
 import json
 import re
 import shutil
@@ -791,6 +792,37 @@ def test_forward_arguments_of_the_wrong_kind_are_named(checkpoint):
         qwen_np.forward(model, model.config, ids)
     with pytest.raises(qwen_np.QwenNPError, match="config must be model.config, got NoneType$"):
         qwen_np.forward(model.params, None, ids)
+    with pytest.raises(qwen_np.QwenNPError, match="whose top keys are 'model' and 'lm_head', got a dict of "
+                                                  r"\['embed_tokens', 'norm', 'layers'\]"):
+        qwen_np.forward(model.params["model"], model.config, ids)
+    other = dataclasses.replace(model.config, num_hidden_layers=2, layer_types=model.config.layer_types[:2])
+    with pytest.raises(qwen_np.QwenNPError, match="params and config are of different models: the params have 3 "
+                                                  "layers and a 128 x 64 embedding, the config 2 and 128 x 64$"):
+        qwen_np.forward(model.params, other, ids)
+
+
+@pytest.mark.parametrize("mask", [[["0", "1"]], [[np.nan, 1]], [[0, 2]], [[1, 1], [1]], [[1, 1, 1]], [1, 1]])
+def test_an_attention_mask_that_is_not_zeros_and_ones_of_the_ids_shape_is_named(checkpoint, mask):
+    model = qwen_np.load(checkpoint)
+    with pytest.raises(qwen_np.QwenNPError, match=r"attention_mask must be an array \(1, 2\) of 1 \(a real token\) "
+                                                  r"and 0 \(padding\), like input_ids; got "):
+        qwen_np.forward(model.params, model.config, np.array([[1, 2]]), attention_mask=mask)
+    ints = qwen_np.forward(model.params, model.config, np.array([[1, 2]]), attention_mask=[[0, 1]])[0]
+    for same in ([[False, True]], np.array([[0.0, 1.0]], np.float32)):
+        np.testing.assert_array_equal(qwen_np.forward(model.params, model.config, np.array([[1, 2]]),
+                                                      attention_mask=same)[0], ints)
+
+
+def test_load_arguments_of_the_wrong_kind_are_named(checkpoint):
+    for wrong, kind in ((qwen_np.load(checkpoint), "Model"), (None, "NoneType"), (bytes(checkpoint), "bytes")):
+        with pytest.raises(qwen_np.QwenNPError, match="load takes the path of a checkpoint directory or .gguf file "
+                                                      rf"\(a str or Path\), or a Hub id, got {kind}$"):
+            qwen_np.load(wrong)
+    for name in ("mmap", "low_memory"):
+        with pytest.raises(qwen_np.QwenNPError, match=f"load: {name} must be True or False, got 'no'"):
+            qwen_np.load(checkpoint, **{name: "no"})
+    with pytest.raises(qwen_np.QwenNPError, match="^~no-such-user-here/model does not exist$"):
+        qwen_np.load("~no-such-user-here/model")  # pathlib cannot expand it: the path as written
 
 
 def test_tokenizer_is_loaded_when_present(checkpoint, shared_data):

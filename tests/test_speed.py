@@ -234,6 +234,15 @@ def test_loading_keeps_freed_memory_for_reuse(tmp_path):
     assert max(kept[1:]) < pages / 20, kept
 
 
+@pytest.mark.parametrize("arguments", [(1.5,), (-1,), (2**31,), ("32MB",), (1 << 20, None)])
+def test_keep_freed_memory_takes_byte_counts_only(arguments):
+    # mallopt takes C ints: a str would arrive as a pointer and -1 as a huge size, set process-wide.
+    with pytest.raises(qwen_np.QwenNPError, match=r"_threshold must be a number of bytes, an integer from 0 to "
+                                                  r"2\*\*31 - 1, got "):
+        qwen_np.keep_freed_memory(*arguments)
+    qwen_np.keep_freed_memory(np.int64(32 << 20), 256 << 20)  # NumPy integers are byte counts too
+
+
 def naive_attention(q, k, v, mask):  # the textbook form: repeated k/v, full [B, H, T, S] scores
     n_rep = q.shape[1] // k.shape[1]
     k, v = ops.repeat_kv(k, n_rep), ops.repeat_kv(v, n_rep)
