@@ -230,6 +230,9 @@ class Past(NamedTuple):
     ids: tuple
     cache: KVCache
 
+    def __repr__(self):
+        return f"Past({len(self.ids)} token ids, {self.cache!r})"
+
 
 class GenerationStats(NamedTuple):
     """What a finished generation returns (as the generator's StopIteration value)."""

@@ -24,12 +24,21 @@ class KVCache(NamedTuple):
     The buffers have room for more positions than are filled (`capacity >= length`), so a new
     token is written in place and the cache is copied only when it doubles: appending costs
     amortised constant time. `forward` writes into the free slots past `length` and returns a
-    cache with a larger `length`; keep using the returned cache, not the one passed in.
+    cache with a larger `length`, usually sharing the buffers. Passing a cache again after that
+    (to try another continuation of the same tokens) gives a copy to write into: every cache
+    `forward` returned keeps what it holds.
     """
     keys: tuple  # per layer [B, K, C, Dh], C the capacity (position-minor in memory: see empty_cache)
     values: tuple  # per layer [B, K, C, Dh]
     valid: np.ndarray  # [B, C] bool: a real token (False for left padding and free slots)
     length: int  # S: positions filled
+
+    def __repr__(self):  # the shapes, not megabytes of numbers
+        if not self.keys:
+            return f"KVCache(no layers, length={self.length})"
+        B, K, C, Dh = self.keys[0].shape
+        return (f"KVCache({len(self.keys)} layers of keys and values [B={B}, K={K}, C={C}, Dh={Dh}], "
+                f"length={self.length})")
 
 
 def empty_cache(config, batch_size, capacity):
