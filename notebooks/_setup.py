@@ -76,7 +76,17 @@ def qwen_tokenizer_dir(family="qwen3"):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if not (cache / name).is_file():
             import urllib.request
+            url = f"https://huggingface.co/{repo}/resolve/main/{name}"
             part = cache / f".{name}.part"  # renamed only once complete: a failed fetch leaves no half file
-            urllib.request.urlretrieve(f"https://huggingface.co/{repo}/resolve/main/{name}", part)
+            try:
+                urllib.request.urlretrieve(url, part)
+            except OSError as e:  # no network, no DNS, an HTTP error
+                part.unlink(missing_ok=True)
+                if not any(cache.iterdir()):
+                    cache.rmdir()
+                raise qwen_np.QwenNPError(
+                    f"could not fetch {url} ({getattr(e, 'reason', None) or e}). This notebook needs "
+                    f"{repo}'s tokenizer.json and tokenizer_config.json once: connect and run it again, or "
+                    f"put the two files in {cache}") from None
             part.replace(cache / name)
     return cache

@@ -51,6 +51,32 @@ def test_notebook_runs_top_to_bottom(path, shared_data, monkeypatch):
     client.execute()  # raises CellExecutionError, showing the failing cell, on any error or failed assert
 
 
+def test_a_failed_tokenizer_fetch_is_one_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
+    # Notebooks 02 and 08 fetch Qwen's tokenizer files when ../shared/data is not beside the checkout.
+    import urllib.error
+    import urllib.request
+
+    import numpy as np
+    printing = np.get_printoptions()
+    monkeypatch.syspath_prepend(str(NOTEBOOK_DIR))
+    setup = importlib.import_module("_setup")  # which sets the notebooks' print options
+    np.set_printoptions(**printing)
+    monkeypatch.setattr(setup, "SHARED_DATA", tmp_path / "no-shared-data")
+    monkeypatch.setenv("QWEN_NP_CACHE", str(tmp_path / "cache"))
+
+    def offline(url, filename):
+        open(filename, "w").close()  # a transfer that started, then failed
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "urlretrieve", offline)
+    with pytest.raises(qwen_np.QwenNPError, match=r"could not fetch https://huggingface.co/Qwen/Qwen3-0.6B/resolve/"
+                                                  r"main/tokenizer.json \(\[Errno -2\] Name or service not known\)\. "
+                                                  r"This notebook needs Qwen/Qwen3-0.6B's tokenizer.json and "
+                                                  r"tokenizer_config.json once"):
+        setup.qwen_tokenizer_dir("qwen3")
+    assert list((tmp_path / "cache").iterdir()) == []  # no half file, no empty tokenizer folder
+
+
 def public_functions():
     """{name: module} of every public function defined in a qwen_np module."""
     names = {}
