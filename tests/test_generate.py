@@ -99,6 +99,15 @@ def test_a_cache_passed_twice_branches_without_touching_the_later_one(tiny_model
         np.testing.assert_allclose(logits[:, -1], full[:, -1], atol=2e-5, rtol=1e-5)
 
 
+def test_a_cache_and_a_past_print_their_shapes_not_their_numbers(tiny_models):
+    model, _ = tiny_models["qwen3"]
+    _, stats = tokens_and_stats(qwen_np.generate(model, [1, 2, 3], max_new_tokens=3, temperature=0))
+    C, Dh = stats.past.cache.keys[0].shape[2], model.config.head_dim
+    assert repr(stats.past) == (f"Past(5 token ids, KVCache({model.config.num_hidden_layers} layers of keys and "
+                                f"values [B=1, K={model.config.num_key_value_heads}, C={C}, Dh={Dh}], length=5))")
+    assert len(repr(stats)) < 400
+
+
 # --- samplers against transformers' logits processors ----------------------------------------
 
 def random_scores(rows=4, vocab=50, seed=0):
