@@ -64,7 +64,7 @@ def load(path, mmap=False, low_memory=False):
         raise QwenNPError(f"load takes the path of a checkpoint directory or .gguf file (a str or Path), or a "
                           f"Hub id, got {type(path).__name__}")
     for name, value in (("mmap", mmap), ("low_memory", low_memory)):
-        if not isinstance(value, (bool, np.bool_)):
+        if not isinstance(value, (bool, np.bool_)) and value not in (0, 1):  # 0 and 1 as the same
             raise QwenNPError(f"load: {name} must be True or False, got {value!r}")
     keep_freed_memory()
     try:

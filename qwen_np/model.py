@@ -26,7 +26,7 @@ class KVCache(NamedTuple):
     amortised constant time. `forward` writes into the free slots past `length` and returns a
     cache with a larger `length`, usually sharing the buffers. Passing a cache again after that
     (to try another continuation of the same tokens) gives a copy to write into: every cache
-    `forward` returned keeps what it holds.
+    `forward` returned keeps what it holds (see grow_cache).
     """
     keys: tuple  # per layer [B, K, C, Dh], C the capacity (position-minor in memory: see empty_cache)
     values: tuple  # per layer [B, K, C, Dh]
@@ -66,11 +66,17 @@ def copy_cache(cache, length, capacity):
 
 
 def grow_cache(cache, needed):
-    """The same cache with room for at least `needed` positions (capacity doubles when full)."""
-    capacity = cache.valid.shape[1]
-    if needed <= capacity:
-        return cache
-    return copy_cache(cache, cache.length, max(needed, 2 * capacity))
+    """The same cache with room for at least `needed` positions (capacity doubles when full).
+
+    A copy too when another forward call has already written past this cache's length into the
+    same buffers (the cache was passed twice, e.g. to try two continuations): writing there
+    would change what the cache that call returned holds. Every such call wrote the slot at
+    `length`, its key at least (a key of zeros is all but impossible)."""
+    capacity, length = cache.valid.shape[1], cache.length
+    if needed > capacity:
+        return copy_cache(cache, length, max(needed, 2 * capacity))
+    written = length < capacity and (cache.valid[:, length].any() or cache.keys[0][:, :, length].any())
+    return copy_cache(cache, length, capacity) if written else cache
 
 
 def rope_frequencies(config, seq_len):  # -> [Dh/2], attention_factor
@@ -206,13 +212,17 @@ def check_attention_mask(attention_mask, shape):  # -> [B, T] bool, True for a r
         return np.ones(shape, bool)
     try:
         mask = np.asarray(attention_mask)
-        zeros_and_ones = mask.dtype.kind in "biuf" and np.isin(mask, (0, 1)).all()
-    except ValueError:  # ragged rows
-        mask, zeros_and_ones = None, False
-    if not zeros_and_ones or mask.shape != shape:
-        got = f"shape {mask.shape} of {mask.dtype}" if mask is not None else reprlib.repr(attention_mask)
-        raise QwenNPError(f"attention_mask must be an array {shape} of 1 (a real token) and 0 (padding), "
-                          f"like input_ids; got {got}")
+        mask = mask.astype(np.float64) if mask.dtype == object else mask  # e.g. rows of mixed kinds
+    except (ValueError, TypeError):  # ragged rows, or things that are not numbers
+        raise QwenNPError(f"attention_mask must be an array {shape} of 1 and 0, like input_ids; got "
+                          f"{reprlib.repr(attention_mask)}") from None
+    if mask.shape != shape:
+        raise QwenNPError(f"attention_mask has shape {mask.shape}, expected {shape}, that of input_ids")
+    if mask.dtype.kind not in "biuf":
+        raise QwenNPError(f"attention_mask must hold 1 (a real token) and 0 (padding), got an array of {mask.dtype}")
+    if not np.isin(mask, (0, 1)).all():
+        bad = mask[~np.isin(mask, (0, 1))][0]
+        raise QwenNPError(f"attention_mask must hold 1 (a real token) and 0 (padding), found {bad}")
     return mask.astype(bool)
 
 
@@ -230,11 +240,6 @@ def forward(params, config, input_ids, cache=None, attention_mask=None, last_onl
     new_valid = check_attention_mask(attention_mask, (B, T))
     if cache is not None:
         check_cache(cache, config, B)
-        if cache.valid[:, cache.length:].any():
-            # Another call has already written past this cache's length into the same buffers (the
-            # cache was passed twice, e.g. to try two continuations): write into a copy instead, so
-            # that the cache the other call returned keeps what it holds.
-            cache = copy_cache(cache, cache.length, cache.valid.shape[1])
     cache = empty_cache(config, B, T) if cache is None else grow_cache(cache, cache.length + T)
     start, end = cache.length, cache.length + T
     cache.valid[:, start:end] = new_valid

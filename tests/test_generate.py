@@ -97,6 +97,14 @@ def test_a_cache_passed_twice_branches_without_touching_the_later_one(tiny_model
         logits, _ = qwen_np.forward(P, C, np.array([[8]]), cache)
         full, _ = qwen_np.forward(P, C, np.array([ids + [8]]))
         np.testing.assert_allclose(logits[:, -1], full[:, -1], atol=2e-5, rtol=1e-5)
+    # A later call that wrote only padding (its slots stay marked not valid) is noticed too.
+    _, padded = qwen_np.forward(P, C, np.array([[0]]), first, attention_mask=[[0]])
+    _, real = qwen_np.forward(P, C, np.array([[7]]), first)
+    assert not np.shares_memory(real.keys[0], padded.keys[0])
+    assert not padded.valid[0, 6] and padded.valid[0, :6].all()
+    # A plain decoding loop writes in place: no copy until the capacity doubles.
+    _, step = qwen_np.forward(P, C, np.array([[8]]), real)
+    assert np.shares_memory(step.keys[0], real.keys[0])
 
 
 def test_a_cache_and_a_past_print_their_shapes_not_their_numbers(tiny_models):

@@ -801,14 +801,19 @@ def test_forward_arguments_of_the_wrong_kind_are_named(checkpoint):
         qwen_np.forward(model.params, other, ids)
 
 
-@pytest.mark.parametrize("mask", [[["0", "1"]], [[np.nan, 1]], [[0, 2]], [[1, 1], [1]], [[1, 1, 1]], [1, 1]])
-def test_an_attention_mask_that_is_not_zeros_and_ones_of_the_ids_shape_is_named(checkpoint, mask):
+@pytest.mark.parametrize("mask, message", [
+    ([["0", "1"]], "attention_mask must hold 1 (a real token) and 0 (padding), got an array of <U1"),
+    ([[np.nan, 1]], "attention_mask must hold 1 (a real token) and 0 (padding), found nan"),
+    ([[0, 2]], "attention_mask must hold 1 (a real token) and 0 (padding), found 2"),
+    ([[1, 1], [1]], "attention_mask must be an array (1, 2) of 1 and 0, like input_ids; got [[1, 1], [1]]"),
+    ([[1, 1, 1]], "attention_mask has shape (1, 3), expected (1, 2), that of input_ids"),
+    ([1, 1], "attention_mask has shape (2,), expected (1, 2), that of input_ids")])
+def test_an_attention_mask_that_is_not_zeros_and_ones_of_the_ids_shape_is_named(checkpoint, mask, message):
     model = qwen_np.load(checkpoint)
-    with pytest.raises(qwen_np.QwenNPError, match=r"attention_mask must be an array \(1, 2\) of 1 \(a real token\) "
-                                                  r"and 0 \(padding\), like input_ids; got "):
+    with pytest.raises(qwen_np.QwenNPError, match=f"^{re.escape(message)}$"):
         qwen_np.forward(model.params, model.config, np.array([[1, 2]]), attention_mask=mask)
     ints = qwen_np.forward(model.params, model.config, np.array([[1, 2]]), attention_mask=[[0, 1]])[0]
-    for same in ([[False, True]], np.array([[0.0, 1.0]], np.float32)):
+    for same in ([[False, True]], np.array([[0.0, 1.0]], np.float32), np.array([[0, 1]], object)):
         np.testing.assert_array_equal(qwen_np.forward(model.params, model.config, np.array([[1, 2]]),
                                                       attention_mask=same)[0], ints)
 
@@ -821,6 +826,7 @@ def test_load_arguments_of_the_wrong_kind_are_named(checkpoint):
     for name in ("mmap", "low_memory"):
         with pytest.raises(qwen_np.QwenNPError, match=f"load: {name} must be True or False, got 'no'"):
             qwen_np.load(checkpoint, **{name: "no"})
+        qwen_np.load(checkpoint, **{name: 1})  # 0 and 1 as False and True
     with pytest.raises(qwen_np.QwenNPError, match="^~no-such-user-here/model does not exist$"):
         qwen_np.load("~no-such-user-here/model")  # pathlib cannot expand it: the path as written
 
