@@ -75,18 +75,20 @@ def qwen_tokenizer_dir(family="qwen3"):
     cache.mkdir(parents=True, exist_ok=True)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if not (cache / name).is_file():
+            import http.client
             import urllib.request
             url = f"https://huggingface.co/{repo}/resolve/main/{name}"
             part = cache / f".{name}.part"  # renamed only once complete: a failed fetch leaves no half file
             try:
                 urllib.request.urlretrieve(url, part)
-            except OSError as e:  # no network, no DNS, an HTTP error
+                part.replace(cache / name)
+            except (OSError, http.client.HTTPException) as e:  # no network or DNS, an HTTP error, a cut transfer
+                raise qwen_np.QwenNPError(
+                    f"could not fetch {url} ({getattr(e, 'reason', None) or repr(e)}). This notebook needs "
+                    f"{repo}'s tokenizer.json and tokenizer_config.json once: connect and run it again, or "
+                    f"put the two files in a folder {cache}") from None
+            finally:
                 part.unlink(missing_ok=True)
                 if not any(cache.iterdir()):
                     cache.rmdir()
-                raise qwen_np.QwenNPError(
-                    f"could not fetch {url} ({getattr(e, 'reason', None) or e}). This notebook needs "
-                    f"{repo}'s tokenizer.json and tokenizer_config.json once: connect and run it again, or "
-                    f"put the two files in {cache}") from None
-            part.replace(cache / name)
     return cache

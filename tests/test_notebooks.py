@@ -6,6 +6,7 @@ import ast
 import importlib
 import inspect
 import pkgutil
+import re
 
 import pytest
 
@@ -64,17 +65,20 @@ def test_a_failed_tokenizer_fetch_is_one_clear_error_and_leaves_nothing(tmp_path
     monkeypatch.setattr(setup, "SHARED_DATA", tmp_path / "no-shared-data")
     monkeypatch.setenv("QWEN_NP_CACHE", str(tmp_path / "cache"))
 
-    def offline(url, filename):
-        open(filename, "w").close()  # a transfer that started, then failed
-        raise urllib.error.URLError("[Errno -2] Name or service not known")
+    import http.client
+    for error, reason in ((urllib.error.URLError("[Errno -2] Name or service not known"),
+                           "[Errno -2] Name or service not known"),
+                          (http.client.IncompleteRead(b"{"), "IncompleteRead(1 bytes read)")):
+        def cut_short(url, filename):
+            open(filename, "w").close()  # a transfer that started, then failed
+            raise error
 
-    monkeypatch.setattr(urllib.request, "urlretrieve", offline)
-    with pytest.raises(qwen_np.QwenNPError, match=r"could not fetch https://huggingface.co/Qwen/Qwen3-0.6B/resolve/"
-                                                  r"main/tokenizer.json \(\[Errno -2\] Name or service not known\)\. "
-                                                  r"This notebook needs Qwen/Qwen3-0.6B's tokenizer.json and "
-                                                  r"tokenizer_config.json once"):
-        setup.qwen_tokenizer_dir("qwen3")
-    assert list((tmp_path / "cache").iterdir()) == []  # no half file, no empty tokenizer folder
+        monkeypatch.setattr(urllib.request, "urlretrieve", cut_short)
+        with pytest.raises(qwen_np.QwenNPError, match=re.escape(
+                f"could not fetch https://huggingface.co/Qwen/Qwen3-0.6B/resolve/main/tokenizer.json ({reason}). "
+                f"This notebook needs Qwen/Qwen3-0.6B's tokenizer.json and tokenizer_config.json once")):
+            setup.qwen_tokenizer_dir("qwen3")
+        assert list((tmp_path / "cache").iterdir()) == []  # no half file, no empty tokenizer folder
 
 
 def public_functions():
