@@ -46,11 +46,12 @@ def load(path, mmap=False, low_memory=False):
     A Hub id such as "Qwen/Qwen3-0.6B" that is not a local path names that model's copy in the
     Hugging Face cache (`hub_cache()`), if it was downloaded there before; nothing is downloaded.
 
-    mmap=True: float32 weights stay in the mapped file (read-only arrays) instead of being read
-    into memory: loading returns at once and the first forward pass reads what it needs, as
-    transformers does. Decoding from the map was 0-25% slower in the README's measurements (Speed
-    and memory), and the files must not be rewritten while the model is in use: reading a part
-    of a file that was cut short kills the process (SIGBUS).
+    mmap=True: float32 weights stay in the mapped file instead of being read into memory: loading
+    returns at once and the first forward pass reads what it needs, as transformers does. The map
+    is copy-on-write: a weight edited in place becomes this process's own; the file never changes.
+    Decoding from the map was 0-25% slower in the README's measurements (Speed and memory), and
+    the files must not be rewritten while the model is in use: reading a part of a file that was
+    cut short kills the process (SIGBUS).
 
     low_memory=True: weight matrices are kept in bfloat16 (as uint16 bits: NumPy has no
     bfloat16), half the memory of float32, and widened to float32 a block at a time where they

@@ -12,7 +12,7 @@ import mmap as mmap_module
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
-from mmap import ACCESS_READ, mmap as memory_map
+from mmap import ACCESS_COPY, ACCESS_READ, mmap as memory_map
 from pathlib import Path
 
 import numpy as np
@@ -81,8 +81,8 @@ CHUNK = 1 << 22  # values converted at a time when widening or narrowing (8 MB o
 
 def read_tensor(path, name, dtype, shape, offset, nbytes, mapped=None, bf16=False):  # -> array of `shape`
     """One tensor read straight into its float32 array; bf16/fp16 widened chunk by chunk, so the
-    narrow copy never exists in full next to the wide one. With `mapped` (the file's memory map),
-    a float32 tensor is a read-only view of the map instead: no copy at all. With `bf16`, the
+    narrow copy never exists in full next to the wide one. With `mapped` (the file's copy-on-write
+    memory map), a float32 tensor is a view of the map instead: no copy at all. With `bf16`, the
     result is bfloat16 bits (uint16): a BF16 tensor as stored, F32/F16 rounded to bfloat16."""
     if dtype not in DTYPES:
         raise QwenNPError(f"{path}: tensor {name!r} has dtype {dtype}; qwen_np reads F32, F16 and BF16")
@@ -239,9 +239,10 @@ def nest(flat):
 def load_params(directory, config, mmap=False, low_memory=False):
     """The params tree of a checkpoint directory, every tensor float32 and shape-checked.
 
-    mmap: float32 tensors become read-only views of the files mapped into memory, as
-    transformers loads them: nothing is read until a forward pass touches it, and the pages are
-    shared with the OS file cache. bf16/fp16 tensors are widened into memory either way.
+    mmap: float32 tensors become views of the files mapped into memory, as transformers loads
+    them: nothing is read until a forward pass touches it, and the pages are shared with the OS
+    file cache. The map is copy-on-write: writing into a weight copies that page for this process
+    alone, and the file is never changed. bf16/fp16 tensors are widened into memory either way.
     low_memory: matrices (every 2-D tensor) are kept as bfloat16 bits (uint16), half the memory
     of float32; `linear` and `embedding` widen them a block at a time as they are used. Vectors
     (norm weights, biases) stay float32.
@@ -274,7 +275,7 @@ def load_params(directory, config, mmap=False, low_memory=False):
     check_no_unexpected_layer_tensors(headers, shapes, config)
     # Tensors are read by one thread per core (at most 8): filling fresh memory is CPU work (the
     # kernel maps and zeroes each page), and file reads and NumPy's copies release the GIL.
-    maps = {f: map_file(f) for f in headers} if mmap else {}
+    maps = {f: map_file(f, writable_copy=True) for f in headers} if mmap else {}
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
         arrays = pool.map(lambda name: read_tensor(files[name], name, *headers[files[name]][name],
                                                    maps.get(files[name]), low_memory and len(shapes[name]) == 2),
@@ -314,9 +315,11 @@ def same_tensor(files, headers, name_a, name_b):  # -> whether the checkpoint st
     return all(np.array_equal(a[i:i + CHUNK], b[i:i + CHUNK]) for i in range(0, size, CHUNK))
 
 
-def map_file(path):  # -> the whole file mapped read-only; it stays mapped while a view of it lives
+def map_file(path, writable_copy=False):  # -> the whole file mapped; it stays mapped while a view of it lives
+    # Read-only, or with `writable_copy` copy-on-write (MAP_PRIVATE): arrays over it can be written,
+    # each written page becoming this process's own copy, and the file is never changed.
     with open(path, "rb") as f:
-        return memory_map(f.fileno(), 0, access=ACCESS_READ)
+        return memory_map(f.fileno(), 0, access=ACCESS_COPY if writable_copy else ACCESS_READ)
 
 
 def build_tree(flat):
