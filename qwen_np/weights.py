@@ -319,7 +319,10 @@ def map_file(path, writable_copy=False):  # -> the whole file mapped; it stays m
     # Read-only, or with `writable_copy` copy-on-write (MAP_PRIVATE): arrays over it can be written,
     # each written page becoming this process's own copy, and the file is never changed.
     with open(path, "rb") as f:
-        return memory_map(f.fileno(), 0, access=ACCESS_COPY if writable_copy else ACCESS_READ)
+        try:
+            return memory_map(f.fileno(), 0, access=ACCESS_COPY if writable_copy else ACCESS_READ)
+        except OSError as e:  # e.g. ENOMEM: a copy-on-write map counts toward a strict commit limit
+            raise QwenNPError(f"cannot map {path} into memory: {e.strerror or e}") from None
 
 
 def build_tree(flat):

@@ -2,6 +2,7 @@
 and the loader's errors on bad input."""
 
 import dataclasses
+import errno
 import json
 import re
 import shutil
@@ -157,6 +158,18 @@ def test_mmap_load_maps_float32_tensors_and_gives_the_same_logits(tmp_path):
     tiny_model("qwen2", tmp_path / "bf16", dtype=torch.bfloat16)
     widened = qwen_np.load(tmp_path / "bf16", mmap=True).params["model"]["embed_tokens"]["weight"]
     assert widened.dtype == np.float32 and widened.flags.writeable
+
+
+def test_a_file_that_cannot_be_mapped_is_named(tmp_path, monkeypatch):
+    # Linux refuses a copy-on-write map of the file where overcommit is strict (ENOMEM).
+    tiny_model("qwen3", tmp_path)
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(qwen_np.weights, "memory_map", refuse)
+    with pytest.raises(qwen_np.QwenNPError, match=r"cannot map .*model\.safetensors into memory: Cannot allocate"):
+        qwen_np.load(tmp_path, mmap=True)
 
 
 def test_low_memory_keeps_bf16_matrices_and_gives_the_default_logits(tmp_path):
