@@ -207,7 +207,7 @@ def expected_shapes(config):
             shapes[f"{p}.mlp.gate.weight"] = (config.num_experts, D)
             for e in range(config.num_experts):
                 mlp(f"{p}.mlp.experts.{e}", config.moe_intermediate_size)
-            if config.shared_expert_intermediate_size:
+            if config.model_type == "qwen2_moe":  # its shared expert, even zero-wide, as transformers builds it
                 mlp(f"{p}.mlp.shared_expert", config.shared_expert_intermediate_size)
                 shapes[f"{p}.mlp.shared_expert_gate.weight"] = (1, D)
         else:
