@@ -53,6 +53,20 @@ def read_safetensors_header(path):
             raise QwenNPError(f"{path} is truncated: tensor {name!r} needs bytes up to "
                               f"{start + end} but the file has {size}")
         tensors[name] = (info["dtype"], tuple(info["shape"]), start + begin, end - begin)
+    # As the safetensors library requires: in order, the tensors' bytes tile the data section,
+    # with no overlap (two weights reading the same bytes), no gap and nothing after the last.
+    end, before = 0, None  # where the tensors so far end, and the last of them
+    for name, (_, _, offset, nbytes) in sorted(tensors.items(), key=lambda item: item[1][2:]):
+        begin = offset - start
+        if begin != end:
+            problem = f"overlap tensor {before!r}, which ends at {end}" if begin < end else \
+                f"leave a gap of {begin - end} bytes after {'tensor ' + repr(before) if before else 'the header'}"
+            raise QwenNPError(f"{path} has a corrupt safetensors header: the bytes of tensor {name!r} "
+                              f"(data_offsets {[begin, begin + nbytes]}) {problem}")
+        end, before = begin + nbytes, name
+    if start + end != size:
+        raise QwenNPError(f"{path} has a corrupt safetensors header: its tensors end at byte {start + end} "
+                          f"but the file has {size}")
     return tensors
 
 
