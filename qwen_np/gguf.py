@@ -314,10 +314,16 @@ def parse_gguf(buffer):  # -> {key: value}, {name: Tensor}; raises Corrupt
     if not is_int(alignment) or alignment < 1 or alignment & (alignment - 1):  # as llama.cpp requires
         raise Corrupt(f"general.alignment={alignment!r} is not a power of two")
     data_start = -(-cursor.pos // alignment) * alignment  # the table's end rounded up to the alignment
-    tensors = {}
+    tensors, expected = {}, 0  # where the next tensor's data must start (None: unknown, after an unreadable type)
     for name, (number, dims, offset) in table.items():
+        if expected is not None and offset != expected:  # llama.cpp's rule: each tensor's data follows the
+            # one before it in the table, padded to the alignment; anything else overlaps or leaves a gap
+            raise Corrupt(f"tensor {name!r} has offset {offset:,}, expected {expected:,} (where the data of the "
+                          f"tensor before it ends, padded to {alignment} bytes)")
         type_name = GGML_TYPES.get(number, str(number))
-        tensors[name] = Tensor(name, type_name, dims, tensor_bytes(buffer, name, type_name, dims, data_start + offset))
+        data = tensor_bytes(buffer, name, type_name, dims, data_start + offset)
+        tensors[name] = Tensor(name, type_name, dims, data)
+        expected = None if data is None else offset + -(-data.size // alignment) * alignment
     return metadata, tensors
 
 

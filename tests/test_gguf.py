@@ -522,6 +522,11 @@ def test_bad_headers_and_tables_are_named(tmp_path):
     metadata, tensors = read_gguf(tmp_path / "ok.gguf")
     # Where the tensor table's first entry starts: after the header and every metadata entry.
     first = data.index(struct.pack("<Q", len("token_embd.weight")) + b"token_embd.weight")
+    second = first + 57  # the second entry: after the first's name, n_dims, two dims, type and offset
+    name_length = struct.unpack_from("<Q", data, second)[0]
+    second_name = data[second + 8:second + 8 + name_length].decode()
+    n_dims = struct.unpack_from("<I", data, second + 8 + name_length)[0]
+    second_offset = second + 8 + name_length + 4 + 8 * n_dims + 4  # where its data offset is written
     cases = {
         "big.gguf": (b"GGUF" + struct.pack(">I", 3) + data[8:], "big.gguf is a big-endian GGUF file"),
         "v1.gguf": (b"GGUF" + struct.pack("<I", 1) + data[8:], "v1.gguf is a GGUF file of version 1; qwen_np reads "
@@ -540,6 +545,11 @@ def test_bad_headers_and_tables_are_named(tmp_path):
                       r"tensor 'token_embd.weight' has rows of 16 values, not a whole number of Q8_0 blocks of 32"),
         "tensor.gguf": (data[:first] + data[first:].replace(b"blk.0.attn_k.weight", b"blk.0.attn_q.weight", 1),
                         "the tensor 'blk.0.attn_q.weight' appears twice"),
+        # data offsets that leave a gap, or make two tensors share bytes (llama.cpp refuses both)
+        "gap.gguf": (data[:first + 49] + struct.pack("<Q", 32) + data[first + 57:],
+                     r"tensor 'token_embd.weight' has offset 32, expected 0 \(where the data of the tensor before"),
+        "overlap.gguf": (data[:second_offset] + struct.pack("<Q", 0) + data[second_offset + 8:],
+                         rf"tensor '{second_name}' has offset 0, expected [1-9]"),
         "dims.gguf": (data[:first + 25] + struct.pack("<I", 2**32 - 1) + data[first + 29:],  # after the name
                       "the tensor 'token_embd.weight' has 4,294,967,295 dims \\(GGUF allows 4\\)"),
     }
