@@ -68,6 +68,7 @@ VALUE_KINDS = {  # what a key must hold where config.json has it (null takes the
 # Counts that the loader turns into per-layer and per-expert lists: a corrupt value past these (far above
 # any model: Qwen3-235B has 94 layers of 128 experts) would exhaust memory before a tensor is compared.
 PLAUSIBLE_COUNTS = {"num_hidden_layers": 100_000, "num_experts": 1_000_000}
+PLAUSIBLE_EXPERT_MLPS = 100_000  # num_hidden_layers x num_experts, each expert 3 tensors (Qwen3-235B: 12,032)
 
 
 def check_values(raw, source):
@@ -80,6 +81,10 @@ def check_values(raw, source):
         if raw.get(key) is not None and raw[key] > most:
             raise QwenNPError(f"{source}: {key}={raw[key]} is not a plausible count (more than {most:,}): "
                               f"the file is corrupt")
+    layers, experts = raw.get("num_hidden_layers"), raw.get("num_experts")
+    if layers is not None and experts is not None and layers * experts > PLAUSIBLE_EXPERT_MLPS:
+        raise QwenNPError(f"{source}: num_hidden_layers={layers} x num_experts={experts} is not a plausible "
+                          f"number of experts (more than {PLAUSIBLE_EXPERT_MLPS:,}): the file is corrupt")
 
 
 @dataclass(frozen=True)

@@ -175,3 +175,9 @@ def test_an_implausible_number_of_experts_is_refused_before_any_list_is_built(tm
     edit_config(tmp_path, num_experts=2**31, num_local_experts=None)
     with pytest.raises(qwen_np.QwenNPError, match=r"num_experts=2147483648 is not a plausible count"):
         qwen_np.load(tmp_path)
+    # Each count plausible, but together more expert MLPs than any model has: refused before the
+    # loader lists their tensors (with 200 layers of a million experts that list would exhaust memory).
+    edit_config(tmp_path, num_experts=60_000, num_hidden_layers=2)
+    with pytest.raises(qwen_np.QwenNPError, match=r"num_hidden_layers=2 x num_experts=60000 is not a plausible "
+                                                  r"number of experts \(more than 100,000\)"):
+        qwen_np.load(tmp_path)
