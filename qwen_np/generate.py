@@ -95,6 +95,29 @@ class Sampling:
     repetition_penalty: float = 1.0
 
 
+def checked_logits(logits, params):  # [B, V] -> [B, V], finite
+    """The model's logits, if every one is a number: NaN or inf there means the model is broken
+    (the reference would argmax NaN silently, or fail in its draw), and the weight at fault is named."""
+    if np.isfinite(logits).all():
+        return logits
+    culprit = non_finite_weight(params)
+    where = f"the weight {culprit!r} holds NaN or inf" if culprit else \
+        "no weight holds NaN or inf, so an activation overflowed float32"
+    raise QwenNPError(f"the model's logits are not finite (NaN or inf): {where}")
+
+
+def non_finite_weight(tree, name=""):  # -> the dotted name of a float weight holding NaN or inf, or None
+    if isinstance(tree, (dict, list)):
+        for key, sub in (tree.items() if isinstance(tree, dict) else enumerate(tree)):
+            found = non_finite_weight(sub, f"{name}.{key}" if name else str(key))
+            if found:
+                return found
+        return None
+    if tree.dtype == np.uint16:  # low_memory's bfloat16 bits: NaN and inf have every exponent bit set
+        return name if ((tree & 0x7F80) == 0x7F80).any() else None
+    return name if not np.isfinite(tree).all() else None
+
+
 @np.errstate(over="ignore")  # a tiny temperature (or penalty) can overflow float32: refused below
 def choose_tokens(logits, seen, s, rng):  # [B, V], [B, V] bool, Sampling, Generator -> [B] int
     """The next token of each row: the samplers in the reference's order, then a draw."""
@@ -463,7 +486,7 @@ def generate_batch(model, prompts, max_new_tokens=None, temperature=None, top_k=
     cache = new_cache(config, B, capacity, past, reused)
     logits, cache = forward(params, config, input_ids[:, reused:], cache, attention_mask=attention_mask[:, reused:],
                             last_only=True)
-    next_ids = choose_tokens(logits[:, -1], seen, settings, rng)  # [B]
+    next_ids = choose_tokens(checked_logits(logits[:, -1], params), seen, settings, rng)  # [B]
     prefill_seconds, decode_seconds, decode_tokens = time.perf_counter() - start, 0.0, 0
 
     for step in range(budget):
@@ -497,7 +520,7 @@ def generate_batch(model, prompts, max_new_tokens=None, temperature=None, top_k=
         # Decode: one new token per prompt, attending to the cached keys and values.
         seen[np.arange(len(rows)), next_ids] = True
         logits, cache = forward(params, config, next_ids[:, None], cache)  # [b, 1, V]
-        next_ids = choose_tokens(logits[:, -1], seen, settings, rng)
+        next_ids = choose_tokens(checked_logits(logits[:, -1], params), seen, settings, rng)
         decode_seconds += time.perf_counter() - start
         decode_tokens += int(alive.sum())
 

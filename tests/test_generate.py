@@ -222,6 +222,23 @@ def test_a_temperature_too_small_for_float32_is_a_clear_error():
     assert choose_tokens(logits, seen, Sampling(temperature=0, repetition_penalty=1e-39), None) == [0]
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy's overflow and NaN warnings come first
+def test_logits_that_are_not_finite_name_the_weight_at_fault(tiny_models):
+    model, _ = tiny_models["qwen2"]
+    for low_memory in (False, True):
+        broken = qwen_np.load(model.path, low_memory=low_memory)
+        up = broken.params["model"]["layers"][1]["mlp"]["up_proj"]
+        up["weight"][3, 5] = 0x7FC0 if low_memory else np.nan  # (low_memory keeps bfloat16 bits)
+        for temperature in (0, 1.0):  # greedy argmax would pick a NaN silently, as the reference does
+            with pytest.raises(qwen_np.QwenNPError, match=r"the model's logits are not finite \(NaN or inf\): the "
+                                                          r"weight 'model.layers.1.mlp.up_proj.weight' holds NaN or inf"):
+                list(qwen_np.generate(broken, PROMPTS[0], max_new_tokens=2, temperature=temperature))
+    huge = qwen_np.load(model.path)
+    huge.params["model"]["norm"]["weight"][:] = 3e38  # finite, but the LM head's sums overflow
+    with pytest.raises(qwen_np.QwenNPError, match="no weight holds NaN or inf, so an activation overflowed float32"):
+        list(qwen_np.generate(huge, PROMPTS[0], max_new_tokens=2))
+
+
 def test_sample_draws_with_the_softmax_probabilities_and_repeats_with_a_seed():
     logits = np.log(np.array([[0.5, 0.0, 0.2, 0.3]], np.float32) + 1e-30).astype(np.float32)
     logits[0, 1] = -np.inf
