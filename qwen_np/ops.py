@@ -139,6 +139,7 @@ def rope_yarn(head_dim, theta, factor, original_max_position_embeddings, beta_fa
     return inv_freq.astype(np.float32), attention_factor
 
 
+@np.errstate(divide="ignore", invalid="ignore")  # high_freq_factor == low_freq_factor: `smooth` unused
 def rope_llama3(head_dim, theta, factor, low_freq_factor, high_freq_factor,
                 original_max_position_embeddings):  # -> [Dh/2], 1.0
     # Llama 3: long wavelengths are interpolated by `factor`, short ones kept, a smooth blend between.

@@ -138,10 +138,14 @@ ROPE_CASES = {
                      "mscale_all_dim": 0.5, "beta_fast": 16, "beta_slow": 2}, {}),
     "llama3": ({"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 64}, {}),
+    # equal factors: no wavelength is in between (the reference warns of it, and runs it)
+    "llama3_equal_factors": ({"factor": 8.0, "low_freq_factor": 2.0, "high_freq_factor": 2.0,
+                              "original_max_position_embeddings": 64}, {}),
 }
 
 
 @pytest.mark.parametrize("case", ROPE_CASES)
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # no division by zero shown to the user either
 def test_rope_init_functions_match_reference(reference, case):
     torch, transformers = reference
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
