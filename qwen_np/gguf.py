@@ -396,6 +396,9 @@ def config_from_gguf(metadata, tensors, path):
     if "token_embd.weight" not in tensors or len(numpy_shape(tensors["token_embd.weight"])) != 2:
         raise QwenNPError(f"{path}: no 2-D token_embd.weight tensor (the token embeddings)")
     hidden, heads = count("embedding_length"), count("attention.head_count")
+    if f"{arch}.attention.key_length" not in metadata and hidden % heads:
+        raise QwenNPError(f"{path}: {arch}.attention.head_count={heads} does not divide {arch}.embedding_length="
+                          f"{hidden}, and the file gives no {arch}.attention.key_length (the head size)")
     head_dim = key("attention.key_length", hidden // heads)
     if key("rope.dimension_count", head_dim) != head_dim:
         raise QwenNPError(f"{path}: RoPE on {key('rope.dimension_count')} of {head_dim} head dimensions "

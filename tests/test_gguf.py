@@ -572,6 +572,11 @@ def test_metadata_values_of_the_wrong_type_are_named(tmp_path):
         check_special_token_ids({"tokenizer.ggml.tokens": 5, "tokenizer.ggml.eos_token_id": -1}, "x.gguf")
     with pytest.raises(qwen_np.QwenNPError, match=r"x.gguf: unsupported GGUF architecture \['qwen2'\]"):
         config_from_gguf({"general.architecture": ["qwen2"]}, {}, "x.gguf")
+    metadata, tensors = read_gguf(random_gguf(tmp_path / "heads.gguf", "llama", small_config("llama")))
+    metadata = {k: v for k, v in metadata.items() if k != "llama.attention.key_length"}
+    with pytest.raises(qwen_np.QwenNPError, match=r"x.gguf: llama.attention.head_count=7 does not divide "
+                                                  r"llama.embedding_length=32, and the file gives no llama.attention"):
+        config_from_gguf({**metadata, "llama.attention.head_count": 7}, tensors, "x.gguf")
     scalar = types.SimpleNamespace(dims=())  # a 0-D token_embd.weight
     with pytest.raises(qwen_np.QwenNPError, match="x.gguf: no 2-D token_embd.weight tensor"):
         config_from_gguf({"general.architecture": "qwen2"}, {"token_embd.weight": scalar}, "x.gguf")
