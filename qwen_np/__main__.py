@@ -173,8 +173,15 @@ def run_chat(model, args):
             continue
         messages.append({"role": "user", "content": line})
         # In a terminal, Ctrl-C stops the answer and the chat goes on (when piped, it ends the program).
-        reply, turn = stream(chat(model, messages, past=past, **variables, **sampling_kwargs(args)), sys.stdout,
-                             interruptible=interactive)
+        try:
+            reply, turn = stream(chat(model, messages, past=past, **variables, **sampling_kwargs(args)), sys.stdout,
+                                 interruptible=interactive)
+        except QwenNPError as e:  # say, the conversation outgrew the context: in a terminal, the chat goes on
+            if not interactive:
+                raise
+            sys.stderr.write(one_line_error(e) + "(message dropped; /exit or Ctrl-D to leave)\n")
+            messages.pop()
+            continue
         sys.stdout.write("\n")
         if turn is None:  # stopped: the history keeps what was shown; the last turn's cache stays usable
             sys.stderr.write("(answer stopped)\n")

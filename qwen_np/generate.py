@@ -390,16 +390,16 @@ def new_token_budget(config, generation_config, prompt_length, max_new_tokens): 
     room = None if context is None else context - prompt_length
     if max_new_tokens is not None:
         checked("max_new_tokens", max_new_tokens)
-    elif room is not None and room < 1:
+    if room is not None and room < 1:
         raise QwenNPError(f"the prompt ({prompt_length} tokens) already fills the model's context of {context} "
                           f"positions ({context_source(config)}): shorten it")
-    else:
+    if max_new_tokens is None:
         wanted = setting(generation_config, "max_new_tokens", None, 512)
         max_new_tokens = wanted if room is None else min(wanted, room)
     if room is not None and max_new_tokens > room:
         raise QwenNPError(f"the prompt ({prompt_length} tokens) plus max_new_tokens ({max_new_tokens}) does not "
                           f"fit in the model's context of {context} positions ({context_source(config)}); "
-                          f"shorten the prompt or lower max_new_tokens to {max(room, 0)}")
+                          f"shorten the prompt or lower max_new_tokens to {room}")
     return int(max_new_tokens)
 
 

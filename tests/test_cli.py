@@ -225,6 +225,41 @@ def test_ctrl_c_in_a_terminal_stops_the_answer_and_the_chat_goes_on(terminal, mo
     assert "prefill: 6 tokens" in err and "decode: 4 tokens" in err  # the finished turns only
 
 
+@pytest.mark.parametrize("terminal", [True, False])
+def test_a_turn_that_fails_in_a_terminal_is_dropped_and_the_chat_goes_on(terminal, monkeypatch, capsys):
+    from qwen_np.__main__ import build_parser, run_chat
+    from qwen_np.generate import GenerationStats
+
+    calls = []  # the messages of each turn
+
+    def chat(model, messages, past=None, **kwargs):
+        calls.append([dict(m) for m in messages])
+        if len(calls) == 2:
+            raise qwen_np.QwenNPError("the prompt (300 tokens) already fills the model's context")
+        yield "Paris"
+        return GenerationStats(3, 0.1, 1, 0.1, ("eos",))
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return terminal
+
+    lines = iter(["first", "a very long second", "third", "/exit"])
+    monkeypatch.setattr(sys.modules["qwen_np.chat"], "chat", chat)
+    monkeypatch.setattr(sys, "stdin", Terminal())
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    args = build_parser().parse_args(["chat", "--model", "unused"])
+    if not terminal:  # piped input: the error ends the program (main prints it and exits with 1)
+        with pytest.raises(qwen_np.QwenNPError, match="already fills"):
+            run_chat(None, args)
+        return
+    run_chat(None, args)
+    out, err = capsys.readouterr()
+    assert out == "Paris\nParis\n"
+    assert "error: the prompt (300 tokens) already fills the model's context\n(message dropped" in err
+    assert calls[2] == [{"role": "user", "content": "first"}, {"role": "assistant", "content": "Paris"},
+                        {"role": "user", "content": "third"}]
+
+
 @pytest.mark.parametrize("command, closed, code, message", [
     ("chat", "<&-", 0, ""),  # a closed stdin is an empty input: the chat ends at once
     ("generate -", "<&-", 1, "error: the prompt is empty"),

@@ -505,8 +505,13 @@ def test_greedy_decoding_neither_reads_nor_checks_the_files_filter_values():
 
 def test_prompt_plus_max_new_tokens_must_fit_in_the_context(tiny_models):
     model, _ = tiny_models["qwen2"]  # max_position_embeddings=128
-    with pytest.raises(qwen_np.QwenNPError, match="max_position_embeddings=128"):
+    with pytest.raises(qwen_np.QwenNPError, match=r"max_position_embeddings=128\); shorten the prompt or lower "
+                                                  r"max_new_tokens to 28$"):
         next(qwen_np.generate(model, list(range(100)), max_new_tokens=29))
+    for max_new_tokens in (None, 5):  # a prompt that fills the context: no max_new_tokens would do
+        with pytest.raises(qwen_np.QwenNPError, match=r"the prompt \(130 tokens\) already fills the model's context "
+                                                      r"of 128 positions \(max_position_embeddings=128\): shorten it$"):
+            new_token_budget(model.config, {}, 130, max_new_tokens)
     assert len(list(qwen_np.generate(model, list(range(100)), max_new_tokens=28, temperature=0))) == 28
     assert new_token_budget(model.config, {}, 100, None) == 28  # the default fits what is left
     with pytest.raises(qwen_np.QwenNPError, match="positive integer"):
