@@ -11,6 +11,7 @@ special tokens (`bos_token`, `eos_token`, ...) and any extra keyword, such as Qw
 """
 
 import json
+import reprlib
 from datetime import datetime
 from functools import lru_cache
 
@@ -79,9 +80,12 @@ def special_tokens(tokenizer_config):  # -> {"eos_token": "<|im_end|>", ...}, th
         value = tokenizer_config.get(name)
         if isinstance(value, dict):  # an AddedToken saved as {"content": ..., ...}
             value = value.get("content")
+        if value is not None and not isinstance(value, str):  # refused by transformers too (a TypeError)
+            raise QwenNPError(f"{name} in tokenizer_config.json must be a string or a {{\"content\": string}} "
+                              f"object, got {reprlib.repr(tokenizer_config[name])}")
         if value is not None:
-            tokens[name] = str(value)
-            check_unicode(tokens[name], f"{name} in tokenizer_config.json")
+            tokens[name] = value
+            check_unicode(value, f"{name} in tokenizer_config.json")
     return tokens
 
 
