@@ -186,35 +186,45 @@ def test_default_model_chat_answers_paris(shared_data, tmp_path, flags):
     assert "downloading" not in result.stderr and "tokens/s" in result.stderr
 
 
-@pytest.mark.parametrize("terminal", [True, False])
-def test_ctrl_c_in_a_terminal_stops_the_answer_and_the_chat_goes_on(terminal, monkeypatch, capsys):
+def run_fake_chat(monkeypatch, terminal, lines, chat):  # -> the messages and past of each call of `chat`
+    """The command line's chat loop over `lines` of input, with `chat` standing in for qwen_np.chat;
+    stdin is a terminal or not. Raises what the loop raises."""
     from qwen_np.__main__ import build_parser, run_chat
-    from qwen_np.generate import GenerationStats
+    calls = []
 
-    calls = []  # (messages, past) of each turn
-
-    def chat(model, messages, past=None, **kwargs):
+    def recording_chat(model, messages, past=None, **kwargs):
         calls.append(([dict(m) for m in messages], past))
-        yield "Par"
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # the user presses Ctrl-C in the middle of the second answer
-        yield "is"
-        return GenerationStats(3, 0.1, 2, 0.1, ("eos",), past=f"cache of turn {len(calls)}")
+        return (yield from chat(len(calls), past))
 
     class Terminal(io.StringIO):
         def isatty(self):
             return terminal
 
-    lines = iter(["first", "second", "third", "/exit"])
-    monkeypatch.setattr(sys.modules["qwen_np.chat"], "chat", chat)
+    lines = iter(lines)
+    monkeypatch.setattr(sys.modules["qwen_np.chat"], "chat", recording_chat)
     monkeypatch.setattr(sys, "stdin", Terminal())
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    args = build_parser().parse_args(["chat", "--model", "unused"])
+    run_chat(None, build_parser().parse_args(["chat", "--model", "unused"]))
+    return calls
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_ctrl_c_in_a_terminal_stops_the_answer_and_the_chat_goes_on(terminal, monkeypatch, capsys):
+    from qwen_np.generate import GenerationStats
+
+    def chat(turn, past):
+        yield "Par"
+        if turn == 2:
+            raise KeyboardInterrupt  # the user presses Ctrl-C in the middle of the second answer
+        yield "is"
+        return GenerationStats(3, 0.1, 2, 0.1, ("eos",), past=f"cache of turn {turn}")
+
+    lines = ["first", "second", "third", "/exit"]
     if not terminal:  # piped input: Ctrl-C ends the program (main exits with 130)
         with pytest.raises(KeyboardInterrupt):
-            run_chat(None, args)
+            run_fake_chat(monkeypatch, terminal, lines, chat)
         return
-    run_chat(None, args)
+    calls = run_fake_chat(monkeypatch, terminal, lines, chat)
     out, err = capsys.readouterr()
     assert out == "Paris\nPar\nParis\n"
     assert "Ctrl-C stops an answer" in err and err.count("(answer stopped)") == 1
@@ -227,37 +237,25 @@ def test_ctrl_c_in_a_terminal_stops_the_answer_and_the_chat_goes_on(terminal, mo
 
 @pytest.mark.parametrize("terminal", [True, False])
 def test_a_turn_that_fails_in_a_terminal_is_dropped_and_the_chat_goes_on(terminal, monkeypatch, capsys):
-    from qwen_np.__main__ import build_parser, run_chat
     from qwen_np.generate import GenerationStats
 
-    calls = []  # the messages of each turn
-
-    def chat(model, messages, past=None, **kwargs):
-        calls.append([dict(m) for m in messages])
-        if len(calls) == 2:
+    def chat(turn, past):
+        if turn == 2:
             raise qwen_np.QwenNPError("the prompt (300 tokens) already fills the model's context")
         yield "Paris"
         return GenerationStats(3, 0.1, 1, 0.1, ("eos",))
 
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return terminal
-
-    lines = iter(["first", "a very long second", "third", "/exit"])
-    monkeypatch.setattr(sys.modules["qwen_np.chat"], "chat", chat)
-    monkeypatch.setattr(sys, "stdin", Terminal())
-    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    args = build_parser().parse_args(["chat", "--model", "unused"])
+    lines = ["first", "a very long second", "third", "/exit"]
     if not terminal:  # piped input: the error ends the program (main prints it and exits with 1)
         with pytest.raises(qwen_np.QwenNPError, match="already fills"):
-            run_chat(None, args)
+            run_fake_chat(monkeypatch, terminal, lines, chat)
         return
-    run_chat(None, args)
+    calls = run_fake_chat(monkeypatch, terminal, lines, chat)
     out, err = capsys.readouterr()
     assert out == "Paris\nParis\n"
     assert "error: the prompt (300 tokens) already fills the model's context\n(message dropped" in err
-    assert calls[2] == [{"role": "user", "content": "first"}, {"role": "assistant", "content": "Paris"},
-                        {"role": "user", "content": "third"}]
+    assert calls[2][0] == [{"role": "user", "content": "first"}, {"role": "assistant", "content": "Paris"},
+                           {"role": "user", "content": "third"}]
 
 
 @pytest.mark.parametrize("command, closed, code, message", [
