@@ -76,8 +76,8 @@ def build_parser():
 
     chat = commands.add_parser("chat", help="multi-turn chat in the terminal, using the chat template",
                                description="Chat with an instruct model: one message per line on stdin, "
-                                           "until end of input or /exit. In a terminal, Ctrl-C stops an answer "
-                                           "and the chat goes on.")
+                                           "until end of input or /exit (/clear starts a new conversation). In a "
+                                           "terminal, Ctrl-C stops an answer and the chat goes on.")
     chat.add_argument("--system", metavar="TEXT", help="a system message to start the chat with")
     chat.add_argument("--no-think", action="store_true",
                       help="Qwen3: answer without thinking first (sets the template's enable_thinking=False)")
@@ -158,7 +158,8 @@ def run_chat(model, args):
             import readline  # noqa: F401  (line editing and history for input(), where available)
         except ImportError:
             pass
-        sys.stderr.write("Type a message and press Enter; Ctrl-C stops an answer; /exit or Ctrl-D to leave.\n")
+        sys.stderr.write("Type a message and press Enter; Ctrl-C stops an answer; /clear starts over; "
+                         "/exit or Ctrl-D to leave.\n")
     messages = [{"role": "system", "content": args.system}] if args.system else []
     variables = {"enable_thinking": False} if args.no_think else {}
     stats, past = [], None  # past: the conversation's KV cache, so each turn prefills only its new tokens
@@ -169,6 +170,9 @@ def run_chat(model, args):
             break
         if line.strip() == "/exit":
             break
+        if line.strip() == "/clear":  # a new conversation: only the system message stays
+            messages, past = messages[:1] if args.system else [], None
+            continue
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
@@ -179,7 +183,7 @@ def run_chat(model, args):
         except QwenNPError as e:  # say, the conversation outgrew the context: in a terminal, the chat goes on
             if not interactive:
                 raise
-            sys.stderr.write(one_line_error(e) + "(message dropped; /exit or Ctrl-D to leave)\n")
+            sys.stderr.write(one_line_error(e) + "(message dropped; /clear starts a new conversation, /exit leaves)\n")
             messages.pop()
             continue
         sys.stdout.write("\n")

@@ -186,9 +186,9 @@ def test_default_model_chat_answers_paris(shared_data, tmp_path, flags):
     assert "downloading" not in result.stderr and "tokens/s" in result.stderr
 
 
-def run_fake_chat(monkeypatch, terminal, lines, chat):  # -> the messages and past of each call of `chat`
+def run_fake_chat(monkeypatch, terminal, lines, chat, *options):  # -> the messages and past of each call of `chat`
     """The command line's chat loop over `lines` of input, with `chat` standing in for qwen_np.chat;
-    stdin is a terminal or not. Raises what the loop raises."""
+    stdin is a terminal or not; `options` are more flags of `chat`. Raises what the loop raises."""
     from qwen_np.__main__ import build_parser, run_chat
     calls = []
 
@@ -204,7 +204,7 @@ def run_fake_chat(monkeypatch, terminal, lines, chat):  # -> the messages and pa
     monkeypatch.setattr(sys.modules["qwen_np.chat"], "chat", recording_chat)
     monkeypatch.setattr(sys, "stdin", Terminal())
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    run_chat(None, build_parser().parse_args(["chat", "--model", "unused"]))
+    run_chat(None, build_parser().parse_args(["chat", "--model", "unused", *options]))
     return calls
 
 
@@ -256,6 +256,22 @@ def test_a_turn_that_fails_in_a_terminal_is_dropped_and_the_chat_goes_on(termina
     assert "error: the prompt (300 tokens) already fills the model's context\n(message dropped" in err
     assert calls[2][0] == [{"role": "user", "content": "first"}, {"role": "assistant", "content": "Paris"},
                            {"role": "user", "content": "third"}]
+
+
+@pytest.mark.parametrize("system", [[], ["--system", "Be brief."]])
+def test_clear_starts_a_new_conversation_keeping_the_system_message(system, monkeypatch, capsys):
+    from qwen_np.generate import GenerationStats
+
+    def chat(turn, past):
+        yield "Paris"
+        return GenerationStats(3, 0.1, 1, 0.1, ("eos",), past=f"cache of turn {turn}")
+
+    calls = run_fake_chat(monkeypatch, False, ["first", "second", "/clear", "third", "/exit"], chat, *system)
+    start = [{"role": "system", "content": "Be brief."}] if system else []
+    assert calls[1] == (start + [{"role": "user", "content": "first"}, {"role": "assistant", "content": "Paris"},
+                                 {"role": "user", "content": "second"}], "cache of turn 1")
+    assert calls[2] == (start + [{"role": "user", "content": "third"}], None)  # nothing of before, no cache
+    assert capsys.readouterr().out == "Paris\n" * 3
 
 
 @pytest.mark.parametrize("command, closed, code, message", [
