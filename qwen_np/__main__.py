@@ -121,6 +121,10 @@ def stream(pieces, out, interruptible=False):  # prints text pieces as they come
             out.flush()
         except StopIteration as done:
             return "".join(text), done.value
+        except Exception:
+            if text:  # end the line the text is on, so that the error shows on a line of its own
+                out.write("\n")
+            raise
         except KeyboardInterrupt:
             if not interruptible:
                 raise
@@ -172,6 +176,8 @@ def run_chat(model, args):
             break
         if line.strip() == "/clear":  # a new conversation: only the system message stays
             messages, past = messages[:1] if args.system else [], None
+            if interactive:
+                sys.stderr.write("(new conversation)\n")
             continue
         if not line.strip():
             continue

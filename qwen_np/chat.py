@@ -78,14 +78,14 @@ def special_tokens(tokenizer_config):  # -> {"eos_token": "<|im_end|>", ...}, th
     tokens = {}
     for name in SPECIAL_TOKEN_NAMES:
         value = tokenizer_config.get(name)
-        if isinstance(value, dict):  # an AddedToken saved as {"content": ..., ...}
-            value = value.get("content")
-        if value is not None and not isinstance(value, str):  # refused by transformers too (a TypeError)
-            raise QwenNPError(f"{name} in tokenizer_config.json must be a string or a {{\"content\": string}} "
-                              f"object, got {reprlib.repr(tokenizer_config[name])}")
-        if value is not None:
-            tokens[name] = value
-            check_unicode(value, f"{name} in tokenizer_config.json")
+        if value is None:
+            continue
+        text = value.get("content") if isinstance(value, dict) else value  # an AddedToken: {"content": ..., ...}
+        if not isinstance(text, str):  # transformers refuses these too (a TypeError)
+            raise QwenNPError(f"{name} in tokenizer_config.json must be a string or an AddedToken object "
+                              f"({{\"content\": string, ...}}), got {reprlib.repr(value)}")
+        check_unicode(text, f"{name} in tokenizer_config.json")
+        tokens[name] = text
     return tokens
 
 

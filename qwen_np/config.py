@@ -68,7 +68,7 @@ VALUE_KINDS = {  # what a key must hold where config.json has it (null takes the
 # Counts that the loader turns into per-layer and per-expert lists: a corrupt value past these (far above
 # any model: Qwen3-235B has 94 layers of 128 experts) would exhaust memory before a tensor is compared.
 PLAUSIBLE_COUNTS = {"num_hidden_layers": 100_000, "num_experts": 1_000_000}
-PLAUSIBLE_EXPERT_MLPS = 100_000  # num_hidden_layers x num_experts, each expert 3 tensors (Qwen3-235B: 12,032)
+PLAUSIBLE_EXPERT_MLPS = 100_000  # num_hidden_layers x num_experts (Qwen3-235B: 94 x 128 = 12,032 expert MLPs)
 
 
 def check_values(raw, source):

@@ -314,16 +314,18 @@ def parse_gguf(buffer):  # -> {key: value}, {name: Tensor}; raises Corrupt
     if not is_int(alignment) or alignment < 1 or alignment & (alignment - 1):  # as llama.cpp requires
         raise Corrupt(f"general.alignment={alignment!r} is not a power of two")
     data_start = -(-cursor.pos // alignment) * alignment  # the table's end rounded up to the alignment
-    tensors, expected = {}, 0  # where the next tensor's data must start (None: unknown, after an unreadable type)
-    for name, (number, dims, offset) in table.items():
+    tensors, expected, before = {}, 0, None  # where the next tensor's data must start (None: unknown, after
+    for name, (number, dims, offset) in table.items():  # an unreadable type), and the tensor before it
         if expected is not None and offset != expected:  # llama.cpp's rule: each tensor's data follows the
             # one before it in the table, padded to the alignment; anything else overlaps or leaves a gap
-            raise Corrupt(f"tensor {name!r} has offset {offset:,}, expected {expected:,} (where the data of the "
-                          f"tensor before it ends, padded to {alignment} bytes)")
+            where = "the start of the data section" if before is None else \
+                f"where the data of {before!r} ends, padded to {alignment} bytes"
+            raise Corrupt(f"tensor {name!r} has offset {offset:,}, expected {expected:,} ({where})")
         type_name = GGML_TYPES.get(number, str(number))
         data = tensor_bytes(buffer, name, type_name, dims, data_start + offset)
         tensors[name] = Tensor(name, type_name, dims, data)
         expected = None if data is None else offset + -(-data.size // alignment) * alignment
+        before = name
     return metadata, tensors
 
 

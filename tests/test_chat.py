@@ -132,9 +132,11 @@ BAD_CHATS = [  # (tokenizer_config, messages, tools, the error's words)
     ({"chat_template": "{{ messages }}", "eos_token": "\ud800"}, HI, None,  # valid JSON: "\\ud800"
      "eos_token in tokenizer_config.json is not valid Unicode text: it holds a lone surrogate"),
     ({"chat_template": "{{ eos_token }}", "eos_token": 5}, HI, None,  # not the text "5" (nor a token id)
-     "eos_token in tokenizer_config.json must be a string or a {\"content\": string} object, got 5"),
-    ({"chat_template": "{{ bos_token }}", "bos_token": {"content": ["<s>"]}}, HI, None,
-     "bos_token in tokenizer_config.json must be a string or a {\"content\": string} object, got {'content': ['<s>']}"),
+     "eos_token in tokenizer_config.json must be a string or an AddedToken object ({\"content\": string, ...}), "
+     "got 5"),
+    *(({"chat_template": "{{ bos_token }}", "bos_token": token}, HI, None,
+       f"bos_token in tokenizer_config.json must be a string or an AddedToken object ({{\"content\": string, ...}}), "
+       f"got {token!r}") for token in ({"content": ["<s>"]}, {"content": None}, {"text": "<s>"})),
 ]
 
 

@@ -242,20 +242,24 @@ def test_a_turn_that_fails_in_a_terminal_is_dropped_and_the_chat_goes_on(termina
     def chat(turn, past):
         if turn == 2:
             raise qwen_np.QwenNPError("the prompt (300 tokens) already fills the model's context")
-        yield "Paris"
+        yield "Par"
+        if turn == 3:  # an error after some of the answer is shown: the error starts a line of its own
+            raise qwen_np.QwenNPError("the model's logits are not finite")
+        yield "is"
         return GenerationStats(3, 0.1, 1, 0.1, ("eos",))
 
-    lines = ["first", "a very long second", "third", "/exit"]
+    lines = ["first", "a very long second", "third", "fourth", "/exit"]
     if not terminal:  # piped input: the error ends the program (main prints it and exits with 1)
         with pytest.raises(qwen_np.QwenNPError, match="already fills"):
             run_fake_chat(monkeypatch, terminal, lines, chat)
         return
     calls = run_fake_chat(monkeypatch, terminal, lines, chat)
     out, err = capsys.readouterr()
-    assert out == "Paris\nParis\n"
+    assert out == "Paris\nPar\nParis\n"
     assert "error: the prompt (300 tokens) already fills the model's context\n(message dropped" in err
     assert calls[2][0] == [{"role": "user", "content": "first"}, {"role": "assistant", "content": "Paris"},
                            {"role": "user", "content": "third"}]
+    assert calls[3][0] == calls[2][0][:2] + [{"role": "user", "content": "fourth"}]  # "third" was dropped too
 
 
 @pytest.mark.parametrize("system", [[], ["--system", "Be brief."]])

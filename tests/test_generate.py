@@ -230,8 +230,8 @@ def test_logits_that_are_not_finite_name_the_weight_at_fault(tiny_models):
         up = broken.params["model"]["layers"][1]["mlp"]["up_proj"]
         up["weight"][3, 5] = 0x7FC0 if low_memory else np.nan  # (low_memory keeps bfloat16 bits)
         for temperature in (0, 1.0):  # greedy argmax would pick a NaN silently, as the reference does
-            with pytest.raises(qwen_np.QwenNPError, match=r"the model's logits are not finite \(NaN or inf\): the "
-                                                          r"weight 'model.layers.1.mlp.up_proj.weight' holds NaN or inf"):
+            with pytest.raises(qwen_np.QwenNPError, match=r"the model's logits are not finite \(NaN or inf\): "
+                               r"the weight 'model.layers.1.mlp.up_proj.weight' holds NaN or inf"):
                 list(qwen_np.generate(broken, PROMPTS[0], max_new_tokens=2, temperature=temperature))
     huge = qwen_np.load(model.path)
     huge.params["model"]["norm"]["weight"][:] = 3e38  # finite, but the LM head's sums overflow

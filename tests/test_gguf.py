@@ -547,9 +547,10 @@ def test_bad_headers_and_tables_are_named(tmp_path):
                         "the tensor 'blk.0.attn_q.weight' appears twice"),
         # data offsets that leave a gap, or make two tensors share bytes (llama.cpp refuses both)
         "gap.gguf": (data[:first + 49] + struct.pack("<Q", 32) + data[first + 57:],
-                     r"tensor 'token_embd.weight' has offset 32, expected 0 \(where the data of the tensor before"),
+                     r"tensor 'token_embd.weight' has offset 32, expected 0 \(the start of the data section\)"),
         "overlap.gguf": (data[:second_offset] + struct.pack("<Q", 0) + data[second_offset + 8:],
-                         rf"tensor '{second_name}' has offset 0, expected [1-9]"),
+                         rf"tensor '{second_name}' has offset 0, expected [1-9][0-9,]* \(where the data of "
+                         rf"'token_embd.weight' ends, padded to 32 bytes\)"),
         "dims.gguf": (data[:first + 25] + struct.pack("<I", 2**32 - 1) + data[first + 29:],  # after the name
                       "the tensor 'token_embd.weight' has 4,294,967,295 dims \\(GGUF allows 4\\)"),
     }

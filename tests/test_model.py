@@ -715,7 +715,8 @@ BAD_HEADERS = [  # (a safetensors header, the error's words after "<file> has a 
     # The byte ranges must tile the 16 bytes of data, as the safetensors library checks:
     ({"w": GOOD_ENTRY, "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}},  # b reads w's bytes
      "the bytes of tensor 'b' (data_offsets [8, 16]) overlap tensor 'w', which ends at 16"),
-    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}},
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+      "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}},
      "the bytes of tensor 'b' (data_offsets [8, 12]) leave a gap of 4 bytes after tensor 'a'"),
     ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}},
      "the bytes of tensor 'w' (data_offsets [8, 16]) leave a gap of 8 bytes after the header"),
