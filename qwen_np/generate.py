@@ -484,8 +484,9 @@ def generate_batch(model, prompts, max_new_tokens=None, temperature=None, top_k=
         check_past(past, config)
         reused = reusable_length(past, prompts[0]) if rope_allows_reuse(config, past, prompts[0]) else 0
     cache = new_cache(config, B, capacity, past, reused)
-    logits, cache = forward(params, config, input_ids[:, reused:], cache, attention_mask=attention_mask[:, reused:],
-                            last_only=True)
+    with np.errstate(over="ignore", invalid="ignore"):  # a model that overflows: checked_logits says so, once
+        logits, cache = forward(params, config, input_ids[:, reused:], cache,
+                                attention_mask=attention_mask[:, reused:], last_only=True)
     next_ids = choose_tokens(checked_logits(logits[:, -1], params), seen, settings, rng)  # [B]
     prefill_seconds, decode_seconds, decode_tokens = time.perf_counter() - start, 0.0, 0
 
@@ -519,7 +520,8 @@ def generate_batch(model, prompts, max_new_tokens=None, temperature=None, top_k=
         start = time.perf_counter()
         # Decode: one new token per prompt, attending to the cached keys and values.
         seen[np.arange(len(rows)), next_ids] = True
-        logits, cache = forward(params, config, next_ids[:, None], cache)  # [b, 1, V]
+        with np.errstate(over="ignore", invalid="ignore"):
+            logits, cache = forward(params, config, next_ids[:, None], cache)  # [b, 1, V]
         next_ids = choose_tokens(checked_logits(logits[:, -1], params), seen, settings, rng)
         decode_seconds += time.perf_counter() - start
         decode_tokens += int(alive.sum())

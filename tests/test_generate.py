@@ -222,7 +222,7 @@ def test_a_temperature_too_small_for_float32_is_a_clear_error():
     assert choose_tokens(logits, seen, Sampling(temperature=0, repetition_penalty=1e-39), None) == [0]
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy's overflow and NaN warnings come first
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # the one error, without NumPy's warnings before it
 def test_logits_that_are_not_finite_name_the_weight_at_fault(tiny_models):
     model, _ = tiny_models["qwen2"]
     for low_memory in (False, True):
