@@ -109,10 +109,15 @@ def write_safetensors(path, tensors, dtype):  # {name: array} of one safetensors
         offset += x.nbytes
     encoded = json.dumps(header).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data that follows starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)) + encoded)
-        for x in tensors.values():
-            x.tofile(f)
+    partial = path.with_name(path.name + ".partial")  # named when whole: a cut-short file is never reused
+    try:
+        with open(partial, "wb") as f:
+            f.write(struct.pack("<Q", len(encoded)) + encoded)
+            for x in tensors.values():
+                x.tofile(f)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def costs(config):
@@ -428,7 +433,10 @@ def main(argv=None):
             for name, path in models.items():
                 if not (path / "model.safetensors").is_file():
                     print(f"writing a random {name} checkpoint to {path}", file=sys.stderr)
-                    write_checkpoint(path, shapes[name], dtype=args.checkpoint_dtype)
+                    try:
+                        write_checkpoint(path, shapes[name], dtype=args.checkpoint_dtype)
+                    except OSError as e:  # --checkpoints names a file, a read-only place, a full disk...
+                        parser.error(f"cannot write the random checkpoint {path}: {e.strerror or e}")
             if hasattr(os, "sync"):
                 os.sync()  # let the written gigabytes reach the disk before anything is timed
         try:

@@ -12,7 +12,8 @@ from conftest import ROOT, require_reference
 
 import qwen_np
 from qwen_np import bench
-from qwen_np.bench import SMOKE_SHAPES, SMOKE_SIZES, checkpoint_dirs, figures, main, write_checkpoint
+from qwen_np.bench import (SMOKE_SHAPES, SMOKE_SIZES, checkpoint_dirs, figures, main, write_checkpoint,
+                           write_safetensors)
 from qwen_np.weights import float32_to_bf16, read_safetensors_header
 
 FIGURES = {"load_s", "first_forward_s", "prefill_16_s", "prefill_32_s", "decode_short_tok_s", "decode_long_tok_s",
@@ -70,6 +71,28 @@ def test_model_takes_directories_and_hub_ids_in_the_cache(tmp_path, monkeypatch)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.chdir(tmp_path)
     assert checkpoint_dirs([Path("mine"), Path("Qwen/Tiny")]) == {"mine": Path("mine"), "Qwen/Tiny": snapshot}
+
+
+def test_a_checkpoints_directory_that_cannot_be_written_is_a_usage_error(capsys, tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(SystemExit) as e:
+        main(["--smoke", "--checkpoints", str(tmp_path / "file")])
+    assert e.value.code == 2
+    assert f"cannot write the random checkpoint {tmp_path / 'file' / 'tiny-qwen2-bfloat16'}: Not a directory" in (
+        capsys.readouterr().err)
+
+
+def test_an_interrupted_checkpoint_write_leaves_no_file_to_reuse(tmp_path):
+    class FullDisk:  # a tensor whose bytes stop coming halfway, as on a full disk
+        shape, nbytes = (4,), 16
+
+        def tofile(self, f):
+            f.write(bytes(8))
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        write_safetensors(tmp_path / "model.safetensors", {"w": FullDisk()}, "F32")
+    assert list(tmp_path.iterdir()) == []  # neither a short model.safetensors nor its .partial
 
 
 def test_a_bad_checkpoint_is_a_usage_error(capsys, tmp_path):
