@@ -68,7 +68,9 @@ def fetch(path, size, sha256, log):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise QwenNPError(f"cannot create the cache directory {path.parent}: {e}. "
+        in_the_way = path.parent.exists() and not path.parent.is_dir()
+        raise QwenNPError(f"cannot create the cache directory {path.parent}: "
+                          f"{'a file of that name is in the way' if in_the_way else e.strerror or e}. "
                           f"Set QWEN_NP_CACHE to a writable directory.") from None
     try:
         pip_download(path, size, sha256, log)

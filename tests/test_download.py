@@ -7,6 +7,7 @@ import hashlib
 import http.server
 import io
 import os
+import re
 import threading
 import zipfile
 
@@ -152,6 +153,16 @@ def test_corrupt_download_leaves_nothing(cache, serve):
     with pytest.raises(qwen_np.QwenNPError, match="is corrupt"):
         download.default_model_path(size=len(FAKE_MODEL), sha256=sha256(FAKE_MODEL))
     assert list(cache.iterdir()) == []
+
+
+def test_a_cache_directory_that_cannot_be_made_is_named(cache, monkeypatch):
+    cache.write_text("a file where the cache directory should be")
+    for where, reason in ((cache, "a file of that name is in the way"), (cache / "below", "Not a directory")):
+        monkeypatch.setenv("QWEN_NP_CACHE", str(where))
+        with pytest.raises(qwen_np.QwenNPError, match=re.escape(f"cannot create the cache directory {where}: "
+                                                                f"{reason}. Set QWEN_NP_CACHE to a writable")):
+            download.default_model_path(size=len(FAKE_MODEL), sha256=sha256(FAKE_MODEL))
+    assert cache.read_text() == "a file where the cache directory should be"
 
 
 @pytest.mark.parametrize("hashed", [True, False], ids=["index-with-hash", "index-without-hash"])
