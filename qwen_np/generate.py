@@ -25,6 +25,7 @@ import numpy as np
 from .config import QwenNPError, is_int, is_number
 from .model import KVCache, check_cache, copy_cache, empty_cache, forward
 from .ops import softmax
+from .weights import flatten
 
 NEG_INF = np.float32(-np.inf)
 
@@ -106,16 +107,12 @@ def checked_logits(logits, params):  # [B, V] -> [B, V], finite
     raise QwenNPError(f"the model's logits are not finite (NaN or inf): {where}")
 
 
-def non_finite_weight(tree, name=""):  # -> the dotted name of a float weight holding NaN or inf, or None
-    if isinstance(tree, (dict, list)):
-        for key, sub in (tree.items() if isinstance(tree, dict) else enumerate(tree)):
-            found = non_finite_weight(sub, f"{name}.{key}" if name else str(key))
-            if found:
-                return found
-        return None
-    if tree.dtype == np.uint16:  # low_memory's bfloat16 bits: NaN and inf have every exponent bit set
-        return name if ((tree & 0x7F80) == 0x7F80).any() else None
-    return name if not np.isfinite(tree).all() else None
+def non_finite_weight(params):  # -> the dotted name of the first weight holding NaN or inf, or None
+    for name, w in flatten(params).items():
+        # (low_memory's bfloat16 bits are uint16: NaN and inf have every exponent bit set)
+        if ((w & 0x7F80) == 0x7F80).any() if w.dtype == np.uint16 else not np.isfinite(w).all():
+            return name
+    return None
 
 
 @np.errstate(over="ignore")  # a tiny temperature (or penalty) can overflow float32: refused below

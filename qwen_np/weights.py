@@ -250,6 +250,14 @@ def nest(flat):
     return listify(tree)
 
 
+def flatten(tree, prefix=""):
+    """{"a": [{"b": x}]} -> {"a.0.b": x}: a tree's leaves by dotted name, the inverse of `nest`."""
+    if isinstance(tree, (dict, list)):
+        items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+        return {k: v for key, sub in items for k, v in flatten(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
 def load_params(directory, config, mmap=False, low_memory=False):
     """The params tree of a checkpoint directory, every tensor float32 and shape-checked.
 

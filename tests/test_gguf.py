@@ -23,7 +23,7 @@ from qwen_np.gguf import (DEQUANTIZERS, IQ4_LEVELS, check_special_token_ids, con
                           load_tokenizer, pre_tokenizer, read_gguf, unpermute_rope_rows)
 from qwen_np.gguf import load_params as load_gguf_params
 from qwen_np.ops import bf16_to_float32
-from qwen_np.weights import expected_shapes, float32_to_bf16
+from qwen_np.weights import expected_shapes, flatten, float32_to_bf16
 
 # ---------------------------------------------------------------------------------------------
 # Dequantizers
@@ -285,13 +285,6 @@ def test_mmap_is_refused_for_gguf(tmp_path):
         qwen_np.load(path, mmap=True)
 
 
-def leaves(tree, prefix=""):  # -> {dotted name: array} of a params tree
-    if isinstance(tree, (dict, list)):
-        items = tree.items() if isinstance(tree, dict) else enumerate(tree)
-        return {k: v for key, sub in items for k, v in leaves(sub, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: tree}
-
-
 def widened(tree):  # the params tree with its bfloat16 matrices widened to float32
     if isinstance(tree, (dict, list)):
         return {k: widened(v) for k, v in tree.items()} if isinstance(tree, dict) else list(map(widened, tree))
@@ -307,8 +300,8 @@ def test_low_memory_keeps_a_gguf_files_matrices_in_bf16(tmp_path, family, monkey
     path = random_gguf(tmp_path / "m.gguf", family, config, qtype=Q.Q8_0)
     default, low = qwen_np.load(path), qwen_np.load(path, low_memory=True)
     matrices = 0
-    for name, value in leaves(default.params).items():
-        kept = leaves(low.params)[name]
+    for name, value in flatten(default.params).items():
+        kept = flatten(low.params)[name]
         if value.ndim == 2:  # the dequantized values rounded to bfloat16, as from a float32 checkpoint
             assert kept.dtype == np.uint16, name
             np.testing.assert_array_equal(kept, float32_to_bf16(value))
@@ -316,7 +309,7 @@ def test_low_memory_keeps_a_gguf_files_matrices_in_bf16(tmp_path, family, monkey
         else:  # norms and biases as they are
             assert kept.dtype == np.float32, name
             np.testing.assert_array_equal(kept, value)
-    assert matrices == sum(v.ndim == 2 for v in leaves(default.params).values()) > 10
+    assert matrices == sum(v.ndim == 2 for v in flatten(default.params).values()) > 10
     if family == "qwen3_moe":
         experts = low.params["model"]["layers"][0]["mlp"]["experts"]
         assert experts[0]["up_proj"]["weight"].base is experts[3]["up_proj"]["weight"].base
