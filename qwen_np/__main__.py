@@ -164,7 +164,8 @@ def run_chat(model, args):
             pass
         sys.stderr.write("Type a message and press Enter; Ctrl-C stops an answer; /clear starts over; "
                          "/exit or Ctrl-D to leave.\n")
-    messages = [{"role": "system", "content": args.system}] if args.system else []
+    start = [{"role": "system", "content": args.system}] if args.system else []  # what every conversation begins with
+    messages = list(start)
     variables = {"enable_thinking": False} if args.no_think else {}
     stats, past = [], None  # past: the conversation's KV cache, so each turn prefills only its new tokens
     while True:
@@ -175,7 +176,7 @@ def run_chat(model, args):
         if line.strip() == "/exit":
             break
         if line.strip() == "/clear":  # a new conversation: only the system message stays
-            messages, past = messages[:1] if args.system else [], None
+            messages, past = list(start), None
             if interactive:
                 sys.stderr.write("(new conversation)\n")
             continue
