@@ -5,6 +5,7 @@ Tests that need `../shared/data` or torch/transformers skip with a reason on a u
 and fail where CI is set (CI has both, so a skip there would hide a broken install).
 """
 
+import importlib
 import os
 import subprocess
 import sys
@@ -29,6 +30,25 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         _unavailable(f"{SHARED_DATA} is not here (only CI and the team's machines have it)")
     return SHARED_DATA
+
+
+def require_module(name):
+    """Imports a test-only package (gguf: llama.cpp's writer and reader), or skips the test module
+    that needs it (fails in CI) when it is not installed."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        reason = f"{name} is not installed ({e}); pip install -r requirements-dev.txt"
+        if IN_CI:
+            pytest.fail(f"{reason} (CI must have it)", pytrace=False)
+        pytest.skip(reason, allow_module_level=True)
+
+
+# A text that exercises a tokenizer: code, spacing, CJK, accents, emoji sequences, special tokens.
+VARIED_TEXT = ("<|im_start|>user\nHello, world! It's 2024; isn't it?  Tabs\tand   spaces.\n\n"
+               "def f(x):\n    return x ** 2  # squares 12345\n"
+               "我想在北京工作，你好世界。 Émilie's café — naïve 🦙🚀😀 👨‍👩‍👧 (multiple emojis)\n"
+               "<|im_end|>\n<|im_start|>assistant\n<|endoftext|>")
 
 
 def require_reference():

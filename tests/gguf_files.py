@@ -6,8 +6,10 @@ import json
 import re
 from pathlib import Path
 
-import gguf
 import numpy as np
+from conftest import require_module
+
+gguf = require_module("gguf")  # llama.cpp's own package: its writer and tensor-name map are the reference
 
 ARCHS = {"qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3, "qwen2_moe": gguf.MODEL_ARCH.QWEN2MOE,
          "qwen3_moe": gguf.MODEL_ARCH.QWEN3MOE, "llama": gguf.MODEL_ARCH.LLAMA}
@@ -41,12 +43,6 @@ def stack_experts(tensors):
 
 # A varied text for tokenizer comparisons: English, code, numbers, Chinese, emoji, whitespace runs
 # and special tokens written inline.
-VARIED_TEXT = ("<|im_start|>user\nHello, world! It's 2024; isn't it?  Tabs\tand   spaces.\n\n"
-               "def f(x):\n    return x ** 2  # squares 12345\n"
-               "我想在北京工作，你好世界。 Émilie's café — naïve 🦙🚀😀 👨‍👩‍👧 (multiple emojis)\n"
-               "<|im_end|>\n<|im_start|>assistant\n<|endoftext|>")
-
-
 def write_gguf(path, family, config, tensors, qtype=gguf.GGMLQuantizationType.F32, tokenizer=None,
                extra_metadata=(), raw_tensors=None, extra_tensors=None, omit=()):
     """Writes `tensors` ({HF name: array}) of a `config` (config.json dict) as a GGUF file.

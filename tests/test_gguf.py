@@ -8,12 +8,10 @@ import subprocess
 import sys
 import types
 
-import gguf
 import numpy as np
 import pytest
-from conftest import embeddings_huge_page_kb
-from gguf import GGMLQuantizationType as Q
-from gguf_files import (VARIED_TEXT, llama_cpp_permute, qwen_tokenizer_metadata, read_safetensors,
+from conftest import VARIED_TEXT, embeddings_huge_page_kb
+from gguf_files import (gguf, llama_cpp_permute, qwen_tokenizer_metadata, read_safetensors,
                         write_gguf)
 from tiny import FAMILIES, reference_logits, tiny_model
 
@@ -24,6 +22,9 @@ from qwen_np.gguf import (DEQUANTIZERS, IQ4_LEVELS, check_special_token_ids, con
 from qwen_np.gguf import load_params as load_gguf_params
 from qwen_np.ops import bf16_to_float32
 from qwen_np.weights import expected_shapes, flatten, float32_to_bf16
+
+Q = gguf.GGMLQuantizationType
+
 
 # ---------------------------------------------------------------------------------------------
 # Dequantizers

@@ -5,7 +5,7 @@ file, and a greedy chat through the file's own chat template."""
 import jinja2.sandbox
 import numpy as np
 import pytest
-from gguf_files import VARIED_TEXT
+from conftest import VARIED_TEXT, require_module
 
 import qwen_np
 
@@ -36,8 +36,14 @@ def test_smollm_config_and_chat_settings(smollm):
     assert smollm.generation_config == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
 
 
-def test_smollm_logits_match_transformers(smollm, smollm_path, reference):
-    torch, transformers = reference
+@pytest.fixture
+def gguf_reference(reference):  # torch and transformers, which reads GGUF files with the gguf package
+    require_module("gguf")
+    return reference
+
+
+def test_smollm_logits_match_transformers(smollm, smollm_path, gguf_reference):
+    torch, transformers = gguf_reference
     theirs_model = transformers.AutoModelForCausalLM.from_pretrained(
         smollm_path.parent, gguf_file=smollm_path.name, dtype=torch.float32, attn_implementation="eager")
     ids = np.array([smollm.tokenizer.encode("The capital of France is").ids])
@@ -48,8 +54,8 @@ def test_smollm_logits_match_transformers(smollm, smollm_path, reference):
     assert ours[0, -1].argmax() == theirs[0, -1].argmax() == smollm.tokenizer.token_to_id("ĠParis")
 
 
-def test_smollm_tokenizer_matches_transformers(smollm, smollm_path, reference):
-    _, transformers = reference
+def test_smollm_tokenizer_matches_transformers(smollm, smollm_path, gguf_reference):
+    _, transformers = gguf_reference
     theirs = transformers.AutoTokenizer.from_pretrained(smollm_path.parent, gguf_file=smollm_path.name)
     for text in VARIED_TEXT.split("\n") + [VARIED_TEXT, " 2024 and 3.14159"]:
         ids = smollm.tokenizer.encode(text).ids
