@@ -161,7 +161,7 @@ def hub_hint(name):  # -> how to fetch `name` if it looks like a Hub id ("Qwen/Q
         return ""
     command = " ".join(filter(None, parts))  # hf download Qwen/Qwen3-0.6B, or ... REPO FILE.gguf
     return (f" (nor is it in the Hugging Face cache, {hub_cache()}; qwen_np reads local files only. To fetch "
-            f"{name} from the Hub: pip install huggingface_hub, then hf download {command}, and pass {name} again)")
+            f"{name} from the Hub: pip install -U huggingface_hub, then hf download {command}, and pass {name} again)")
 
 
 def keep_freed_memory(mmap_threshold=32 << 20, trim_threshold=256 << 20):
