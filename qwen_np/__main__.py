@@ -38,7 +38,8 @@ def build_parser():
                     epilog='examples:\n  python -m qwen_np generate --model PATH "The capital of France is"\n'
                            '  python -m qwen_np chat --model PATH --system "Be brief." --no-think\n'
                            '  python -m qwen_np chat --model Qwen/Qwen3-0.6B     (after: hf download Qwen/Qwen3-0.6B)\n'
-                           'python -m qwen_np COMMAND --help lists the flags of a command.',
+                           'python -m qwen_np COMMAND --help lists the flags of a command.\n'
+                           'python -m qwen_np.bench times qwen_np against transformers (see its --help).',
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat}")
 

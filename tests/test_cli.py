@@ -118,6 +118,12 @@ def test_help_explains_every_flag(command):
     assert "greedy" in result.stdout and "generation_config.json" in result.stdout
 
 
+def test_top_level_help_names_the_commands_and_the_benchmark():
+    result = run("--help")
+    assert result.returncode == 0
+    assert "generate" in result.stdout and "chat" in result.stdout and "python -m qwen_np.bench" in result.stdout
+
+
 @pytest.mark.parametrize("args, fragments", [
     (["generate", "--model", "/no/such/checkpoint", "hi"], ["/no/such/checkpoint", "does not exist"]),
     (["generate", "--model", "{spelling}", "--temperature", "-1", "hi"], ["--temperature", "-1"]),
