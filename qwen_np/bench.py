@@ -461,7 +461,9 @@ def main(argv=None):
     print(f"qwen_np against transformers (torch CPU, float32, eager attention), {args.threads} threads, "
           f"{rounds} round(s): medians, and ratios as medians of each round's ratio. This machine's ceilings: "
           f"{bandwidth / 1e9:.1f} GB/s memory bandwidth, {flops / 1e9:.0f} GFLOP/s float32 matmul."
-          + ("" if given else f" The random checkpoints store {args.checkpoint_dtype} weights."))
+          + ("" if given else f" The random checkpoints store {args.checkpoint_dtype} weights.")
+          + (" (--smoke: tiny sizes that fit in the CPU's caches, so the figures say only that the benchmark "
+             "runs, not how fast this machine is.)" if args.smoke else ""))
     for name in models:
         print(table(name, configs[name], summaries[name], sizes, engines))
     print(json.dumps({"bench": "qwen_np", "rounds": rounds, "threads": args.threads, "sizes": sizes,

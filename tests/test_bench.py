@@ -45,6 +45,7 @@ def test_smoke_run_prints_table_and_json(dtype, variants):
         assert set(model["of_ceiling"]) == {"prefill_16_s", "prefill_32_s", "decode_short_tok_s", "decode_long_tok_s"}
         assert all(v > 0 for v in [*model["ratio"].values(), *model["of_ceiling"].values(), model["long_over_short"]])
     text = "\n".join(table)
+    assert "--smoke: tiny sizes that fit in the CPU's caches" in text  # its figures are not the machine's
     for label in [label for _, label, _ in figures(SMOKE_SIZES)] + list(SMOKE_SHAPES):
         assert label in text
 
