@@ -380,6 +380,10 @@ def context_source(config):  # -> where context_length comes from, for messages
     return "the RoPE scaling's factor times original_max_position_embeddings"
 
 
+def n_tokens(n):  # -> "1 token", "2 tokens", for messages
+    return f"{n} token{'' if n == 1 else 's'}"
+
+
 def new_token_budget(config, generation_config, prompt_length, max_new_tokens):  # -> int
     """max_new_tokens, checked against the context length; by default as many as fit, up to
     generation_config.json's max_new_tokens (or 512)."""
@@ -388,13 +392,13 @@ def new_token_budget(config, generation_config, prompt_length, max_new_tokens): 
     if max_new_tokens is not None:
         checked("max_new_tokens", max_new_tokens)
     if room is not None and room < 1:
-        raise QwenNPError(f"the prompt ({prompt_length} tokens) already fills the model's context of {context} "
+        raise QwenNPError(f"the prompt ({n_tokens(prompt_length)}) already fills the model's context of {context} "
                           f"positions ({context_source(config)}): shorten it")
     if max_new_tokens is None:
         wanted = setting(generation_config, "max_new_tokens", None, 512)
         max_new_tokens = wanted if room is None else min(wanted, room)
     if room is not None and max_new_tokens > room:
-        raise QwenNPError(f"the prompt ({prompt_length} tokens) plus max_new_tokens ({max_new_tokens}) does not "
+        raise QwenNPError(f"the prompt ({n_tokens(prompt_length)}) plus max_new_tokens ({max_new_tokens}) does not "
                           f"fit in the model's context of {context} positions ({context_source(config)}); "
                           f"shorten the prompt or lower max_new_tokens to {room}")
     return int(max_new_tokens)

@@ -50,6 +50,8 @@ def test_generate_streams_the_completion_and_reports_speed(spelling_dir):
     # 15 decode steps: one for each of the answer's 14 tokens after the first, one producing <|im_end|>
     assert "prefill: 4 tokens" in result.stderr and "decode: 15 tokens" in result.stderr
     assert result.stderr.count("tokens/s") == 2
+    two = run("generate", "--model", spelling_dir, "--max-new-tokens", "2", "The answer is:")
+    assert "decode: 1 token, " in two.stderr  # the first new token comes out of the prefill
 
     stopped = run("generate", "--model", spelling_dir, "--stop", "首都", "--stop", "never", "The answer is:")
     assert stopped.returncode == 0 and stopped.stdout == "你好！🦙 巴黎是法国的\n"

@@ -512,6 +512,8 @@ def test_prompt_plus_max_new_tokens_must_fit_in_the_context(tiny_models):
         with pytest.raises(qwen_np.QwenNPError, match=r"the prompt \(130 tokens\) already fills the model's context "
                                                       r"of 128 positions \(max_position_embeddings=128\): shorten it$"):
             new_token_budget(model.config, {}, 130, max_new_tokens)
+    with pytest.raises(qwen_np.QwenNPError, match=r"the prompt \(1 token\) plus max_new_tokens \(200\)"):
+        new_token_budget(model.config, {}, 1, 200)
     assert len(list(qwen_np.generate(model, list(range(100)), max_new_tokens=28, temperature=0))) == 28
     assert new_token_budget(model.config, {}, 100, None) == 28  # the default fits what is left
     with pytest.raises(qwen_np.QwenNPError, match="positive integer"):
