@@ -59,7 +59,8 @@ def load(path, mmap=False, low_memory=False):
     the dequantized values of a GGUF file, are rounded to bfloat16. Decoding is slower than the
     default (see the README's Speed and memory).
 
-    Loading also tells the C library to keep freed memory for reuse (`keep_freed_memory`).
+    Loading also tells the C library to keep freed memory for reuse, a setting of the whole
+    process (`keep_freed_memory`: glibc's mallopt; a forward pass is faster with it).
     """
     if not isinstance(path, (str, os.PathLike)):
         raise QwenNPError(f"load takes the path of a checkpoint directory or .gguf file (a str or Path), or a "

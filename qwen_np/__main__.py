@@ -8,6 +8,7 @@ stderr and a non-zero exit status, never a traceback.
 """
 
 import argparse
+import math
 import os
 import sys
 
@@ -27,7 +28,7 @@ def number(kind, low, high=None, low_open=False, what=""):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
-        if not (value > low if low_open else value >= low) or (high is not None and value > high) or value != value:
+        if not (value > low if low_open else value >= low) or (high is not None and value > high) or math.isnan(value):
             raise argparse.ArgumentTypeError(f"{text} is out of range: {what}")
         return value
     return parse
@@ -89,10 +90,7 @@ def build_parser():
 def model_path(args):
     if args.model is not None:
         return args.model
-    try:
-        from .download import default_model_path  # another module provides the default model
-    except ImportError:
-        raise QwenNPError("no --model given and the default model is not available; pass --model PATH") from None
+    from .download import default_model_path  # fetched once, see download.py
     return default_model_path()
 
 
@@ -213,9 +211,9 @@ def one_line_error(e):  # -> "error: ...\n", on one line even where the message 
 def main(argv=None):
     # The model writes any Unicode: where the terminal's or pipe's encoding lacks a character (a
     # cp1252 console, PYTHONIOENCODING=ascii), it is shown as "?" rather than ending the answer.
-    for stream in (sys.stdout, sys.stderr):
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="replace")
+    for std in (sys.stdout, sys.stderr):
+        if hasattr(std, "reconfigure"):
+            std.reconfigure(errors="replace")
     if sys.stdout is None:  # started with stdout closed (`>&-`): Python leaves None there
         sys.stderr.write("error: standard output is closed: there is nowhere to write the text\n")
         return 1

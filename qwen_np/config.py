@@ -101,7 +101,7 @@ class Config:
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     rope_parameters: dict = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0})
-    attention_bias: bool = False  # q/k/v biases (Qwen2 and Qwen2-MoE have them; o_proj too in Qwen3)
+    attention_bias: bool = False  # q/k/v biases (Qwen2 and Qwen2-MoE have them; o_proj too in Qwen3 and Llama)
     mlp_bias: bool = False  # biases in the MLP's projections (only Llama checkpoints may have them)
     sliding_window: int | None = None  # None unless use_sliding_window is on
     layer_types: tuple = ()  # "full_attention" or "sliding_attention" for each layer
@@ -306,7 +306,12 @@ def read_rope_parameters(raw, source, max_positions):
         # A top-level original_max_position_embeddings wins, as in the reference.
         original = raw.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
         rope["original_max_position_embeddings"] = original or max_positions
-    needs = {"linear": ("factor",), "dynamic": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}
+    if rope["rope_type"] == "yarn" and "factor" in rope and rope["factor"] is None:
+        # "factor": null (DeepSeek-V3's way): the reference stretches by max_position_embeddings
+        # over the original length. A config with no factor at all it refuses, as `needs` does below.
+        rope["factor"] = max_positions / rope["original_max_position_embeddings"]
+    needs = {"linear": ("factor",), "dynamic": ("factor",), "yarn": ("factor",),  # as the reference validates them
+             "llama3": ("factor", "low_freq_factor", "high_freq_factor")}
     for key in needs.get(rope["rope_type"], ()):
         if rope.get(key) is None:
             raise QwenNPError(f"{source}: rope type {rope['rope_type']!r} needs a {key!r}")

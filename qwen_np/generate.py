@@ -116,24 +116,24 @@ def non_finite_weight(params):  # -> the dotted name of the first weight holding
 
 
 @np.errstate(over="ignore")  # a tiny temperature (or penalty) can overflow float32: refused below
-def choose_tokens(logits, seen, s, rng):  # [B, V], [B, V] bool, Sampling, Generator -> [B] int
+def choose_tokens(logits, seen, sampling, rng):  # [B, V], [B, V] bool, Sampling, Generator -> [B] int
     """The next token of each row: the samplers in the reference's order, then a draw."""
-    if s.repetition_penalty != 1.0:  # applied in greedy decoding too, as the reference does
-        logits = apply_repetition_penalty(logits, seen, s.repetition_penalty)
-    if s.temperature == 0:  # greedy: the filters below never remove the most probable token
+    if sampling.repetition_penalty != 1.0:  # applied in greedy decoding too, as the reference does
+        logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
+    if sampling.temperature == 0:  # greedy: the filters below never remove the most probable token
         return logits.argmax(axis=-1)
-    if s.temperature != 1.0:
-        logits = apply_temperature(logits, s.temperature)
+    if sampling.temperature != 1.0:
+        logits = apply_temperature(logits, sampling.temperature)
     if np.isposinf(logits).any():  # softmax would give NaN (the reference's draw fails on it too)
-        penalty = f" and repetition_penalty={s.repetition_penalty}" if s.repetition_penalty != 1.0 else ""
-        raise QwenNPError(f"the logits overflow float32 when scaled by temperature={s.temperature}{penalty}: "
+        penalty = f" and repetition_penalty={sampling.repetition_penalty}" if sampling.repetition_penalty != 1.0 else ""
+        raise QwenNPError(f"the logits overflow float32 when scaled by temperature={sampling.temperature}{penalty}: "
                           f"use a larger temperature, or temperature=0 for greedy decoding")
-    if s.top_k:
-        logits = top_k_filter(logits, s.top_k)
-    if s.top_p < 1.0:
-        logits = top_p_filter(logits, s.top_p)
-    if s.min_p:
-        logits = min_p_filter(logits, s.min_p)
+    if sampling.top_k:
+        logits = top_k_filter(logits, sampling.top_k)
+    if sampling.top_p < 1.0:
+        logits = top_p_filter(logits, sampling.top_p)
+    if sampling.min_p:
+        logits = min_p_filter(logits, sampling.min_p)
     return sample(logits, rng)
 
 
@@ -231,6 +231,16 @@ def decode_rest(tokenizer, ids, prefix_offset, read_offset):  # -> text still he
 def find_stop(text, stop):  # -> index of the first stop string in text, or -1
     hits = [i for i in (text.find(s) for s in stop) if i >= 0]
     return min(hits) if hits else -1
+
+
+def extend_text(tokenizer, ids, state, stop):  # -> (the new state, whether the text now holds a stop string)
+    """state: (the text decoded so far, prefix_offset, read_offset), the offsets as decode_step keeps them."""
+    text, prefix, read = state
+    new, prefix, read = decode_step(tokenizer, ids, prefix, read)
+    text += new
+    # Only the end of the text can hold a stop string that was not there before.
+    hit = bool(new) and find_stop(text[-(len(new) + max(map(len, stop))):], stop) >= 0
+    return (text, prefix, read), hit
 
 
 def partial_stop(text, stop):  # -> length of the longest end of `text` that begins a stop string
@@ -367,7 +377,7 @@ def context_length(config):  # -> int, or None when RoPE sets no limit
     rope = config.rope_parameters
     if rope["rope_type"] == "dynamic":  # dynamic NTK RoPE stretches itself to any length
         return None
-    if rope["rope_type"] in ("yarn", "llama3") and rope.get("factor"):
+    if rope["rope_type"] in ("yarn", "llama3"):
         # YaRN (and Llama 3's scaling) stretch the original context `factor` times; Qwen's model
         # cards add YaRN to config.json and leave max_position_embeddings at the original 32768.
         return max(config.max_position_embeddings, int(rope["factor"] * rope["original_max_position_embeddings"]))
@@ -468,7 +478,7 @@ def generate_batch(model, prompts, max_new_tokens=None, temperature=None, top_k=
     for row, p in enumerate(prompts):
         seen[row, p] = True
     generated = [[] for _ in range(B)]
-    texts = [["", 0, 0] for _ in range(B)]  # per prompt: generated text, decode offsets (for stop strings)
+    texts = [("", 0, 0)] * B  # per prompt: generated text and decode offsets, see extend_text (for stop strings)
     reasons, finished = ["length"] * B, np.zeros(B, bool)
     rows = np.arange(B)  # the prompts in the batch: those still generating (with dynamic RoPE, all)
     # Dynamic NTK RoPE takes its frequencies from the batch's largest position: finished prompts stay in
@@ -502,11 +512,8 @@ def generate_batch(model, prompts, max_new_tokens=None, temperature=None, top_k=
             out[row] = token
             generated[row].append(token)
             if stop:
-                text, prefix, read = texts[row]
-                new, prefix, read = decode_step(model.tokenizer, generated[row], prefix, read)
-                texts[row] = [text + new, prefix, read]
-                # Only the end of the text can hold a stop string that was not there before.
-                if new and find_stop(texts[row][0][-(len(new) + max(map(len, stop))):], stop) >= 0:
+                texts[row], hit = extend_text(model.tokenizer, generated[row], texts[row], stop)
+                if hit:
                     finished[row], reasons[row] = True, "stop"
         if any(t is not None for t in out):
             yield out

@@ -29,6 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .config import QwenNPError, check_values, config_from_dict, is_int
+from .ops import bf16_to_float32
 from .weights import CHUNK, build_tree, expected_shapes, float32_to_bf16, fresh_array, map_file
 
 # GGUF architecture name -> our model_type (config.json's name for the family)
@@ -59,8 +60,7 @@ def dequantize_f16(blocks):  # [N, 2] -> [N, 1]
 
 
 def dequantize_bf16(blocks):  # [N, 2] -> [N, 1]
-    # bfloat16 is the top 16 bits of a float32: shift the bits up, then view them as float32.
-    return (blocks.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return bf16_to_float32(blocks.view(np.uint16))
 
 
 def dequantize_q8_0(blocks):  # [N, 34] -> [N, 32]

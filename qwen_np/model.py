@@ -88,11 +88,10 @@ def rope_frequencies(config, seq_len):  # -> [Dh/2], attention_factor
     if rope_type == "dynamic":
         return rope_dynamic(dim, theta, rope["factor"], seq_len, config.max_position_embeddings)
     if rope_type == "yarn":
-        original = rope["original_max_position_embeddings"]
-        factor = rope.get("factor") or config.max_position_embeddings / original
-        return rope_yarn(dim, theta, factor, original, rope.get("beta_fast"), rope.get("beta_slow"),
-                         rope.get("attention_factor"), rope.get("mscale"), rope.get("mscale_all_dim"),
-                         rope.get("truncate", True))
+        return rope_yarn(dim, theta, rope["factor"], rope["original_max_position_embeddings"],
+                         beta_fast=rope.get("beta_fast"), beta_slow=rope.get("beta_slow"),
+                         attention_factor=rope.get("attention_factor"), mscale=rope.get("mscale"),
+                         mscale_all_dim=rope.get("mscale_all_dim"), truncate=rope.get("truncate", True))
     if rope_type == "llama3":
         return rope_llama3(dim, theta, rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"],
                            rope["original_max_position_embeddings"])
@@ -153,9 +152,50 @@ def attention_inputs(config, valid, num_new):  # [B, S] bool, T -> [B, T, Dh] x2
     key_ok = valid[:, None, None, :] | np.eye(num_new, S, k=start, dtype=bool)[None, None]  # [B, 1, T, S]
     full = causal_mask(num_new, S)[None, None] & key_ok
     # Without a window (use_sliding_window off) a "sliding_attention" layer attends like any other.
-    sliding = full if config.sliding_window is None else sliding_window_mask(num_new, S, config.sliding_window)[
-        None, None] & key_ok
+    sliding = full
+    if config.sliding_window is not None:
+        sliding = sliding_window_mask(num_new, S, config.sliding_window)[None, None] & key_ok
     return cos, sin, {"full_attention": full, "sliding_attention": sliding}
+
+
+def forward(params, config, input_ids, cache=None, attention_mask=None, last_only=False, return_router=False):
+    """Logits for `input_ids` [B, T] after the positions already in `cache`.
+
+    attention_mask: [B, T], 0 for left padding among the new tokens (default: all real).
+    last_only: compute the LM head for the last position only ([B, 1, V]), as prefill needs.
+    return_router: also return, per layer, (experts [B, T, k], weights [B, T, k]) or None.
+    Returns (logits [B, T, V] float32, cache) or (logits, cache, router).
+    """
+    check_params_config(params, config)  # wrong inputs: one clear error each (see the checks below)
+    input_ids = check_input_ids(input_ids, config.vocab_size)
+    B, T = input_ids.shape
+    new_valid = check_attention_mask(attention_mask, (B, T))
+    if cache is not None:
+        check_cache(cache, config, B)
+    # The T new positions go after those the cache holds: room for them, their RoPE angles and masks.
+    cache = empty_cache(config, B, T) if cache is None else grow_cache(cache, cache.length + T)
+    start, end = cache.length, cache.length + T
+    cache.valid[:, start:end] = new_valid
+    cos, sin, masks = attention_inputs(config, cache.valid[:, :end], T)
+
+    # Token vectors, through every decoder layer (each writes its keys and values into the cache),
+    # then the final norm and the LM head.
+    x = embedding(input_ids, params["model"]["embed_tokens"]["weight"])  # [B, T, D]
+    router = []
+    for i, layer in enumerate(params["model"]["layers"]):
+        mask = masks[config.layer_types[i]]
+        x, choice = decoder_layer(x, layer, config, cos, sin, mask, cache.keys[i], cache.values[i], start)
+        router.append(choice)
+    if last_only:
+        x = x[:, -1:]  # [B, 1, D]: generation needs the next-token logits of the last position only
+    x = rms_norm(x, **params["model"]["norm"], eps=config.rms_norm_eps)
+    logits = linear(x, **params["lm_head"])  # [B, T, V] ([B, 1, V] with last_only)
+    cache = cache._replace(length=end)
+    return (logits, cache, router) if return_router else (logits, cache)
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks `forward` runs first: a wrong input is one clear error, not a failure deep inside NumPy
 
 
 def check_cache(cache, config, batch_size):
@@ -224,36 +264,3 @@ def check_attention_mask(attention_mask, shape):  # -> [B, T] bool, True for a r
         bad = mask[~np.isin(mask, (0, 1))][0]
         raise QwenNPError(f"attention_mask must hold 1 (a real token) and 0 (padding), found {bad}")
     return mask.astype(bool)
-
-
-def forward(params, config, input_ids, cache=None, attention_mask=None, last_only=False, return_router=False):
-    """Logits for `input_ids` [B, T] after the positions already in `cache`.
-
-    attention_mask: [B, T], 0 for left padding among the new tokens (default: all real).
-    last_only: compute the LM head for the last position only ([B, 1, V]), as prefill needs.
-    return_router: also return, per layer, (experts [B, T, k], weights [B, T, k]) or None.
-    Returns (logits [B, T, V] float32, cache) or (logits, cache, router).
-    """
-    check_params_config(params, config)
-    input_ids = check_input_ids(input_ids, config.vocab_size)
-    B, T = input_ids.shape
-    new_valid = check_attention_mask(attention_mask, (B, T))
-    if cache is not None:
-        check_cache(cache, config, B)
-    cache = empty_cache(config, B, T) if cache is None else grow_cache(cache, cache.length + T)
-    start, end = cache.length, cache.length + T
-    cache.valid[:, start:end] = new_valid
-    cos, sin, masks = attention_inputs(config, cache.valid[:, :end], T)
-
-    x = embedding(input_ids, params["model"]["embed_tokens"]["weight"])  # [B, T, D]
-    router = []
-    for i, layer in enumerate(params["model"]["layers"]):
-        mask = masks[config.layer_types[i]]
-        x, choice = decoder_layer(x, layer, config, cos, sin, mask, cache.keys[i], cache.values[i], start)
-        router.append(choice)
-    if last_only:
-        x = x[:, -1:]
-    x = rms_norm(x, **params["model"]["norm"], eps=config.rms_norm_eps)
-    logits = linear(x, **params["lm_head"])  # [B, T, V]
-    cache = cache._replace(length=end)
-    return (logits, cache, router) if return_router else (logits, cache)

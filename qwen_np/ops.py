@@ -4,9 +4,12 @@ low-memory mode, weight matrices arrive as bfloat16 bits, which `linear` and `em
 Shape legend (used in every comment of the package):
     B batch, T new tokens, S cached + new positions, D hidden size, H query heads,
     K key/value heads, G = H // K query heads per key/value head, Dh head_dim,
-    F intermediate size, E experts, k top-k, V vocab, N tokens (B * T flattened).
+    F intermediate size, E experts, k top-k, V vocab, N tokens (B * T flattened),
+    C positions a KV cache has room for (its capacity, S of them filled).
 
-Nothing here reads a config, a file or a global: every scalar is an argument.
+Nothing here reads a config, a file or a global: every scalar is an argument. (The three block
+sizes below, BF16_ROWS, FEW_ROWS and QUERY_BLOCK, choose how a product is split up for speed or
+memory; the result is the same up to float rounding.)
 """
 
 import math
@@ -20,6 +23,10 @@ import numpy as np
 def embedding(input_ids, weight):  # [B, T] int, [V, D] -> [B, T, D]
     rows = weight[input_ids]
     return bf16_to_float32(rows) if rows.dtype == np.uint16 else rows
+
+
+BF16_ROWS = 4096  # rows of a bf16 weight widened at once: 16 MB of float32 for a hidden size of 1024
+FEW_ROWS = 128  # up to this many rows (a short prompt, a chat turn's new tokens), (W @ x^T)^T
 
 
 def linear(x, weight, bias=None):  # [..., in], [out, in], [out] or None -> [..., out]
@@ -41,15 +48,12 @@ def times_transposed(x, weight):  # [..., in], [out, in] -> [..., out]: x @ weig
     return x @ weight.T
 
 
-BF16_ROWS = 4096  # rows of a bf16 weight widened at once: 16 MB of float32 for a hidden size of 1024
-FEW_ROWS = 128  # up to this many rows (a short prompt, a chat turn's new tokens), (W @ x^T)^T
-
-
-def bf16_to_float32(bits):  # [...] uint16 -> [...] float32, exact
+def bf16_to_float32(bits, out=None):  # [...] uint16 -> [...] float32, exact (written into `out` if given)
     # NumPy has no bfloat16: its 16 bits are kept as uint16. A bfloat16 is the top half of a
     # float32, so shifting the bits up 16 and reading them as float32 gives its exact value.
-    wide = bits.astype(np.uint32)
-    wide <<= 16
+    wide = np.empty(bits.shape, np.uint32) if out is None else out.view(np.uint32)
+    wide[...] = bits  # the 16 bits, low
+    wide <<= 16  # moved high
     return wide.view(np.float32)
 
 
@@ -108,7 +112,7 @@ def rope_dynamic(head_dim, theta, factor, seq_len, max_position_embeddings):  # 
     return rope_default(head_dim, base)
 
 
-def rope_yarn(head_dim, theta, factor, original_max_position_embeddings, beta_fast=32, beta_slow=1,
+def rope_yarn(head_dim, theta, factor, original_max_position_embeddings, beta_fast=None, beta_slow=None,
               attention_factor=None, mscale=None, mscale_all_dim=None, truncate=True):  # -> [Dh/2], float
     # YaRN: high-frequency pairs (many rotations within the trained length) keep their
     # frequency, low-frequency pairs are interpolated by `factor`, a linear ramp in between;
@@ -126,7 +130,7 @@ def rope_yarn(head_dim, theta, factor, original_max_position_embeddings, beta_fa
         return head_dim * math.log(original_max_position_embeddings / (num_rotations * 2 * math.pi)) / (
             2 * math.log(theta))
 
-    low, high = correction_dim(beta_fast or 32), correction_dim(beta_slow or 1)
+    low, high = correction_dim(beta_fast or 32), correction_dim(beta_slow or 1)  # None or 0: the reference's 32, 1
     if truncate:
         low, high = math.floor(low), math.ceil(high)
     low, high = max(low, 0), min(high, head_dim - 1)
@@ -134,8 +138,8 @@ def rope_yarn(head_dim, theta, factor, original_max_position_embeddings, beta_fa
         high += 0.001  # avoid a division by zero in the ramp
     ramp = np.clip((np.arange(head_dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
     extrapolation = 1 - ramp  # 1 where the pair keeps its trained frequency
-    wavelength = theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)  # [Dh/2]
-    inv_freq = (1.0 / (np.float32(factor) * wavelength)) * (1 - extrapolation) + (1.0 / wavelength) * extrapolation
+    pos_freqs = theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)  # [Dh/2], 1 / the default inv_freq
+    inv_freq = (1.0 / (np.float32(factor) * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
     return inv_freq.astype(np.float32), attention_factor
 
 
@@ -169,7 +173,8 @@ def rotate_half(x):  # [..., Dh] -> [..., Dh]
 
 
 def apply_rope(x, cos, sin):  # [B, H, T, Dh], [B, T, Dh], [B, T, Dh] -> [B, H, T, Dh]
-    # Rotates each pair (x_i, x_{i+Dh/2}) by its angle; vector norms are unchanged.
+    # Rotates each pair (x_i, x_{i+Dh/2}) by its angle: vector norms are unchanged (scaled by
+    # attention_factor under YaRN, whose cos and sin carry it, as the reference's do).
     cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, Dh], broadcast over heads
     return x * cos + rotate_half(x) * sin
 
@@ -209,7 +214,7 @@ def attention(q, k, v, mask):  # [B, H, T, Dh], [B, K, S, Dh] x2, [B, 1, T, S] b
     q = q.reshape(B, K, G, T, Dh) * np.float32(Dh**-0.5)  # [B, K, G, T, Dh]; scaling q = scaling the scores
     k = k[:, :, None]  # [B, K, 1, S, Dh]
     out = np.empty_like(q)
-    for t in range(0, T, QUERY_BLOCK):  # blocks of queries: the same result, a fraction of the memory
+    for t in range(0, T, QUERY_BLOCK):  # blocks of queries: the same result (up to rounding), a fraction of the memory
         rows = slice(t, t + QUERY_BLOCK)
         # Keys after the last one these queries may see are left out (their weights would be 0):
         # with the causal mask most of the masked upper triangle is never computed.

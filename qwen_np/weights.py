@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import QwenNPError, is_int, parse_json, read_json
+from .ops import bf16_to_float32
 
 DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # BF16: raw bits, widened below
 
@@ -121,10 +122,7 @@ def read_tensor(path, name, dtype, shape, offset, nbytes, mapped=None, bf16=Fals
             if bf16:  # F32 or F16 -> bfloat16 bits
                 chunk[:] = float32_to_bf16(raw.astype(np.float32, copy=False))
             elif dtype == "BF16":
-                # bfloat16 is the top 16 bits of a float32: put the bits high, read them as float32.
-                bits = chunk.view(np.uint32)
-                bits[:] = raw
-                bits <<= 16
+                bf16_to_float32(raw, out=chunk)
             else:
                 chunk[:] = raw
     return out.reshape(shape)
@@ -259,7 +257,8 @@ def flatten(tree, prefix=""):
 
 
 def load_params(directory, config, mmap=False, low_memory=False):
-    """The params tree of a checkpoint directory, every tensor float32 and shape-checked.
+    """The params tree of a checkpoint directory, every tensor float32 (with low_memory, the
+    matrices bfloat16 bits) and shape-checked.
 
     mmap: float32 tensors become views of the files mapped into memory, as transformers loads
     them: nothing is read until a forward pass touches it, and the pages are shared with the OS

@@ -115,6 +115,7 @@ def test_llama_has_no_sliding_window_whatever_config_json_says(tmp_path):
     {"rope_type": "linear", "factor": 2.0},
     {"rope_type": "dynamic", "factor": 2.0},
     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+    {"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 16},  # 64 / 16
 ])
 def test_rope_scaling_past_the_original_length(tmp_path, rope):
     # dynamic NTK changes the frequencies only past max_position_embeddings: make that short too.
@@ -582,6 +583,8 @@ BAD_VALUES = [  # (config.json changes, the error's words)
     (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 0}), "factor must be a number > 0"),
     (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "high_freq_factor": 4.0}),
      "rope type 'llama3' needs a 'low_freq_factor'"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "original_max_position_embeddings": 16}),
+     "rope type 'yarn' needs a 'factor'"),  # transformers refuses it too
     (dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported: qwen_np's MLP is SwiGLU with SiLU"),
     (dict(head_dim=2, rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}),
      "rope type 'dynamic' needs a head_dim above 2, got 2"),
