@@ -45,7 +45,7 @@ def empty_cache(config, batch_size, capacity):
     B, K, C, Dh = batch_size, config.num_key_value_heads, capacity, config.head_dim
     layers = range(config.num_hidden_layers)
     # Keys are [B, K, C, Dh] like values, but laid out position-minor in memory (a [B, K, Dh, C]
-    # buffer seen transposed): then `q @ k.T` in `attention` reads each head's keys as one
+    # buffer seen transposed): then `q @ k.T` in `grouped_attention` reads each head's keys as one
     # row-major [Dh, S] matrix, which BLAS streams about 1.4x faster when decoding.
     return KVCache(tuple(np.zeros((B, K, Dh, C), np.float32).swapaxes(2, 3) for _ in layers),
                    tuple(np.zeros((B, K, C, Dh), np.float32) for _ in layers),

@@ -207,28 +207,33 @@ QUERY_BLOCK = 256  # queries per step of `attention`: scores stay [B, H, 256, S]
 def attention(q, k, v, mask):  # [B, H, T, Dh], [B, K, S, Dh] x2, [B, 1, T, S] bool -> [B, H, T, Dh]
     B, H, T, Dh = q.shape
     K = k.shape[1]
-    G = H // K
-    # Grouped-query attention: the G = H // K query heads of a group share one key/value head.
-    # k[:, :, None] broadcasts it over them: the same as repeat_kv, without the copy, and in
-    # decoding each head's scores are one matrix-vector product.
-    q = q.reshape(B, K, G, T, Dh) * np.float32(Dh**-0.5)  # [B, K, G, T, Dh]; scaling q = scaling the scores
-    k = k[:, :, None]  # [B, K, 1, S, Dh]
+    # Grouped-query attention: the G = H // K query heads of a group share one key/value head,
+    # so the queries are seen as [B, K, G, T, Dh] (see grouped_attention).
+    q = q.reshape(B, K, H // K, T, Dh) * np.float32(Dh**-0.5)  # scaling q = scaling the scores
     out = np.empty_like(q)
-    for t in range(0, T, QUERY_BLOCK):  # blocks of queries: the same result (up to rounding), a fraction of the memory
+    # Blocks of queries: the same result (up to float rounding) in a fraction of the memory.
+    for t in range(0, T, QUERY_BLOCK):
         rows = slice(t, t + QUERY_BLOCK)
         # Keys after the last one these queries may see are left out (their weights would be 0):
         # with the causal mask most of the masked upper triangle is never computed.
-        seen = mask[:, 0, rows].any(axis=(0, 1)).nonzero()[0][-1] + 1
-        scores = q[..., rows, :] @ k[..., :seen, :].swapaxes(-1, -2)  # [B, K, G, rows, seen]
-        # Masked scores become -inf, in place; the mask always allows the query's own position,
-        # so no row is left empty.
-        np.copyto(scores, np.float32(-np.inf), where=~mask[:, :, None, rows, :seen])
-        probs = softmax(scores, out=scores)  # in place: our own array
-        # The G heads of a group share their values: one [G * rows, seen] @ [seen, Dh] product
-        # per group reads each value head once (a product per query head would read it G times).
-        grouped = probs.reshape(B, K, -1, seen) @ v[:, :, :seen]  # [B, K, G * rows, Dh]
-        out[..., rows, :] = grouped.reshape(B, K, G, -1, Dh)
+        n_keys = mask[:, 0, rows].any(axis=(0, 1)).nonzero()[0][-1] + 1
+        out[..., rows, :] = grouped_attention(q[..., rows, :], k[:, :, :n_keys], v[:, :, :n_keys],
+                                              mask[:, :, rows, :n_keys])
     return out.reshape(B, H, T, Dh)
+
+
+def grouped_attention(q, k, v, mask):  # [B, K, G, T, Dh] scaled, [B, K, S, Dh] x2, [B, 1, T, S] -> [B, K, G, T, Dh]
+    B, K, G, T, Dh = q.shape
+    # k[:, :, None] broadcasts each key/value head over its G query heads: the same as repeat_kv,
+    # without the copy, and in decoding each query head's scores are one matrix-vector product.
+    scores = q @ k[:, :, None].swapaxes(-1, -2)  # [B, K, G, T, S]
+    # Masked scores become -inf, in place; the mask always allows the query's own position,
+    # so no row is left empty.
+    np.copyto(scores, np.float32(-np.inf), where=~mask[:, :, None])
+    probs = softmax(scores, out=scores)  # in place: our own array
+    # The G heads of a group share their values: one [G * T, S] @ [S, Dh] product per group
+    # reads each value head once (a product per query head would read it G times).
+    return (probs.reshape(B, K, G * T, -1) @ v).reshape(B, K, G, T, Dh)
 
 
 # ---------------------------------------------------------------------------------------------
