@@ -8,7 +8,6 @@ stderr and a non-zero exit status, never a traceback.
 """
 
 import argparse
-import math
 import os
 import sys
 
@@ -28,7 +27,8 @@ def number(kind, low, high=None, low_open=False, what=""):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
-        if not (value > low if low_open else value >= low) or (high is not None and value > high) or math.isnan(value):
+        # value != value: NaN, which no comparison refuses (math.isnan would fail on a huge int)
+        if not (value > low if low_open else value >= low) or (high is not None and value > high) or value != value:
             raise argparse.ArgumentTypeError(f"{text} is out of range: {what}")
         return value
     return parse

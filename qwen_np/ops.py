@@ -207,9 +207,10 @@ QUERY_BLOCK = 256  # queries per step of `attention`: scores stay [B, H, 256, S]
 def attention(q, k, v, mask):  # [B, H, T, Dh], [B, K, S, Dh] x2, [B, 1, T, S] bool -> [B, H, T, Dh]
     B, H, T, Dh = q.shape
     K = k.shape[1]
-    # Grouped-query attention: the G = H // K query heads of a group share one key/value head,
-    # so the queries are seen as [B, K, G, T, Dh] (see grouped_attention).
-    q = q.reshape(B, K, H // K, T, Dh) * np.float32(Dh**-0.5)  # scaling q = scaling the scores
+    G = H // K
+    # Grouped-query attention: the G query heads of a group share one key/value head, so the
+    # queries are seen as [B, K, G, T, Dh] (see grouped_attention).
+    q = q.reshape(B, K, G, T, Dh) * np.float32(Dh**-0.5)  # scaling q = scaling the scores
     out = np.empty_like(q)
     # Blocks of queries: the same result (up to float rounding) in a fraction of the memory.
     for t in range(0, T, QUERY_BLOCK):

@@ -18,10 +18,10 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 IN_CI = bool(os.environ.get("CI"))
 
 
-def _unavailable(reason):
+def _unavailable(reason):  # in a test, or while a test module is imported (then for the whole module)
     if IN_CI:
-        pytest.fail(f"{reason} (CI must have it)")
-    pytest.skip(reason)
+        pytest.fail(f"{reason} (CI must have it)", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
 
 
 @pytest.fixture(scope="session")
@@ -38,17 +38,7 @@ def require_module(name):
     try:
         return importlib.import_module(name)
     except ImportError as e:
-        reason = f"{name} is not installed ({e}); pip install -r requirements-dev.txt"
-        if IN_CI:
-            pytest.fail(f"{reason} (CI must have it)", pytrace=False)
-        pytest.skip(reason, allow_module_level=True)
-
-
-# A text that exercises a tokenizer: code, spacing, CJK, accents, emoji sequences, special tokens.
-VARIED_TEXT = ("<|im_start|>user\nHello, world! It's 2024; isn't it?  Tabs\tand   spaces.\n\n"
-               "def f(x):\n    return x ** 2  # squares 12345\n"
-               "我想在北京工作，你好世界。 Émilie's café — naïve 🦙🚀😀 👨‍👩‍👧 (multiple emojis)\n"
-               "<|im_end|>\n<|im_start|>assistant\n<|endoftext|>")
+        _unavailable(f"{name} is not installed ({e}); pip install -r requirements-dev.txt")
 
 
 def require_reference():
@@ -65,6 +55,13 @@ def require_reference():
 @pytest.fixture
 def reference():
     return require_reference()
+
+
+# A text that exercises a tokenizer: code, spacing, CJK, accents, emoji sequences, special tokens.
+VARIED_TEXT = ("<|im_start|>user\nHello, world! It's 2024; isn't it?  Tabs\tand   spaces.\n\n"
+               "def f(x):\n    return x ** 2  # squares 12345\n"
+               "我想在北京工作，你好世界。 Émilie's café — naïve 🦙🚀😀 👨‍👩‍👧 (multiple emojis)\n"
+               "<|im_end|>\n<|im_start|>assistant\n<|endoftext|>")
 
 
 HUGE_PAGES = """

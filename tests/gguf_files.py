@@ -41,8 +41,6 @@ def stack_experts(tensors):
     return out
 
 
-# A varied text for tokenizer comparisons: English, code, numbers, Chinese, emoji, whitespace runs
-# and special tokens written inline.
 def write_gguf(path, family, config, tensors, qtype=gguf.GGMLQuantizationType.F32, tokenizer=None,
                extra_metadata=(), raw_tensors=None, extra_tensors=None, omit=()):
     """Writes `tensors` ({HF name: array}) of a `config` (config.json dict) as a GGUF file.

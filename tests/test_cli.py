@@ -128,6 +128,8 @@ def test_top_level_help_names_the_commands_and_the_benchmark():
 
 @pytest.mark.parametrize("args, fragments", [
     (["generate", "--model", "/no/such/checkpoint", "hi"], ["/no/such/checkpoint", "does not exist"]),
+    (["generate", "--model", "/no/such/checkpoint", "--max-new-tokens", "1" + "0" * 400, "hi"],
+     ["/no/such/checkpoint", "does not exist"]),  # an integer too large for a float is still parsed
     (["generate", "--model", "{spelling}", "--temperature", "-1", "hi"], ["--temperature", "-1"]),
     (["chat", "--model", "{spelling}", "--top-p", "0"], ["--top-p", "(0, 1]"]),
     (["generate", "--model", "{spelling}", "--top-k", "2.5", "hi"], ["--top-k", "not an integer"]),

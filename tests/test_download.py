@@ -167,6 +167,13 @@ def test_failed_download_removes_every_directory_it_made(cache, serve, monkeypat
     with pytest.raises(qwen_np.QwenNPError, match="is corrupt"):
         download.default_model_path(size=len(FAKE_MODEL), sha256=sha256(FAKE_MODEL))
     assert [p.name for p in (tmp_path / "new" / "xdg").iterdir()] == ["other"]
+    # A ".." past a directory that does not exist: the cache is the directory the path resolves to.
+    (tmp_path / "there").mkdir()
+    monkeypatch.setenv("QWEN_NP_CACHE", str(tmp_path / "not-yet" / ".." / "there" / "cache"))
+    with pytest.raises(qwen_np.QwenNPError, match="is corrupt"):
+        download.default_model_path(size=len(FAKE_MODEL), sha256=sha256(FAKE_MODEL))
+    assert (tmp_path / "there").is_dir() and not (tmp_path / "not-yet").exists()
+    assert list((tmp_path / "there").iterdir()) == []
 
 
 def test_a_cache_directory_that_cannot_be_made_is_named(cache, monkeypatch):

@@ -491,8 +491,8 @@ def test_a_hub_id_that_is_not_a_local_path_says_how_to_fetch_it(tmp_path, monkey
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(qwen_np.QwenNPError, match=re.escape(
             f"Qwen/Qwen3-0.6B does not exist (nor is it in the Hugging Face cache, {tmp_path / 'hub'}; qwen_np reads "
-            f"local files only. To fetch Qwen/Qwen3-0.6B from the Hub: pip install -U huggingface_hub, then hf download "
-            f"Qwen/Qwen3-0.6B, and pass Qwen/Qwen3-0.6B again)")):
+            f"local files only. To fetch Qwen/Qwen3-0.6B from the Hub: pip install -U huggingface_hub, then hf "
+            f"download Qwen/Qwen3-0.6B, and pass Qwen/Qwen3-0.6B again)")):
         qwen_np.load("Qwen/Qwen3-0.6B")
     for path in ("nope", "./nope/x", str(tmp_path / "a" / "b"), "a/b/c", "a/b.gguf", "a/b c", "café/x"):  # paths
         with pytest.raises(qwen_np.QwenNPError) as error:
