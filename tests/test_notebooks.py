@@ -1,6 +1,7 @@
 """The notebooks: each runs top to bottom in a fresh kernel (the asserts inside are real checks),
 none defines a function named like one of qwen_np's, and each committed notebook is the saved
-result of a clean top-to-bottom run, with what-you-will-learn and recap cells."""
+result of a clean top-to-bottom run, with what-you-will-learn and recap cells, showing the
+package's current source wherever it prints it."""
 
 import ast
 import importlib
@@ -132,6 +133,36 @@ def test_committed_notebook_is_a_clean_run(path):
     assert not errors, f"{path.name}: code cells {errors} were saved with an error"
     assert cells[0].cell_type == "markdown" and "What you will learn" in cells[0].source
     assert cells[-1].cell_type == "markdown" and cells[-1].source.startswith("## Recap")
+
+
+def printed_sources(path):  # -> [(cell index, name, saved output)] of the cells printing a function's source
+    found = []
+    for i, cell in enumerate(read(path).cells):
+        shown = re.fullmatch(r"print\(inspect\.getsource\(([\w.]+)\)\)", cell.source.strip())
+        if cell.cell_type == "code" and shown:
+            found.append((i, shown.group(1), "".join(o.get("text", "") for o in cell.outputs)))
+    return found
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_the_sources_a_notebook_shows_are_the_packages_current_ones(path):
+    # A notebook saved before an operator changed would teach code the package no longer has.
+    package = public_functions()
+    stale = []
+    for i, name, shown in printed_sources(path):
+        if name.startswith("qwen_np."):  # qwen_np.KVCache
+            obj = getattr(qwen_np, name.removeprefix("qwen_np."))
+        elif name in package:
+            obj = getattr(importlib.import_module(package[name]), name)
+        else:  # a helper of the notebooks' own _setup.py
+            continue
+        if shown.rstrip("\n") != inspect.getsource(obj).rstrip("\n"):
+            stale.append(f"cell {i} ({name})")
+    assert not stale, f"{path.name} shows old source in {', '.join(stale)}: run it again and save it"
+
+
+def test_the_printed_sources_are_found():  # the check above is not vacuous
+    assert sum(len(printed_sources(path)) for path in NOTEBOOKS) >= 25
 
 
 def test_readme_lists_every_notebook():
