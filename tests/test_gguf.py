@@ -300,9 +300,9 @@ def test_low_memory_keeps_a_gguf_files_matrices_in_bf16(tmp_path, family, monkey
                                       "head_dim": 8} if family == "qwen3_moe" else {}))
     path = random_gguf(tmp_path / "m.gguf", family, config, qtype=Q.Q8_0)
     default, low = qwen_np.load(path), qwen_np.load(path, low_memory=True)
-    matrices = 0
+    matrices, low_params = 0, flatten(low.params)
     for name, value in flatten(default.params).items():
-        kept = flatten(low.params)[name]
+        kept = low_params[name]
         if value.ndim == 2:  # the dequantized values rounded to bfloat16, as from a float32 checkpoint
             assert kept.dtype == np.uint16, name
             np.testing.assert_array_equal(kept, float32_to_bf16(value))
