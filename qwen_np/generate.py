@@ -107,6 +107,15 @@ def checked_logits(logits, params):  # [B, V] -> [B, V], finite
     raise QwenNPError(f"the model's logits are not finite (NaN or inf): {where}")
 
 
+def next_tokens(params, config, input_ids, cache, seen, sampling, rng, **kwargs):  # -> [B] int, cache
+    """One forward pass of `input_ids` [B, T] and the next token of each row, from the last
+    position. NumPy's overflow warnings are off: a model that overflows gets one error, from
+    checked_logits, instead."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        logits, cache = forward(params, config, input_ids, cache, last_only=True, **kwargs)  # [B, 1, V]
+    return choose_tokens(checked_logits(logits[:, -1], params), seen, sampling, rng), cache
+
+
 def non_finite_weight(params):  # -> the dotted name of the first weight holding NaN or inf, or None
     for name, w in flatten(params).items():
         # (low_memory's bfloat16 bits are uint16: NaN and inf have every exponent bit set)
@@ -495,10 +504,8 @@ def generate_batch(model, prompts, max_new_tokens=None, temperature=None, top_k=
         check_past(past, config)
         reused = reusable_length(past, prompts[0]) if rope_allows_reuse(config, past, prompts[0]) else 0
     cache = new_cache(config, B, capacity, past, reused)
-    with np.errstate(over="ignore", invalid="ignore"):  # a model that overflows: checked_logits says so, once
-        logits, cache = forward(params, config, input_ids[:, reused:], cache,
-                                attention_mask=attention_mask[:, reused:], last_only=True)
-    next_ids = choose_tokens(checked_logits(logits[:, -1], params), seen, settings, rng)  # [B]
+    next_ids, cache = next_tokens(params, config, input_ids[:, reused:], cache, seen, settings, rng,
+                                  attention_mask=attention_mask[:, reused:])  # [B]
     prefill_seconds, decode_seconds, decode_tokens = time.perf_counter() - start, 0.0, 0
 
     for step in range(budget):
@@ -528,9 +535,7 @@ def generate_batch(model, prompts, max_new_tokens=None, temperature=None, top_k=
         start = time.perf_counter()
         # Decode: one new token per prompt, attending to the cached keys and values.
         seen[np.arange(len(rows)), next_ids] = True
-        with np.errstate(over="ignore", invalid="ignore"):
-            logits, cache = forward(params, config, next_ids[:, None], cache)  # [b, 1, V]
-        next_ids = choose_tokens(checked_logits(logits[:, -1], params), seen, settings, rng)
+        next_ids, cache = next_tokens(params, config, next_ids[:, None], cache, seen, settings, rng)  # [b]
         decode_seconds += time.perf_counter() - start
         decode_tokens += int(alive.sum())
 
