@@ -290,6 +290,10 @@ class Cursor:
         return [self.value(item, depth + 1) for _ in range(count)]
 
 
+def round_up(n, multiple):  # -> the smallest multiple of `multiple` that is >= n
+    return -(-n // multiple) * multiple
+
+
 def parse_gguf(buffer):  # -> {key: value}, {name: Tensor}; raises Corrupt
     cursor = Cursor(buffer)
     cursor.take(8)  # "GGUF" and the version, checked by the caller
@@ -313,7 +317,7 @@ def parse_gguf(buffer):  # -> {key: value}, {name: Tensor}; raises Corrupt
     alignment = metadata.get("general.alignment", 32)
     if not is_int(alignment) or alignment < 1 or alignment & (alignment - 1):  # as llama.cpp requires
         raise Corrupt(f"general.alignment={alignment!r} is not a power of two")
-    data_start = -(-cursor.pos // alignment) * alignment  # the table's end rounded up to the alignment
+    data_start = round_up(cursor.pos, alignment)  # the table's end, padded to the alignment
     tensors, expected, before = {}, 0, None  # where the next tensor's data must start (None: unknown, after
     for name, (number, dims, offset) in table.items():  # an unreadable type), and the tensor before it
         if expected is not None and offset != expected:  # llama.cpp's rule: each tensor's data follows the
@@ -324,7 +328,7 @@ def parse_gguf(buffer):  # -> {key: value}, {name: Tensor}; raises Corrupt
         type_name = GGML_TYPES.get(number, str(number))
         data = tensor_bytes(buffer, name, type_name, dims, data_start + offset)
         tensors[name] = Tensor(name, type_name, dims, data)
-        expected = None if data is None else offset + -(-data.size // alignment) * alignment
+        expected = None if data is None else offset + round_up(data.size, alignment)
         before = name
     return metadata, tensors
 
