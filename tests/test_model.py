@@ -16,6 +16,7 @@ import qwen_np
 from conftest import require_reference
 from qwen_np import hub_cache, hub_cache_model
 from qwen_np.config import config_from_dict, read_json
+from qwen_np.model import empty_cache
 from qwen_np.weights import expected_shapes, float32_to_bf16, read_safetensors_header, read_tensor
 from tiny import drop_tensor, edit_config, reference_logits, tiny_model
 
@@ -173,7 +174,7 @@ def test_a_file_that_cannot_be_mapped_is_named(tmp_path, monkeypatch):
         qwen_np.load(tmp_path, mmap=True)
 
 
-def test_low_memory_keeps_bf16_matrices_and_gives_the_default_logits(tmp_path):
+def test_low_memory_keeps_bf16_matrices_and_gives_the_default_logits(tmp_path, monkeypatch):
     torch, _ = require_reference()  # skips without the reference (fails in CI)
     tiny_model("qwen2", tmp_path, dtype=torch.bfloat16, tie_word_embeddings=False, max_shard_size="40KB")
     default, low = qwen_np.load(tmp_path), qwen_np.load(tmp_path, low_memory=True)
@@ -182,9 +183,16 @@ def test_low_memory_keeps_bf16_matrices_and_gives_the_default_logits(tmp_path):
     assert low.params["lm_head"]["weight"].dtype == low.params["model"]["embed_tokens"]["weight"].dtype == np.uint16
     assert layer["self_attn"]["q_proj"]["bias"].dtype == layer["input_layernorm"]["weight"].dtype == np.float32
     x = ids(2, 20)
-    # Widening bf16 is exact, so the results are the default's to the last bit.
-    np.testing.assert_array_equal(qwen_np.forward(low.params, low.config, x)[0],
-                                  qwen_np.forward(default.params, default.config, x)[0])
+    # Widening bf16 is exact, so the results are the default's to the last bit (each weight here
+    # is widened in one block).
+    (low_logits, low_cache), (logits, cache) = (qwen_np.forward(m.params, m.config, x, empty_cache(m.config, 2, 21))
+                                                for m in (low, default))
+    np.testing.assert_array_equal(low_logits, logits)
+    # A decode step widens blocks of BF16_CACHED floats, here 5 rows: the same up to rounding.
+    monkeypatch.setattr(qwen_np.ops, "BF16_CACHED", 5 * low.config.hidden_size)
+    step = ids(2, 1)
+    np.testing.assert_allclose(qwen_np.forward(low.params, low.config, step, low_cache)[0],
+                               qwen_np.forward(default.params, default.config, step, cache)[0], rtol=1e-5, atol=1e-6)
 
 
 def test_low_memory_rounds_float32_weights_to_bf16_as_torch_does(tmp_path, monkeypatch):

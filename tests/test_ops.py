@@ -66,6 +66,18 @@ def test_linear_is_x_times_w_transposed_for_any_number_of_rows():
         assert ops.linear(x, w).dtype == np.float32
 
 
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 40])  # decoding's cache-sized blocks up to 16, BF16_ROWS beyond
+def test_linear_widens_bf16_weights_a_block_at_a_time(rows, monkeypatch):
+    monkeypatch.setattr(ops, "BF16_ROWS", 20)  # blocks that divide neither 48 rows...
+    monkeypatch.setattr(ops, "BF16_CACHED", 7 * 32)  # ...nor, at 7 rows of 32 floats, these
+    assert ops.bf16_block_rows(rows, 32) == (7 if rows <= 16 else 20)
+    bits = (randn(48, 32).view(np.uint32) >> 16).astype(np.uint16)  # bf16 bits, truncated
+    w, b, x = ops.bf16_to_float32(bits), randn(48), randn(1, rows, 32)
+    y = ops.linear(x, bits, b)
+    assert y.shape == (1, rows, 48) and y.dtype == np.float32
+    np.testing.assert_allclose(y, x.astype(np.float64) @ w.T.astype(np.float64) + b, rtol=1e-5, atol=1e-5)
+
 def test_sigmoid_does_not_overflow():
     np.testing.assert_allclose(ops.sigmoid(np.array([-1000.0, 0.0, 1000.0], np.float32)), [0, 0.5, 1])
 
