@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from qwen_np import ops
+from qwen_np.weights import float32_to_bf16
 
 rng = np.random.default_rng(0)
 
@@ -72,7 +73,7 @@ def test_linear_widens_bf16_weights_a_block_at_a_time(rows, monkeypatch):
     monkeypatch.setattr(ops, "BF16_ROWS", 20)  # blocks that divide neither 48 rows...
     monkeypatch.setattr(ops, "BF16_CACHED", 7 * 32)  # ...nor, at 7 rows of 32 floats, these
     assert ops.bf16_block_rows(rows, 32) == (7 if rows <= 16 else 20)
-    bits = (randn(48, 32).view(np.uint32) >> 16).astype(np.uint16)  # bf16 bits, truncated
+    bits = float32_to_bf16(randn(48, 32))  # bfloat16 bits, as low_memory keeps them
     w, b, x = ops.bf16_to_float32(bits), randn(48), randn(1, rows, 32)
     y = ops.linear(x, bits, b)
     assert y.shape == (1, rows, 48) and y.dtype == np.float32
