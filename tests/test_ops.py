@@ -59,13 +59,33 @@ def test_masks():
 
 def test_linear_is_x_times_w_transposed_for_any_number_of_rows():
     w, b = randn(48, 32), randn(48)
-    for shape in [(32,), (1, 32), (3, 1, 32), (2, 5, 32), (1, ops.FEW_ROWS, 32), (1, ops.FEW_ROWS + 1, 32), (300, 32)]:
+    for shape in [(32,), (1, 32), (2, 32), (3, 1, 32), (2, 5, 32), (8, 1, 32), (4, 2, 3, 32), (1, ops.FEW_ROWS, 32),
+                  (1, ops.FEW_ROWS + 1, 32), (300, 32)]:
         x = randn(*shape)
         # float64 products as the check: the float32 ones differ in rounding between BLAS calls
         np.testing.assert_allclose(ops.linear(x, w, b), x.astype(np.float64) @ w.T.astype(np.float64) + b,
                                    rtol=1e-5, atol=1e-5)
         assert ops.linear(x, w).dtype == np.float32
 
+
+
+@pytest.mark.parametrize("shape", [(4, 32), (8, 1, 32), (4, 5, 32), (2, 3, 1, 32), (1, 300, 32)])
+def test_linear_multiplies_every_row_of_a_batch_in_one_product(shape):
+    # Decoding a batch of B sequences gives x [B, 1, in]. NumPy multiplies a stack one matrix at a
+    # time, reading the weight B times; `linear` makes it one product of B rows, 2-D on both sides.
+    products = []
+
+    class Weight(np.ndarray):  # a weight that records the operands of every product it is in
+        def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+            arrays = [np.asarray(a) for a in inputs]
+            products.append([a.shape for a in arrays])
+            return getattr(ufunc, method)(*arrays, **kwargs)
+
+    w, x = randn(48, 32), randn(*shape)
+    y = ops.linear(x, w.view(Weight))
+    assert type(y) is np.ndarray and y.shape == shape[:-1] + (48,)
+    assert len(products) == 1 and [len(s) for s in products[0]] == [2, 2], products
+    np.testing.assert_allclose(y, x.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 16, 17, 40])  # decoding's cache-sized blocks up to 16, BF16_ROWS beyond
