@@ -57,8 +57,9 @@ def times_transposed(x, weight):  # [..., in], [out, in] -> [..., out]: x @ weig
     rows = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # [N, in], N = B * T (-1 fails for in = 0)
     if 1 < len(rows) <= 3:
         # Two or three rows: a stack of one-row products, for which NumPy calls a matrix-vector
-        # product each (it streams the weight on every core). OpenBLAS's general product first
-        # copies the weight into blocks of its own: slower for 2 and 3 rows, faster from 4.
+        # product each, reading the weight as it is. OpenBLAS's general product first copies the
+        # weight into blocks of its own: slower for 2 and 3 rows, faster from 4 (Qwen3-0.6B shape,
+        # a batch decoding 3 prompts: 12.4 against 11.6 tokens/s; 4 prompts: 13.4 against 15.8).
         y = (rows[:, None] @ weight.T)[:, 0]  # [N, 1, in] @ [in, out] -> [N, 1, out] -> [N, out]
     elif 1 < len(rows) <= FEW_ROWS:
         # The same product written (weight @ x^T)^T: for a few rows OpenBLAS runs this form faster,

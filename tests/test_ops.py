@@ -1,5 +1,6 @@
 """Each operator against the reference implementation's own function, and against properties."""
 
+import math
 import types
 
 import numpy as np
@@ -69,10 +70,12 @@ def test_linear_is_x_times_w_transposed_for_any_number_of_rows():
 
 
 
-@pytest.mark.parametrize("shape", [(4, 32), (8, 1, 32), (4, 5, 32), (2, 3, 1, 32), (1, 300, 32)])
-def test_linear_multiplies_every_row_of_a_batch_in_one_product(shape):
+@pytest.mark.parametrize("shape", [(2, 1, 32), (3, 32), (4, 32), (8, 1, 32), (4, 5, 32), (2, 3, 1, 32), (1, 300, 32)])
+def test_linear_multiplies_every_row_of_a_batch_in_one_call(shape):
     # Decoding a batch of B sequences gives x [B, 1, in]. NumPy multiplies a stack one matrix at a
-    # time, reading the weight B times; `linear` makes it one product of B rows, 2-D on both sides.
+    # time, reading the weight B times; `linear` makes it one product of all the rows, 2-D on both
+    # sides. (For 2 and 3 rows, by design, one stack of one-row products: a matrix-vector product each.)
+    rows = math.prod(shape[:-1])
     products = []
 
     class Weight(np.ndarray):  # a weight that records the operands of every product it is in
@@ -84,7 +87,10 @@ def test_linear_multiplies_every_row_of_a_batch_in_one_product(shape):
     w, x = randn(48, 32), randn(*shape)
     y = ops.linear(x, w.view(Weight))
     assert type(y) is np.ndarray and y.shape == shape[:-1] + (48,)
-    assert len(products) == 1 and [len(s) for s in products[0]] == [2, 2], products
+    if rows <= 3:
+        assert products == [[(rows, 1, 32), (32, 48)]]
+    else:
+        assert len(products) == 1 and [len(s) for s in products[0]] == [2, 2], products
     np.testing.assert_allclose(y, x.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-5, atol=1e-5)
 
 
