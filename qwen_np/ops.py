@@ -31,12 +31,16 @@ FEW_ROWS = 128  # up to this many rows (a short prompt, a chat turn's new tokens
 
 
 def linear(x, weight, bias=None):  # [..., in], [out, in], [out] or None -> [..., out]
+    # All rows go through one product: given a stack [B, T, in], NumPy would multiply it one
+    # [T, in] matrix at a time and read the weight B times (a batch of 8 decoding: 2x slower).
+    rows = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # [N, in], N = B * T (-1 fails for in = 0)
     if weight.dtype == np.uint16:  # bf16 bits (load(..., low_memory=True)): widened a block of rows at a time
-        rows = bf16_block_rows(math.prod(x.shape[:-1]), weight.shape[1])
-        y = np.concatenate([times_transposed(x, bf16_to_float32(weight[r:r + rows]))
-                            for r in range(0, weight.shape[0], rows)], axis=-1)
+        block = bf16_block_rows(len(rows), weight.shape[1])
+        y = np.concatenate([times_transposed(rows, bf16_to_float32(weight[r:r + block]))
+                            for r in range(0, weight.shape[0], block)], axis=-1)
     else:
-        y = times_transposed(x, weight)
+        y = times_transposed(rows, weight)
+    y = y.reshape(*x.shape[:-1], weight.shape[0])  # [..., out]
     return y if bias is None else y + bias
 
 
@@ -50,25 +54,20 @@ def bf16_block_rows(x_rows, in_features):  # -> rows of a bf16 weight to widen a
     return max(1, BF16_CACHED // in_features)
 
 
-def times_transposed(x, weight):  # [..., in], [out, in] -> [..., out]: x @ weight.T
+def times_transposed(rows, weight):  # [N, in], [out, in] -> [N, out]: rows @ weight.T
     # Weights keep the checkpoint's [out, in] layout; `weight.T` is a view, BLAS reads it transposed.
-    # All rows go through one product: given a stack [B, T, in], NumPy would multiply it one
-    # [T, in] matrix at a time and read the weight B times (a batch of 8 decoding: 2x slower).
-    rows = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # [N, in], N = B * T (-1 fails for in = 0)
     if 1 < len(rows) <= 3:
         # Two or three rows: a stack of one-row products, for which NumPy calls a matrix-vector
         # product each, reading the weight as it is. OpenBLAS's general product first copies the
         # weight into blocks of its own: slower for 2 and 3 rows, faster from 4 (Qwen3-0.6B shape,
         # a batch decoding 3 prompts: 12.4 against 11.6 tokens/s; 4 prompts: 13.4 against 15.8).
-        y = (rows[:, None] @ weight.T)[:, 0]  # [N, 1, in] @ [in, out] -> [N, 1, out] -> [N, out]
-    elif 1 < len(rows) <= FEW_ROWS:
-        # The same product written (weight @ x^T)^T: for a few rows OpenBLAS runs this form faster,
-        # with one thread or two (1.2-1.6x for 16-128 rows on the project's machine; no gain from
-        # 256 rows on). The result is a transposed view, which NumPy reads like any other array.
-        y = (weight @ rows.T).T
-    else:
-        y = rows @ weight.T
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+        return (rows[:, None] @ weight.T)[:, 0]  # [N, 1, in] @ [in, out] -> [N, 1, out] -> [N, out]
+    if 1 < len(rows) <= FEW_ROWS:
+        # The same product written (weight @ rows^T)^T: for a few rows OpenBLAS runs this form
+        # faster, with one thread or two (1.2-1.6x for 16-128 rows on the project's machine; no gain
+        # from 256 rows on). The result is a transposed view, which NumPy reads like any other array.
+        return (weight @ rows.T).T
+    return rows @ weight.T
 
 
 def bf16_to_float32(bits, out=None):  # [...] uint16 -> [...] float32, exact (written into `out` if given)
