@@ -17,7 +17,8 @@ over rounds; the ratios are medians of the per-round ratios (paired). A third wo
 the machine's ceilings in each round: memory bandwidth (a float32 matrix-vector product over a
 matrix far larger than the caches) and float32 matmul GFLOP/s. Decode speed is reported as a
 fraction of the bandwidth ceiling (bytes of weights read per token, from the config) and
-prefill as a fraction of the matmul ceiling (FLOPs from the config).
+prefill as a fraction of the matmul ceiling (FLOPs from the config). The output names the machine
+and the software, the BLAS libraries included: they decide how fast the products run.
 
 torch and transformers are imported only inside the reference worker: qwen_np never needs them.
 """
@@ -26,6 +27,8 @@ import argparse
 import inspect
 import json
 import os
+import platform
+import re
 import struct
 import subprocess
 import sys
@@ -196,7 +199,16 @@ def qwen_np_worker(directory, sizes, **load_options):
         return empty_cache(model.config, 1, capacity)
 
     vocab_size = read_config(directory).vocab_size
-    return measure(lambda: qwen_np.load(directory, **load_options), step, new_cache, vocab_size, sizes)
+    result = measure(lambda: qwen_np.load(directory, **load_options), step, new_cache, vocab_size, sizes)
+    return dict(result, software=dict(numpy=np.__version__, blas=numpy_blas()))
+
+
+def numpy_blas():  # -> e.g. "scipy-openblas 0.3.31": the BLAS that NumPy was built with, which runs its products
+    try:
+        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        return f"{blas['name']} {blas['version']}"
+    except (TypeError, KeyError):  # a NumPy without show_config(mode=...), or a build that does not say
+        return "unknown"
 
 
 def transformers_worker(directory, sizes, threads, bf16=False):
@@ -225,7 +237,11 @@ def transformers_worker(directory, sizes, threads, bf16=False):
     def new_cache(model, capacity):  # its default, which the model would create on the first call
         return transformers.DynamicCache(config=model.config)
 
-    return measure(load, step, new_cache, read_config(directory).vocab_size, sizes)
+    result = measure(load, step, new_cache, read_config(directory).vocab_size, sizes)
+    blas = re.search(r"BLAS_INFO=(\w+)", torch.__config__.show())
+    return dict(result, software=dict(torch=torch.__version__, torch_blas=blas[1] if blas else "unknown",
+                                      cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                                      transformers=transformers.__version__))
 
 
 def ceilings_worker(sizes):
@@ -272,6 +288,27 @@ def run_worker(args, threads):
     if done.returncode != 0:
         raise SystemExit(f"worker {' '.join(args)} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def machine():  # what the figures came from: the CPU as the OS names it, its cores, memory and Python
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():  # Linux: platform.processor() says only "x86_64"
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    try:
+        memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (AttributeError, ValueError, OSError):  # Windows, or a system that does not say
+        memory_gib = None
+    return dict(cpu=cpu, cores=os.cpu_count(), memory_gib=memory_gib, python=platform.python_version())
+
+
+def describe(host, software):  # -> one line of the printed header
+    memory = f", {host['memory_gib']:.0f} GiB" if host["memory_gib"] else ""
+    return (f"Machine: {host['cpu']}, {host['cores']} cores{memory}; Python {host['python']}; "
+            f"NumPy {software['numpy']} ({software['blas']}); torch {software['torch']} (BLAS "
+            f"{software['torch_blas']}, CPU capability {software['cpu_capability']}); "
+            f"transformers {software['transformers']}.")
 
 
 def median(values):
@@ -457,6 +494,9 @@ def main(argv=None):
                 runs[name].append(run)
 
     bandwidth, flops = median([x["bandwidth"] for x in ceilings]), median([x["flops"] for x in ceilings])
+    first = next(iter(runs.values()))[0]  # every worker of one engine runs the same software
+    software = {**first["qwen_np"]["software"], **first["transformers"]["software"]}
+    host = machine()
     summaries = {name: summarise(configs[name], runs[name], ceilings, sizes, engines) for name in models}
     print(f"qwen_np against transformers (torch CPU, float32, eager attention), {args.threads} threads, "
           f"{rounds} round(s): medians, and ratios as medians of each round's ratio. This machine's ceilings: "
@@ -464,11 +504,13 @@ def main(argv=None):
           + ("" if given else f" The random checkpoints store {args.checkpoint_dtype} weights.")
           + (" (--smoke: tiny sizes that fit in the CPU's caches, so the figures say only that the benchmark "
              "runs, not how fast this machine is.)" if args.smoke else ""))
+    print(describe(host, software))
     for name in models:
         print(table(name, configs[name], summaries[name], sizes, engines))
     print(json.dumps({"bench": "qwen_np", "rounds": rounds, "threads": args.threads, "sizes": sizes,
                       "checkpoint_dtype": None if given else args.checkpoint_dtype,
                       "ceilings": {"bandwidth_gb_s": bandwidth / 1e9, "matmul_gflop_s": flops / 1e9},
+                      "machine": host, "software": software,
                       "models": summaries}))
 
 

@@ -2,8 +2,11 @@
 the figures of a smoke run mean nothing, only their presence and shape are checked."""
 
 import json
+import os
+import platform
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +38,14 @@ def test_smoke_run_prints_table_and_json(dtype, variants):
     assert result["bench"] == "qwen_np" and result["rounds"] == 1 and result["threads"] == 2
     assert result["checkpoint_dtype"] == dtype
     assert result["ceilings"]["bandwidth_gb_s"] > 0 and result["ceilings"]["matmul_gflop_s"] > 0
+    # what the figures came from: this machine, and the versions the workers ran
+    assert result["machine"]["cores"] == os.cpu_count() and result["machine"]["python"] == platform.python_version()
+    assert result["machine"]["cpu"] and result["machine"]["memory_gib"] > 0
+    software = result["software"]
+    assert software["numpy"] == np.__version__ and software["blas"] == bench.numpy_blas()
+    assert software["transformers"] == metadata.version("transformers")
+    assert software["torch"].split("+")[0] == metadata.version("torch").split("+")[0]
+    assert software["torch_blas"] and software["cpu_capability"]
     assert set(result["models"]) == set(SMOKE_SHAPES)
     assert SMOKE_SIZES["prefill"] == [16, 32]
     for name, model in result["models"].items():
@@ -45,6 +56,7 @@ def test_smoke_run_prints_table_and_json(dtype, variants):
         assert set(model["of_ceiling"]) == {"prefill_16_s", "prefill_32_s", "decode_short_tok_s", "decode_long_tok_s"}
         assert all(v > 0 for v in [*model["ratio"].values(), *model["of_ceiling"].values(), model["long_over_short"]])
     text = "\n".join(table)
+    assert f"NumPy {np.__version__} ({software['blas']}); torch {software['torch']}" in text
     assert "--smoke: tiny sizes that fit in the CPU's caches" in text  # its figures are not the machine's
     for label in [label for _, label, _ in figures(SMOKE_SIZES)] + list(SMOKE_SHAPES):
         assert label in text
