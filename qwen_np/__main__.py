@@ -12,7 +12,7 @@ import os
 import sys
 
 from .config import QwenNPError
-from .generate import n_tokens, no_tokenizer
+from .generate import counted, no_tokenizer
 
 
 class Parser(argparse.ArgumentParser):
@@ -138,8 +138,8 @@ def report(stats, err):  # stats: a list of GenerationStats
     decode_tokens, decode_seconds = sum(s.decode_tokens for s in stats), sum(s.decode_seconds for s in stats)
     reused = sum(s.reused_tokens for s in stats)  # prompt tokens a chat took from its cache instead
     cached = f" (and {reused} from the cache)" if reused else ""
-    err.write(f"prefill: {n_tokens(prefill_tokens)}{cached}, {rate(prefill_tokens, prefill_seconds)}; "
-              f"decode: {n_tokens(decode_tokens)}, {rate(decode_tokens, decode_seconds)}\n")
+    err.write(f"prefill: {counted(prefill_tokens, 'token')}{cached}, {rate(prefill_tokens, prefill_seconds)}; "
+              f"decode: {counted(decode_tokens, 'token')}, {rate(decode_tokens, decode_seconds)}\n")
 
 
 def run_generate(model, args):

@@ -40,6 +40,7 @@ import numpy as np
 
 from . import model_location
 from .config import QwenNPError, read_config, read_json
+from .generate import counted
 from .weights import checkpoint_files, expected_shapes, float32_to_bf16, read_safetensors_header
 
 # Random checkpoints of real shapes (the released models' config.json, minus the tokenizer ids).
@@ -498,8 +499,8 @@ def main(argv=None):
     software = {**first["qwen_np"]["software"], **first["transformers"]["software"]}
     host = machine()
     summaries = {name: summarise(configs[name], runs[name], ceilings, sizes, engines) for name in models}
-    print(f"qwen_np against transformers (torch CPU, float32, eager attention), {args.threads} thread{'s' * (args.threads != 1)}, "
-          f"{rounds} round{'s' * (rounds != 1)}: medians, and ratios as medians of each round's ratio. This machine's ceilings: "
+    print(f"qwen_np against transformers (torch CPU, float32, eager attention), {counted(args.threads, 'thread')}, "
+          f"{counted(rounds, 'round')}: medians, and ratios as medians of each round's ratio. This machine's ceilings: "
           f"{bandwidth / 1e9:.1f} GB/s memory bandwidth, {flops / 1e9:.0f} GFLOP/s float32 matmul."
           + ("" if given else f" The random checkpoints store {args.checkpoint_dtype} weights.")
           + (" (--smoke: tiny sizes that fit in the CPU's caches, so the figures say only that the benchmark "

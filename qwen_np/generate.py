@@ -399,8 +399,8 @@ def context_source(config):  # -> where context_length comes from, for messages
     return "the RoPE scaling's factor times original_max_position_embeddings"
 
 
-def n_tokens(n):  # -> "1 token", "2 tokens", for messages
-    return f"{n} token{'' if n == 1 else 's'}"
+def counted(n, noun):  # -> "1 token", "2 tokens": a count for messages
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def new_token_budget(config, generation_config, prompt_length, max_new_tokens):  # -> int
@@ -411,14 +411,14 @@ def new_token_budget(config, generation_config, prompt_length, max_new_tokens): 
     if max_new_tokens is not None:
         checked("max_new_tokens", max_new_tokens)
     if room is not None and room < 1:
-        raise QwenNPError(f"the prompt ({n_tokens(prompt_length)}) already fills the model's context of {context} "
-                          f"positions ({context_source(config)}): shorten it")
+        raise QwenNPError(f"the prompt ({counted(prompt_length, 'token')}) already fills the model's context of "
+                          f"{context} positions ({context_source(config)}): shorten it")
     if max_new_tokens is None:
         wanted = setting(generation_config, "max_new_tokens", None, 512)
         max_new_tokens = wanted if room is None else min(wanted, room)
     if room is not None and max_new_tokens > room:
-        raise QwenNPError(f"the prompt ({n_tokens(prompt_length)}) plus max_new_tokens ({max_new_tokens}) does not "
-                          f"fit in the model's context of {context} positions ({context_source(config)}); "
+        raise QwenNPError(f"the prompt ({counted(prompt_length, 'token')}) plus max_new_tokens ({max_new_tokens}) "
+                          f"does not fit in the model's context of {context} positions ({context_source(config)}); "
                           f"shorten the prompt or lower max_new_tokens to {room}")
     return int(max_new_tokens)
 

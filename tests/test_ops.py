@@ -69,7 +69,6 @@ def test_linear_is_x_times_w_transposed_for_any_number_of_rows():
         assert ops.linear(x, w).dtype == np.float32
 
 
-
 @pytest.mark.parametrize("shape", [(2, 1, 32), (3, 32), (4, 32), (8, 1, 32), (4, 5, 32), (2, 3, 1, 32), (1, 300, 32)])
 def test_linear_multiplies_every_row_of_a_batch_in_one_call(shape):
     # Decoding a batch of B sequences gives x [B, 1, in]. NumPy multiplies a stack one matrix at a
@@ -104,6 +103,7 @@ def test_linear_widens_bf16_weights_a_block_at_a_time(rows, monkeypatch):
     y = ops.linear(x, bits, b)
     assert y.shape == (1, rows, 48) and y.dtype == np.float32
     np.testing.assert_allclose(y, x.astype(np.float64) @ w.T.astype(np.float64) + b, rtol=1e-5, atol=1e-5)
+
 
 def test_sigmoid_does_not_overflow():
     np.testing.assert_allclose(ops.sigmoid(np.array([-1000.0, 0.0, 1000.0], np.float32)), [0, 0.5, 1])
