@@ -9,6 +9,9 @@ from pathlib import Path
 import numpy as np
 from conftest import require_module
 
+from qwen_np.config import config_from_dict
+from qwen_np.weights import expected_shapes
+
 gguf = require_module("gguf")  # llama.cpp's own package: its writer and tensor-name map are the reference
 
 ARCHS = {"qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3, "qwen2_moe": gguf.MODEL_ARCH.QWEN2MOE,
@@ -140,3 +143,18 @@ def qwen_tokenizer_metadata(directory):
     merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
     return {"pre": "qwen2", "tokens": tokens, "types": types, "merges": merges, "bos": 151643, "eos": 151645,
             "pad": 151643, "chat_template": tc["chat_template"]}
+
+
+def small_config(model_type, **overrides):  # a config.json dict of a small random model
+    return {"model_type": model_type, "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+            "tie_word_embeddings": True, **overrides}
+
+
+def random_gguf(path, family, config, **kwargs):
+    """A GGUF file of a random model with this config (config.json dict)."""
+    shapes = expected_shapes(config_from_dict(config))
+    rng = np.random.default_rng(0)
+    tensors = {name: rng.normal(size=shape).astype(np.float32) for name, shape in shapes.items()}
+    return write_gguf(path, family, config, tensors, **kwargs)

@@ -11,8 +11,8 @@ import types
 import numpy as np
 import pytest
 from conftest import VARIED_TEXT, embeddings_huge_page_kb
-from gguf_files import (gguf, llama_cpp_permute, qwen_tokenizer_metadata, read_safetensors,
-                        write_gguf)
+from gguf_files import (gguf, llama_cpp_permute, qwen_tokenizer_metadata, random_gguf, read_safetensors,
+                        small_config, write_gguf)
 from tiny import FAMILIES, reference_logits, tiny_model
 
 import qwen_np
@@ -184,21 +184,6 @@ def test_moe_experts_are_views_of_one_array(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # Config from metadata, and bad files
-
-
-def small_config(model_type, **overrides):  # a config.json dict of a small random model
-    return {"model_type": model_type, "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-            "tie_word_embeddings": True, **overrides}
-
-
-def random_gguf(path, family, config, **kwargs):
-    """A GGUF file of a random model with this config (config.json dict)."""
-    shapes = expected_shapes(config_from_dict(config))
-    rng = np.random.default_rng(0)
-    tensors = {name: rng.normal(size=shape).astype(np.float32) for name, shape in shapes.items()}
-    return write_gguf(path, family, config, tensors, **kwargs)
 
 
 def test_rope_scaling_and_token_ids_from_metadata(tmp_path):
