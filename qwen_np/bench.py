@@ -2,6 +2,7 @@
 
     python -m qwen_np.bench                   # random checkpoints of real shapes, 3 rounds
     python -m qwen_np.bench --model DIR       # a checkpoint of your own instead
+    python -m qwen_np.bench --model FILE.gguf # or a GGUF file (llama and qwen2): both engines dequantize it
     python -m qwen_np.bench --smoke           # tiny shapes, one round: checks that the benchmark runs
     python -m qwen_np.bench --bf16            # also time transformers in bfloat16
     python -m qwen_np.bench --mmap --checkpoint-dtype float32   # also time qwen_np.load(..., mmap=True)
@@ -199,7 +200,7 @@ def qwen_np_worker(directory, sizes, **load_options):
     def new_cache(model, capacity):  # room for prompt and answer: filled in place, never regrown
         return empty_cache(model.config, 1, capacity)
 
-    vocab_size = read_config(directory).vocab_size
+    vocab_size = model_config(directory).vocab_size
     result = measure(lambda: qwen_np.load(directory, **load_options), step, new_cache, vocab_size, sizes)
     return dict(result, software=dict(numpy=np.__version__, blas=numpy_blas()))
 
@@ -218,14 +219,20 @@ def transformers_worker(directory, sizes, threads, bf16=False):
 
     torch.set_num_threads(threads)
     dtype = torch.bfloat16 if bf16 else torch.float32
+    directory = Path(directory)
     # transformers imports its modelling code on first use (2-3 s here): done now, so that the
     # load below times reading the checkpoint, not Python imports (qwen_np is imported already).
-    architectures = read_json(Path(directory) / "config.json").get("architectures") or ["LlamaForCausalLM"]
+    if is_gguf(directory):  # transformers dequantizes a GGUF file with gguf-py, as qwen_np does with its own reader
+        where, options = directory.parent, dict(gguf_file=directory.name)
+        architectures = [GGUF_ARCHITECTURES[gguf_architecture(directory)]]
+    else:
+        where, options = directory, {}
+        architectures = (read_json(directory / "config.json") or {}).get("architectures") or ["LlamaForCausalLM"]
     model_class = getattr(transformers, architectures[0], transformers.LlamaForCausalLM)
 
     def load():
         return transformers.AutoModelForCausalLM.from_pretrained(
-            directory, dtype=dtype, attn_implementation="eager").eval()
+            where, **options, dtype=dtype, attn_implementation="eager").eval()
 
     # forward's argument for the cache: transformers 5.24 renamed past_key_values to cache (the old name deprecated)
     argument = "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
@@ -238,7 +245,7 @@ def transformers_worker(directory, sizes, threads, bf16=False):
     def new_cache(model, capacity):  # its default, which the model would create on the first call
         return transformers.DynamicCache(config=model.config)
 
-    result = measure(load, step, new_cache, read_config(directory).vocab_size, sizes)
+    result = measure(load, step, new_cache, model_config(directory).vocab_size, sizes)
     blas = re.search(r"BLAS_INFO=(\w+)", torch.__config__.show())
     return dict(result, software=dict(torch=torch.__version__, torch_blas=blas[1] if blas else "unknown",
                                       cpu_capability=torch.backends.cpu.get_cpu_capability(),
@@ -273,7 +280,7 @@ def ceilings_worker(sizes):
 
 def read_through(directory):
     """Reads the checkpoint's files once, so that every engine loads them from the page cache."""
-    for path in Path(directory).glob("*.safetensors"):
+    for path in [directory] if is_gguf(directory) else Path(directory).glob("*.safetensors"):
         with open(path, "rb", buffering=0) as f:
             while f.read(1 << 26):
                 pass
@@ -387,22 +394,51 @@ def stored_dtypes(directory):  # -> {"BF16", ...}: the safetensors dtypes of a c
     return {dtype for path in files for dtype, *_ in read_safetensors_header(path).values()}
 
 
-def checkpoint_dirs(paths):  # --model's [Path] -> {name: checkpoint directory}
+def checkpoint_dirs(paths):  # --model's [Path] -> {name: checkpoint directory or .gguf file}
     """A Hub id that is not a local path stands for its copy in the Hugging Face cache, as in `load`."""
     models = {}
     for path in paths:
         directory = model_location(path) or path
-        if not (directory / "config.json").is_file():
-            raise QwenNPError(f"--model {path}: not a checkpoint directory with a config.json (the benchmark reads "
-                              f"safetensors checkpoints, not .gguf files)")
+        if is_gguf(directory):
+            arch = gguf_architecture(directory)
+            if arch not in GGUF_ARCHITECTURES:
+                # transformers would build another model: its GGUF reader ignores qwen3's head size
+                # (attention.key_length) and the MoE families' expert sizes, and takes its defaults.
+                raise QwenNPError(f"--model {path}: a GGUF file of architecture {arch!r}; transformers reads the "
+                                  f"config of {' and '.join(GGUF_ARCHITECTURES)} GGUF files only: benchmark this "
+                                  f"model's safetensors checkpoint instead")
+        elif not (directory / "config.json").is_file():
+            raise QwenNPError(f"--model {path}: neither a checkpoint directory with a config.json nor a .gguf file")
         models[path.name if directory == path else str(path)] = directory
     return models
+
+
+GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}  # those transformers reads right
+
+
+def is_gguf(path):
+    return Path(path).is_file() and Path(path).suffix.lower() == ".gguf"
+
+
+def gguf_architecture(path):  # -> the GGUF file's general.architecture, e.g. "llama"
+    from .gguf import read_gguf
+
+    return read_gguf(path)[0].get("general.architecture")
+
+
+def model_config(path):  # -> the Config of a checkpoint directory or a .gguf file
+    if is_gguf(path):
+        from .gguf import config_from_gguf, read_gguf
+
+        return config_from_gguf(*read_gguf(path), path)
+    return read_config(path)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m qwen_np.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--model", action="append", type=Path,
-                        help="a checkpoint directory, or a Hub id in the Hugging Face cache (repeatable)")
+                        help="a checkpoint directory, a .gguf file (llama or qwen2), or a Hub id in the Hugging Face "
+                             "cache (repeatable)")
     parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument("--threads", type=positive_int, default=2, help="threads for both engines (default 2)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, one round")
@@ -452,6 +488,9 @@ def main(argv=None):
             parser.error(f"--mmap maps float32 weights only, and the random checkpoints would be "
                          f"{args.checkpoint_dtype}: add --checkpoint-dtype float32")
         for name, path in given.items():
+            if is_gguf(path):
+                parser.error(f"--mmap maps float32 safetensors weights, and --model {name} is a GGUF file, which "
+                             f"qwen_np always dequantizes into memory")
             try:
                 stored = stored_dtypes(path)
             except QwenNPError as e:
@@ -478,7 +517,7 @@ def main(argv=None):
             if hasattr(os, "sync"):
                 os.sync()  # let the written gigabytes reach the disk before anything is timed
         try:
-            configs = {name: read_config(path) for name, path in models.items()}
+            configs = {name: model_config(path) for name, path in models.items()}
         except QwenNPError as e:
             parser.error(str(e))
 

@@ -65,7 +65,7 @@ def test_smoke_run_prints_table_and_json(dtype, variants):
 @pytest.mark.parametrize("args, message", [
     (["--rounds", "0"], "'0' is not a positive integer"),
     (["--threads", "two"], "'two' is not a positive integer"),
-    (["--model", "no-such-dir"], "--model no-such-dir: not a checkpoint directory with a config.json"),
+    (["--model", "no-such-dir"], "--model no-such-dir: neither a checkpoint directory with a config.json nor a .gguf"),
     (["--shapes", "qwen9"], "--shapes: unknown qwen9"),
     (["--mmap"], "--mmap maps float32 weights only, and the random checkpoints would be bfloat16"),
 ])
@@ -84,6 +84,39 @@ def test_model_takes_directories_and_hub_ids_in_the_cache(tmp_path, monkeypatch)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.chdir(tmp_path)
     assert checkpoint_dirs([Path("mine"), Path("Qwen/Tiny")]) == {"mine": Path("mine"), "Qwen/Tiny": snapshot}
+
+
+def test_model_takes_llama_and_qwen2_gguf_files_whose_config_transformers_reads(capsys, tmp_path):
+    from gguf_files import random_gguf, small_config  # needs the gguf package
+
+    for family in ["llama", "qwen2"]:
+        path = random_gguf(tmp_path / f"{family}.gguf", family, small_config(family))
+        assert checkpoint_dirs([path]) == {f"{family}.gguf": path}
+    # transformers' GGUF reader would take its own head size for qwen3 (and its own expert sizes
+    # for the MoE families): it would time another model, so the benchmark refuses them.
+    qwen3 = random_gguf(tmp_path / "qwen3.gguf", "qwen3", small_config("qwen3", head_dim=16))
+    with pytest.raises(qwen_np.QwenNPError, match=r"qwen3\.gguf: a GGUF file of architecture 'qwen3'; transformers "
+                                                  r"reads the config of llama and qwen2 GGUF files only"):
+        checkpoint_dirs([qwen3])
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tmp_path / "llama.gguf"), "--mmap"])
+    assert e.value.code == 2
+    assert "--model llama.gguf is a GGUF file, which qwen_np always dequantizes" in capsys.readouterr().err
+
+
+def test_smoke_run_of_a_gguf_file(tmp_path):
+    require_reference()  # the reference worker imports torch and transformers, which reads the file with gguf
+    from gguf_files import random_gguf, small_config
+
+    path = random_gguf(tmp_path / "tiny.gguf", "llama", small_config("llama"))
+    done = subprocess.run([sys.executable, "-m", "qwen_np.bench", "--smoke", "--model", str(path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    model = json.loads(done.stdout.strip().splitlines()[-1])["models"]["tiny.gguf"]
+    for engine in ["qwen_np", "transformers", "ratio"]:
+        assert set(model[engine]) == FIGURES and all(v > 0 for v in model[engine].values()), engine
+    # the costs come from the config in the file's metadata
+    assert model["weights_gb"] == pytest.approx(bench.costs(qwen_np.load(path).config)["weight_bytes"] / 1e9)
 
 
 def test_a_checkpoints_directory_that_cannot_be_written_is_a_usage_error(capsys, tmp_path):
