@@ -2,7 +2,7 @@
 
     python -m qwen_np.bench                   # random checkpoints of real shapes, 3 rounds
     python -m qwen_np.bench --model DIR       # a checkpoint of your own instead
-    python -m qwen_np.bench --model FILE.gguf # or a GGUF file (llama and qwen2): both engines dequantize it
+    python -m qwen_np.bench --model FILE.gguf # or a GGUF file, which both engines dequantize
     python -m qwen_np.bench --smoke           # tiny shapes, one round: checks that the benchmark runs
     python -m qwen_np.bench --bf16            # also time transformers in bfloat16
     python -m qwen_np.bench --mmap --checkpoint-dtype float32   # also time qwen_np.load(..., mmap=True)
@@ -25,6 +25,7 @@ torch and transformers are imported only inside the reference worker: qwen_np ne
 """
 
 import argparse
+import dataclasses
 import inspect
 import json
 import os
@@ -223,8 +224,11 @@ def transformers_worker(directory, sizes, threads, bf16=False):
     # transformers imports its modelling code on first use (2-3 s here): done now, so that the
     # load below times reading the checkpoint, not Python imports (qwen_np is imported already).
     if is_gguf(directory):  # transformers dequantizes a GGUF file with gguf-py, as qwen_np does with its own reader
-        where, options = directory.parent, dict(gguf_file=directory.name)
-        architectures = [GGUF_ARCHITECTURES[gguf_architecture(directory)]]
+        # and is given the config qwen_np reads from the metadata: its own GGUF reader ignores
+        # qwen3's head size and the MoE families' expert sizes, and would build another model.
+        config = reference_config(model_config(directory))
+        where, options = directory.parent, dict(gguf_file=directory.name, config=config)
+        architectures = config.architectures
     else:
         where, options = directory, {}
         architectures = (read_json(directory / "config.json") or {}).get("architectures") or ["LlamaForCausalLM"]
@@ -399,31 +403,26 @@ def checkpoint_dirs(paths):  # --model's [Path] -> {name: checkpoint directory o
     models = {}
     for path in paths:
         directory = model_location(path) or path
-        if is_gguf(directory):
-            arch = gguf_architecture(directory)
-            if arch not in GGUF_ARCHITECTURES:
-                # transformers would build another model: its GGUF reader ignores qwen3's head size
-                # (attention.key_length) and the MoE families' expert sizes, and takes its defaults.
-                raise QwenNPError(f"--model {path}: a GGUF file of architecture {arch!r}; transformers reads the "
-                                  f"config of {' and '.join(GGUF_ARCHITECTURES)} GGUF files only: benchmark this "
-                                  f"model's safetensors checkpoint instead")
-        elif not (directory / "config.json").is_file():
+        if not is_gguf(directory) and not (directory / "config.json").is_file():
             raise QwenNPError(f"--model {path}: neither a checkpoint directory with a config.json nor a .gguf file")
         models[path.name if directory == path else str(path)] = directory
     return models
-
-
-GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}  # those transformers reads right
 
 
 def is_gguf(path):
     return Path(path).is_file() and Path(path).suffix.lower() == ".gguf"
 
 
-def gguf_architecture(path):  # -> the GGUF file's general.architecture, e.g. "llama"
-    from .gguf import read_gguf
+CAUSAL_LM = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+             "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}  # model_type -> transformers class
 
-    return read_gguf(path)[0].get("general.architecture")
+
+def reference_config(config):  # qwen_np's Config -> transformers' config of the same model (imports transformers)
+    import transformers
+
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    fields = {name: list(value) if isinstance(value, tuple) else value for name, value in fields.items()}
+    return transformers.AutoConfig.for_model(**fields, architectures=[CAUSAL_LM[config.model_type]])
 
 
 def model_config(path):  # -> the Config of a checkpoint directory or a .gguf file
@@ -437,8 +436,7 @@ def model_config(path):  # -> the Config of a checkpoint directory or a .gguf fi
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m qwen_np.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--model", action="append", type=Path,
-                        help="a checkpoint directory, a .gguf file (llama or qwen2), or a Hub id in the Hugging Face "
-                             "cache (repeatable)")
+                        help="a checkpoint directory, a .gguf file, or a Hub id in the Hugging Face cache (repeatable)")
     parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument("--threads", type=positive_int, default=2, help="threads for both engines (default 2)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, one round")

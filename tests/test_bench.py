@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ROOT, require_reference
+from tiny import reference_logits
 
 import qwen_np
 from qwen_np import bench
@@ -86,29 +87,49 @@ def test_model_takes_directories_and_hub_ids_in_the_cache(tmp_path, monkeypatch)
     assert checkpoint_dirs([Path("mine"), Path("Qwen/Tiny")]) == {"mine": Path("mine"), "Qwen/Tiny": snapshot}
 
 
-def test_model_takes_llama_and_qwen2_gguf_files_whose_config_transformers_reads(capsys, tmp_path):
+GGUF_CONFIGS = {  # a small random model of each family qwen_np reads from GGUF files
+    "llama": {}, "qwen2": {}, "qwen3": {"head_dim": 16},  # 16, not 32 / 4: transformers' reader would take 8
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+                  "shared_expert_intermediate_size": 32},
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16, "head_dim": 16},
+}
+
+
+def test_model_takes_a_gguf_file(capsys, tmp_path):
     from gguf_files import random_gguf, small_config  # needs the gguf package
 
-    for family in ["llama", "qwen2"]:
-        path = random_gguf(tmp_path / f"{family}.gguf", family, small_config(family))
-        assert checkpoint_dirs([path]) == {f"{family}.gguf": path}
-    # transformers' GGUF reader would take its own head size for qwen3 (and its own expert sizes
-    # for the MoE families): it would time another model, so the benchmark refuses them.
-    qwen3 = random_gguf(tmp_path / "qwen3.gguf", "qwen3", small_config("qwen3", head_dim=16))
-    with pytest.raises(qwen_np.QwenNPError, match=r"qwen3\.gguf: a GGUF file of architecture 'qwen3'; transformers "
-                                                  r"reads the config of llama and qwen2 GGUF files only"):
-        checkpoint_dirs([qwen3])
+    path = random_gguf(tmp_path / "qwen3.gguf", "qwen3", small_config("qwen3", **GGUF_CONFIGS["qwen3"]))
+    assert checkpoint_dirs([path]) == {"qwen3.gguf": path}
     with pytest.raises(SystemExit) as e:
-        main(["--model", str(tmp_path / "llama.gguf"), "--mmap"])
+        main(["--model", str(path), "--mmap"])
     assert e.value.code == 2
-    assert "--model llama.gguf is a GGUF file, which qwen_np always dequantizes" in capsys.readouterr().err
+    assert "--model qwen3.gguf is a GGUF file, which qwen_np always dequantizes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", GGUF_CONFIGS)
+def test_the_reference_worker_builds_the_model_qwen_np_reads_from_a_gguf_file(tmp_path, family, reference):
+    # transformers reads the tensors of the file, with the config qwen_np reads from its metadata:
+    # the same model, so the same logits (its own GGUF config reader gets qwen3's head size and
+    # the MoE families' expert sizes wrong).
+    torch, transformers = reference
+    from gguf_files import random_gguf, small_config
+
+    path = random_gguf(tmp_path / "m.gguf", family, small_config(family, **GGUF_CONFIGS[family]))
+    ours = qwen_np.load(path)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file="m.gguf", config=bench.reference_config(bench.model_config(path)), dtype=torch.float32,
+        attn_implementation="eager")
+    assert type(theirs).__name__ == bench.CAUSAL_LM[family]
+    ids = np.random.default_rng(1).integers(0, ours.config.vocab_size, (2, 9))
+    np.testing.assert_allclose(qwen_np.forward(ours.params, ours.config, ids)[0], reference_logits(theirs, ids),
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_smoke_run_of_a_gguf_file(tmp_path):
     require_reference()  # the reference worker imports torch and transformers, which reads the file with gguf
     from gguf_files import random_gguf, small_config
 
-    path = random_gguf(tmp_path / "tiny.gguf", "llama", small_config("llama"))
+    path = random_gguf(tmp_path / "tiny.gguf", "qwen3", small_config("qwen3", **GGUF_CONFIGS["qwen3"]))
     done = subprocess.run([sys.executable, "-m", "qwen_np.bench", "--smoke", "--model", str(path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
