@@ -221,8 +221,6 @@ def transformers_worker(directory, sizes, threads, bf16=False):
     torch.set_num_threads(threads)
     dtype = torch.bfloat16 if bf16 else torch.float32
     directory = Path(directory)
-    # transformers imports its modelling code on first use (2-3 s here): done now, so that the
-    # load below times reading the checkpoint, not Python imports (qwen_np is imported already).
     if is_gguf(directory):  # transformers dequantizes a GGUF file with gguf-py, as qwen_np does with its own reader
         # and is given the config qwen_np reads from the metadata: its own GGUF reader ignores
         # qwen3's head size and the MoE families' expert sizes, and would build another model.
@@ -232,6 +230,8 @@ def transformers_worker(directory, sizes, threads, bf16=False):
     else:
         where, options = directory, {}
         architectures = (read_json(directory / "config.json") or {}).get("architectures") or ["LlamaForCausalLM"]
+    # transformers imports its modelling code on first use (2-3 s here): done now, so that the
+    # load below times reading the checkpoint, not Python imports (qwen_np is imported already).
     model_class = getattr(transformers, architectures[0], transformers.LlamaForCausalLM)
 
     def load():
