@@ -79,7 +79,7 @@ def read_model(name, mmap, low_memory):  # the body of `load`: name is the path 
     path = model_location(name)
     if path is None:
         raise QwenNPError(f"{expanded(name)} does not exist{hub_hint(name)}")
-    if path.is_file() and path.suffix.lower() == ".gguf":
+    if is_gguf_file(path):
         if mmap:
             raise QwenNPError(f"{path}: mmap is for safetensors checkpoints; a GGUF file is always dequantized "
                               f"(into float32, or bfloat16 with low_memory=True)")
@@ -100,6 +100,10 @@ def read_model(name, mmap, low_memory):  # the body of `load`: name is the path 
 
 
 HUB_PART = r"\w[\w.-]*"  # an owner, a repository, a folder or a file name on the Hub
+
+
+def is_gguf_file(path):  # a .gguf file, which `load` reads as one (the benchmark too)
+    return Path(path).is_file() and Path(path).suffix.lower() == ".gguf"
 
 
 def hub_id(name):  # -> ("Qwen/Qwen3-0.6B", "" or a file of it), or None for what can only be a path

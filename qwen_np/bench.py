@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import model_location
+from . import is_gguf_file, model_location
 from .config import QwenNPError, read_config, read_json
 from .generate import counted
 from .weights import checkpoint_files, expected_shapes, float32_to_bf16, read_safetensors_header
@@ -221,7 +221,7 @@ def transformers_worker(directory, sizes, threads, bf16=False):
     torch.set_num_threads(threads)
     dtype = torch.bfloat16 if bf16 else torch.float32
     directory = Path(directory)
-    if is_gguf(directory):  # transformers dequantizes a GGUF file with gguf-py, as qwen_np does with its own reader
+    if is_gguf_file(directory):  # transformers dequantizes a GGUF file with gguf-py, as qwen_np with its own reader
         # and is given the config qwen_np reads from the metadata: its own GGUF reader ignores
         # qwen3's head size and the MoE families' expert sizes, and would build another model.
         config = reference_config(model_config(directory))
@@ -284,7 +284,7 @@ def ceilings_worker(sizes):
 
 def read_through(directory):
     """Reads the checkpoint's files once, so that every engine loads them from the page cache."""
-    for path in [directory] if is_gguf(directory) else Path(directory).glob("*.safetensors"):
+    for path in [directory] if is_gguf_file(directory) else Path(directory).glob("*.safetensors"):
         with open(path, "rb", buffering=0) as f:
             while f.read(1 << 26):
                 pass
@@ -403,14 +403,10 @@ def checkpoint_dirs(paths):  # --model's [Path] -> {name: checkpoint directory o
     models = {}
     for path in paths:
         directory = model_location(path) or path
-        if not is_gguf(directory) and not (directory / "config.json").is_file():
+        if not is_gguf_file(directory) and not (directory / "config.json").is_file():
             raise QwenNPError(f"--model {path}: neither a checkpoint directory with a config.json nor a .gguf file")
         models[path.name if directory == path else str(path)] = directory
     return models
-
-
-def is_gguf(path):
-    return Path(path).is_file() and Path(path).suffix.lower() == ".gguf"
 
 
 CAUSAL_LM = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
@@ -426,7 +422,7 @@ def reference_config(config):  # qwen_np's Config -> transformers' config of the
 
 
 def model_config(path):  # -> the Config of a checkpoint directory or a .gguf file
-    if is_gguf(path):
+    if is_gguf_file(path):
         from .gguf import config_from_gguf, read_gguf
 
         return config_from_gguf(*read_gguf(path), path)
@@ -486,7 +482,7 @@ def main(argv=None):
             parser.error(f"--mmap maps float32 weights only, and the random checkpoints would be "
                          f"{args.checkpoint_dtype}: add --checkpoint-dtype float32")
         for name, path in given.items():
-            if is_gguf(path):
+            if is_gguf_file(path):
                 parser.error(f"--mmap maps float32 safetensors weights, and --model {name} is a GGUF file, which "
                              f"qwen_np always dequantizes into memory")
             try:
