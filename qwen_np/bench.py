@@ -221,12 +221,13 @@ def transformers_worker(directory, sizes, threads, bf16=False):
     torch.set_num_threads(threads)
     dtype = torch.bfloat16 if bf16 else torch.float32
     directory = Path(directory)
+    config = model_config(directory)
     if is_gguf_file(directory):  # transformers dequantizes a GGUF file with gguf-py, as qwen_np with its own reader
         # and is given the config qwen_np reads from the metadata: its own GGUF reader ignores
         # qwen3's head size and the MoE families' expert sizes, and would build another model.
-        config = reference_config(model_config(directory))
-        where, options = directory.parent, dict(gguf_file=directory.name, config=config)
-        architectures = config.architectures
+        reference = reference_config(config)
+        where, options = directory.parent, dict(gguf_file=directory.name, config=reference)
+        architectures = reference.architectures
     else:
         where, options = directory, {}
         architectures = (read_json(directory / "config.json") or {}).get("architectures") or ["LlamaForCausalLM"]
@@ -249,7 +250,7 @@ def transformers_worker(directory, sizes, threads, bf16=False):
     def new_cache(model, capacity):  # its default, which the model would create on the first call
         return transformers.DynamicCache(config=model.config)
 
-    result = measure(load, step, new_cache, model_config(directory).vocab_size, sizes)
+    result = measure(load, step, new_cache, config.vocab_size, sizes)
     blas = re.search(r"BLAS_INFO=(\w+)", torch.__config__.show())
     return dict(result, software=dict(torch=torch.__version__, torch_blas=blas[1] if blas else "unknown",
                                       cpu_capability=torch.backends.cpu.get_cpu_capability(),
