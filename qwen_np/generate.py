@@ -59,13 +59,26 @@ def top_p_filter(logits, top_p, min_tokens_to_keep=1):  # [B, V] -> [B, V]
     # whose cumulative probability stays within 1 - top_p.
     # Sorted stably, ascending as in the reference: among tied logits the lower ids are dropped first, as
     # torch's sort does (for rows of up to 16 values; in longer rows its order among ties is its own).
-    order = np.argsort(logits, axis=-1, kind="stable")  # [B, V], least probable first
-    cumulative = np.cumsum(softmax(np.take_along_axis(logits, order, axis=-1)), axis=-1)  # [B, V]
+    # Only the tokens in play are sorted: a -inf logit would sort first, add 0 and stay -inf.
+    cols = in_play(logits)  # [n]
+    play = logits[:, cols]  # [B, n]
+    order = np.argsort(play, axis=-1, kind="stable")  # [B, n], least probable first
+    probs = softmax(np.take_along_axis(play, order, axis=-1))  # [B, n]
+    # Added up in float64 and rounded to float32, as torch's cumsum does: a float32 running sum over
+    # a vocabulary of 150k drifts enough to move the cut by a token now and then.
+    cumulative = np.cumsum(probs, axis=-1, dtype=np.float64).astype(np.float32)  # [B, n]
     drop_sorted = cumulative <= np.float32(1 - top_p)
     drop_sorted[:, -min_tokens_to_keep:] = False
     drop = np.empty_like(drop_sorted)
-    np.put_along_axis(drop, order, drop_sorted, axis=-1)  # back to vocabulary order
-    return np.where(drop, NEG_INF, logits)
+    np.put_along_axis(drop, order, drop_sorted, axis=-1)  # back to the order of cols
+    out = np.full_like(logits, NEG_INF)
+    out[:, cols] = np.where(drop, NEG_INF, play)
+    return out
+
+
+def in_play(logits):  # [B, V] -> [n] int: the tokens with a finite logit in some row, ascending
+    # After top-k, a few dozen of a vocabulary of 150k: top-p and the draw work on those alone.
+    return np.flatnonzero(np.isfinite(logits).any(axis=0))
 
 
 def min_p_filter(logits, min_p, min_tokens_to_keep=1):  # [B, V] -> [B, V]
@@ -80,10 +93,12 @@ def min_p_filter(logits, min_p, min_tokens_to_keep=1):  # [B, V] -> [B, V]
 
 def sample(logits, rng):  # [B, V], numpy Generator -> [B] int
     # One draw per row from softmax(logits): the first token whose cumulative probability
-    # exceeds a uniform number. A token with probability 0 (-inf logit) is never drawn.
-    cdf = np.cumsum(softmax(logits.astype(np.float64)), axis=-1)  # [B, V]
+    # exceeds a uniform number. A token with probability 0 (-inf logit) is never drawn, so only
+    # the tokens in play are added up.
+    cols = in_play(logits)  # [n]
+    cdf = np.cumsum(softmax(logits[:, cols].astype(np.float64)), axis=-1)  # [B, n]
     u = rng.random((len(logits), 1)) * cdf[:, -1:]  # [B, 1], in [0, total)
-    return np.minimum((cdf <= u).sum(axis=-1), logits.shape[-1] - 1)
+    return cols[np.minimum((cdf <= u).sum(axis=-1), len(cols) - 1)]
 
 
 @dataclass(frozen=True)
@@ -133,7 +148,8 @@ def choose_tokens(logits, seen, sampling, rng):  # [B, V], [B, V] bool, Sampling
         return logits.argmax(axis=-1)
     if sampling.temperature != 1.0:
         logits = apply_temperature(logits, sampling.temperature)
-    if np.isposinf(logits).any():  # softmax would give NaN (the reference's draw fails on it too)
+    # +inf, or a row that is -inf throughout: softmax would give NaN (the reference's draw fails on it too)
+    if np.isposinf(logits).any() or np.isneginf(logits).all(axis=-1).any():
         penalty = f" and repetition_penalty={sampling.repetition_penalty}" if sampling.repetition_penalty != 1.0 else ""
         raise QwenNPError(f"the logits overflow float32 when scaled by temperature={sampling.temperature}{penalty}: "
                           f"use a larger temperature, or temperature=0 for greedy decoding")

@@ -182,6 +182,38 @@ def test_top_p_breaks_ties_as_the_reference_does(reference, top_p):
     assert np.isfinite(top_p_filter(ties, 0.3)).tolist() == [[False, True, False, False]]
 
 
+def test_top_p_adds_up_a_large_vocabulary_as_the_reference_does(reference):
+    # Over Qwen's 151936 tokens a float32 running sum drifts from torch's (which adds in float64):
+    # in this row it moved the cut by one token.
+    torch, transformers = reference
+    rng = np.random.default_rng(6)
+    scores = (rng.standard_normal((1, 151936)) * rng.uniform(1, 6)).astype(np.float32)
+    assert_same_scores(top_p_filter(scores, 0.9), transformers.TopPLogitsWarper(0.9)(None, torch.tensor(scores)))
+
+
+def test_top_p_after_top_k_over_a_large_vocabulary_matches_the_reference(reference):
+    # top_p_filter sorts only the tokens still in play: in some row, which leaves -inf in the others.
+    torch, transformers = reference
+    scores, input_ids = random_scores(rows=3, vocab=151936, seed=7)
+    processors = transformers.LogitsProcessorList([transformers.TopKLogitsWarper(20),
+                                                   transformers.TopPLogitsWarper(0.8, min_tokens_to_keep=2)])
+    theirs = processors(torch.tensor(input_ids), torch.tensor(scores))
+    assert_same_scores(top_p_filter(top_k_filter(scores, 20), 0.8, 2), theirs)
+
+
+def test_sample_draws_as_from_the_whole_vocabulary():
+    # sample adds up only the tokens in play (a finite logit in some row): the same draws as over all.
+    scores, _ = random_scores(rows=3, vocab=5000, seed=8)
+    filtered = top_k_filter(scores, 30)
+    filtered[2] = top_k_filter(scores[2:], 3)
+    for seed in range(50):
+        cdf = np.cumsum(qwen_np.ops.softmax(filtered.astype(np.float64)), axis=-1)
+        u = np.random.default_rng(seed).random((3, 1)) * cdf[:, -1:]
+        drawn = sample(filtered, np.random.default_rng(seed))
+        np.testing.assert_array_equal(drawn, (cdf <= u).sum(axis=-1))
+        assert np.isfinite(filtered[np.arange(3), drawn]).all()
+
+
 @pytest.mark.parametrize("min_p, keep", [(0.05, 1), (0.3, 1), (0.9, 3), (0.0, 1)])
 def test_min_p_matches_reference(reference, min_p, keep):
     torch, transformers = reference
@@ -220,6 +252,9 @@ def test_a_temperature_too_small_for_float32_is_a_clear_error():
             choose_tokens(logits, seen, s, np.random.default_rng(0))
     assert choose_tokens(logits, seen, Sampling(temperature=1e-30), np.random.default_rng(0)) == [0]
     assert choose_tokens(logits, seen, Sampling(temperature=0, repetition_penalty=1e-39), None) == [0]
+    # Every logit negative: all of them become -inf, and no token can be drawn
+    with pytest.raises(qwen_np.QwenNPError, match="overflow float32.*temperature=1e-38"):
+        choose_tokens(-logits[:, :2], seen[:, :2], Sampling(temperature=1e-38), np.random.default_rng(0))
 
 
 @pytest.mark.filterwarnings("error::RuntimeWarning")  # the one error, without NumPy's warnings before it
