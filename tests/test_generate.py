@@ -192,7 +192,7 @@ def test_top_p_adds_up_a_large_vocabulary_as_the_reference_does(reference):
 
 
 def test_top_p_after_top_k_over_a_large_vocabulary_matches_the_reference(reference):
-    # top_p_filter sorts only the tokens still in play: in some row, which leaves -inf in the others.
+    # top_p_filter sorts only the tokens in play (a finite logit in some row); the rows keep different ones.
     torch, transformers = reference
     scores, input_ids = random_scores(rows=3, vocab=151936, seed=7)
     processors = transformers.LogitsProcessorList([transformers.TopKLogitsWarper(20),
