@@ -61,7 +61,7 @@ def top_p_filter(logits, top_p, min_tokens_to_keep=1):  # [B, V] -> [B, V]
     # torch's sort does (for rows of up to 16 values; in longer rows its order among ties is its own).
     # Only the tokens in play are sorted: a -inf logit would sort first, add 0 and stay -inf.
     cols = in_play(logits)  # [n]
-    play = logits[:, cols]  # [B, n]
+    play = np.take(logits, cols, axis=-1)  # [B, n]
     order = np.argsort(play, axis=-1, kind="stable")  # [B, n], least probable first
     probs = softmax(np.take_along_axis(play, order, axis=-1))  # [B, n]
     # Added up in float64 and rounded to float32, as torch's cumsum does: a float32 running sum over
@@ -96,7 +96,7 @@ def sample(logits, rng):  # [B, V], numpy Generator -> [B] int
     # exceeds a uniform number. A token with probability 0 (-inf logit) is never drawn, so only
     # the tokens in play are added up.
     cols = in_play(logits)  # [n]
-    cdf = np.cumsum(softmax(logits[:, cols].astype(np.float64)), axis=-1)  # [B, n]
+    cdf = np.cumsum(softmax(np.take(logits, cols, axis=-1).astype(np.float64)), axis=-1)  # [B, n]
     u = rng.random((len(logits), 1)) * cdf[:, -1:]  # [B, 1], in [0, total)
     return cols[np.minimum((cdf <= u).sum(axis=-1), len(cols) - 1)]
 
