@@ -37,7 +37,7 @@ def linear(x, weight, bias=None):  # [..., in], [out, in], [out] or None -> [...
     if weight.dtype == np.uint16:  # bf16 bits (load(..., low_memory=True)): widened a block of rows at a time
         block = bf16_block_rows(len(rows), weight.shape[1])
         y = np.concatenate([times_transposed(rows, bf16_to_float32(weight[r:r + block]))
-                            for r in range(0, weight.shape[0], block)], axis=-1)
+                            for r in range(0, max(weight.shape[0], 1), block)], axis=-1)  # one block if no rows
     else:
         y = times_transposed(rows, weight)
     y = y.reshape(*x.shape[:-1], weight.shape[0])  # [..., out]
