@@ -45,9 +45,10 @@ def is_number(value):  # a finite int or float, NumPy's too (not True/False), th
 VALUE_KINDS = {  # what a key must hold where config.json has it (null takes the default) -> (test, keys)
     "a positive integer": (lambda v: is_int(v, 1), (
         "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window", "num_experts",
+        "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window",
         "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step", "original_max_position_embeddings")),
-    "an integer >= 0": (is_int, ("max_window_layers", "shared_expert_intermediate_size")),
+    # num_experts 0: an MoE config whose every layer is a dense MLP, as the reference builds it.
+    "an integer >= 0": (is_int, ("max_window_layers", "shared_expert_intermediate_size", "num_experts")),
     "a number > 0": (lambda v: is_number(v) and v > 0, (
         "rope_theta", "factor", "low_freq_factor", "high_freq_factor", "attention_factor")),
     "a number >= 0": (lambda v: is_number(v) and v >= 0, ("rms_norm_eps", "beta_fast", "beta_slow", "mscale",

@@ -69,6 +69,8 @@ CASES = {
     "qwen2_moe top-1 with renorm": ("qwen2_moe", {"num_experts_per_tok": 1, "norm_topk_prob": True}),
     "qwen2_moe zero-wide shared expert": ("qwen2_moe", {"shared_expert_intermediate_size": 0}),
     "qwen3_moe renorm, top-2": ("qwen3_moe", {}),
+    "qwen2_moe without experts: every layer dense": ("qwen2_moe", {"num_experts": 0}),
+    "qwen3_moe without experts: every layer dense": ("qwen3_moe", {"num_experts": 0}),
     "qwen3_moe no renorm, top-4": ("qwen3_moe", {"norm_topk_prob": False, "num_experts_per_tok": 4}),
     "qwen2_moe sparse step 2 with mlp_only_layers": ("qwen2_moe", {"num_hidden_layers": 4, "decoder_sparse_step": 2,
                                                                    "mlp_only_layers": [3]}),
