@@ -621,12 +621,15 @@ def load_tokenizer(metadata, path):
     check_vocabulary(metadata, path)
     tokens = metadata["tokenizer.ggml.tokens"]
     types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    # Every token is spelled in the byte-level alphabet; one that is not (a user-defined token
-    # stored with real spaces) is respelled from its UTF-8 bytes, as transformers does.
+    # Ordinary tokens are spelled in the byte-level alphabet (one that is not is respelled from its
+    # UTF-8 bytes). Control and user-defined tokens are stored as their raw text, which may hold
+    # characters outside it (DeepSeek-R1-Distill-Qwen's <｜User｜>, a user-defined token with a real
+    # space): they keep that text, which llama.cpp matches whole in the input (see below).
     symbol = bytes_to_unicode()
     alphabet = set(symbol.values())
-    vocab = {t if set(t) <= alphabet else "".join(symbol[b] for b in t.encode("utf-8")): i
-             for i, t in enumerate(tokens)}
+    added = {TOKEN_CONTROL, TOKEN_USER_DEFINED}
+    vocab = {t if set(t) <= alphabet or kind in added else "".join(symbol[b] for b in t.encode("utf-8")): i
+             for i, (t, kind) in enumerate(zip(tokens, types))}
     merges = [tuple(merge.split(" ", 1)) for merge in metadata["tokenizer.ggml.merges"]]
     for merge in merges:  # checked here: the tokenizers library panics on a merge outside the vocabulary
         if len(merge) != 2 or merge[0] not in vocab or merge[1] not in vocab or merge[0] + merge[1] not in vocab:
@@ -641,9 +644,9 @@ def load_tokenizer(metadata, path):
     # Control tokens (<|im_start|>, ...) are matched whole and are special; user-defined ones
     # (<tool_call>, <think>, ...) are matched whole too but are ordinary text.
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, kind in zip(tokens, types)
-                                  if kind == TOKEN_CONTROL and set(t) <= alphabet])
+                                  if kind == TOKEN_CONTROL])
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t, kind in zip(tokens, types)
-                          if kind == TOKEN_USER_DEFINED and t in vocab])
+                          if kind == TOKEN_USER_DEFINED])
     bos, eos = metadata.get("tokenizer.ggml.bos_token_id"), metadata.get("tokenizer.ggml.eos_token_id")
     add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token")) and bos is not None
     add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token")) and eos is not None

@@ -17,8 +17,8 @@ from tiny import FAMILIES, reference_logits, tiny_model
 
 import qwen_np
 from qwen_np.config import config_from_dict
-from qwen_np.gguf import (DEQUANTIZERS, IQ4_LEVELS, check_special_token_ids, config_from_gguf, dequantize,
-                          load_tokenizer, pre_tokenizer, read_gguf, unpermute_rope_rows)
+from qwen_np.gguf import (DEQUANTIZERS, IQ4_LEVELS, bytes_to_unicode, check_special_token_ids, config_from_gguf,
+                          dequantize, load_tokenizer, pre_tokenizer, read_gguf, unpermute_rope_rows)
 from qwen_np.gguf import load_params as load_gguf_params
 from qwen_np.ops import bf16_to_float32
 from qwen_np.weights import expected_shapes, flatten, float32_to_bf16
@@ -391,6 +391,33 @@ def test_inconsistent_tokenizer_metadata(tmp_path, changes, message):
     path = random_gguf(tmp_path / "tok.gguf", "llama", small_config("llama"), tokenizer=tokenizer)
     with pytest.raises(qwen_np.QwenNPError, match=message):
         qwen_np.load(path)
+
+
+def test_control_and_user_defined_tokens_outside_the_byte_alphabet_are_matched_whole(tmp_path):
+    # llama.cpp's converter stores added tokens as their raw text: DeepSeek-R1-Distill-Qwen's control
+    # tokens hold U+FF5C and U+2581, and it writes user-defined tokens with U+2581 turned into a space.
+    # llama.cpp matches every control and user-defined token whole, by that text.
+    symbols = list(bytes_to_unicode().values())  # 256 byte tokens, ids 0..255
+    added = [("ab", 1), ("<｜begin▁of▁sentence｜>", 3), ("<｜User｜>", 3), ("<｜Assistant｜>", 3),
+             ("<｜end▁of▁sentence｜>", 3), ("new token", 4), (" ", 4)]  # types: 1 normal, 3 control, 4 user-defined
+    tokens, types = symbols + [t for t, _ in added], [1] * 256 + [kind for _, kind in added]
+    ids = {t: tokens.index(t) for t, _ in added}
+    tokenizer = {"pre": "deepseek-r1-qwen", "tokens": tokens, "types": types, "merges": ["a b"],
+                 "bos": ids["<｜begin▁of▁sentence｜>"], "eos": ids["<｜end▁of▁sentence｜>"],
+                 "chat_template": "{{ bos_token }}{% for m in messages %}<｜User｜>{{ m['content'] }}{% endfor %}"
+                                  "<｜Assistant｜>"}
+    config = small_config("qwen2", vocab_size=len(tokens), hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1)
+    model = qwen_np.load(random_gguf(tmp_path / "r1.gguf", "qwen2", config, tokenizer=tokenizer))
+    a = symbols.index("a")
+    for text, expected in [("<｜User｜>", [ids["<｜User｜>"]]), ("a new token", [a, ids[" "], ids["new token"]]),
+                           ("ab a", [ids["ab"], ids[" "], a])]:
+        assert model.tokenizer.encode(text).ids == expected, text
+    ends = [ids["<｜User｜>"], a, ids["new token"], ids["<｜end▁of▁sentence｜>"]]
+    assert model.tokenizer.decode(ends) == "anew token"  # control tokens skipped, user-defined ones kept
+    assert model.tokenizer.get_vocab_size() == len(tokens)  # the user-defined " " did not take the place of "Ġ"
+    assert qwen_np.chat_ids(model, [{"role": "user", "content": "a"}], add_generation_prompt=True) == [
+        ids["<｜begin▁of▁sentence｜>"], ids["<｜User｜>"], a, ids["<｜Assistant｜>"]]
 
 
 # ---------------------------------------------------------------------------------------------
