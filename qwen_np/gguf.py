@@ -672,14 +672,41 @@ def check_vocabulary(metadata, path):
 
 
 def check_special_token_ids(metadata, path):
-    """The bos/eos/padding/eot ids are token ids: integers >= 0, and in the vocabulary where there is one."""
+    """The special token ids (bos, eos, padding, end of turn...) are integers >= 0, in the vocabulary where there
+    is one."""
     tokens = metadata.get("tokenizer.ggml.tokens")
     limit = len(tokens) if isinstance(tokens, list) else math.inf
-    for key in ("bos", "eos", "padding", "eot"):
+    for key in ("bos", "eos", "padding", "eot", "eom", "fim_pad", "fim_rep", "fim_sep"):
         i = metadata.get(f"tokenizer.ggml.{key}_token_id")
         if i is not None and not (is_int(i) and i < limit):
             vocabulary = f"a token id of the vocabulary (0..{limit - 1})" if limit < math.inf else "a token id"
             raise QwenNPError(f"{path}: tokenizer.ggml.{key}_token_id={i!r} is not {vocabulary}")
+
+
+# The tokens llama.cpp ends generation at (its "EOG" set, llama-vocab.cpp) besides the file's eos:
+# every token with one of these texts (Qwen's <|endoftext|> beside <|im_end|>; gpt-oss's <|return|>
+# and <|call|> are left out with the architecture), and the end-of-turn, end-of-message and
+# fill-in-the-middle padding / repository / file-separator tokens: the file's ids, or else a token
+# with one of their texts.
+END_TEXTS = {"<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>", "<EOT>",
+             "_<EOT>", "<|end_of_text|>", "<end_of_utterance>"}
+NAMED_END_TEXTS = {
+    "eot": ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>", "<EOT>",
+            "_<EOT>", "<｜end▁of▁sentence｜>", "<end_of_utterance>"),
+    "eom": ("<|eom_id|>",),
+    "fim_pad": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>"),
+    "fim_rep": ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
+    "fim_sep": ("<|file_sep|>",)}
+
+
+def end_token_ids_of_gguf(metadata):  # -> [int], the file's eos first: where llama.cpp stops generating
+    tokens = metadata.get("tokenizer.ggml.tokens", [])
+    ends = [metadata.get("tokenizer.ggml.eos_token_id")]
+    for key, texts in NAMED_END_TEXTS.items():  # (llama.cpp takes any one token of the texts; here the first)
+        ends.append(metadata.get(f"tokenizer.ggml.{key}_token_id",
+                                 next((i for i, t in enumerate(tokens) if t in texts), None)))
+    ends += [i for i, t in enumerate(tokens) if t in END_TEXTS]
+    return list(dict.fromkeys(i for i in ends if i is not None))  # in order, each once
 
 
 def chat_settings(metadata):  # -> tokenizer_config, generation_config as a checkpoint directory has them
@@ -691,9 +718,9 @@ def chat_settings(metadata):  # -> tokenizer_config, generation_config as a chec
     if "tokenizer.chat_template" in metadata:
         tokenizer_config["chat_template"] = metadata["tokenizer.chat_template"]
     generation_config = {f"{name}_token_id": i for name, i in ids.items()}
-    eot = metadata.get("tokenizer.ggml.eot_token_id")
-    if eot is not None and eot != ids.get("eos"):  # end of turn: chat stops there too
-        generation_config["eos_token_id"] = [i for i in (ids.get("eos"), eot) if i is not None]
+    ends = end_token_ids_of_gguf(metadata)
+    if ends:  # one id as the file gives it, several as a list (generation stops at each)
+        generation_config["eos_token_id"] = ends[0] if len(ends) == 1 else ends
     return tokenizer_config, generation_config
 
 

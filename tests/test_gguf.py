@@ -18,7 +18,7 @@ from tiny import FAMILIES, reference_logits, tiny_model
 import qwen_np
 from qwen_np.config import config_from_dict
 from qwen_np.gguf import (DEQUANTIZERS, IQ4_LEVELS, bytes_to_unicode, check_special_token_ids, config_from_gguf,
-                          dequantize, load_tokenizer, pre_tokenizer, read_gguf, unpermute_rope_rows)
+                          dequantize, end_token_ids_of_gguf, load_tokenizer, pre_tokenizer, read_gguf, unpermute_rope_rows)
 from qwen_np.gguf import load_params as load_gguf_params
 from qwen_np.ops import bf16_to_float32
 from qwen_np.weights import expected_shapes, flatten, float32_to_bf16
@@ -420,6 +420,18 @@ def test_control_and_user_defined_tokens_outside_the_byte_alphabet_are_matched_w
         ids["<｜begin▁of▁sentence｜>"], ids["<｜User｜>"], a, ids["<｜Assistant｜>"]]
 
 
+def test_generation_ends_at_the_tokens_llama_cpp_ends_it_at():
+    tokens = ["a", "<|endoftext|>", "<|im_end|>", "<|fim_pad|>", "<fim_pad>", "<|eot_id|>", "<|file_sep|>", "b"]
+    metadata = {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.eos_token_id": 7}
+    # The file's eos first; end of turn and fill-in-the-middle padding by their texts (the first of
+    # each); every token with an end-of-generation text.
+    assert end_token_ids_of_gguf(metadata) == [7, 1, 3, 6, 2, 5]
+    # Ids the file names take the place of the texts: <|fim_pad|> is not an end here.
+    named = {**metadata, "tokenizer.ggml.eot_token_id": 0, "tokenizer.ggml.fim_pad_token_id": 4}
+    assert end_token_ids_of_gguf(named) == [7, 0, 4, 6, 1, 2, 5]
+    assert end_token_ids_of_gguf({"tokenizer.ggml.tokens": ["a", "b"], "tokenizer.ggml.eos_token_id": 1}) == [1]
+
+
 # ---------------------------------------------------------------------------------------------
 # The tokenizer from metadata: a Qwen2 GGUF carrying the real Qwen2.5 vocabulary
 
@@ -478,7 +490,10 @@ def test_qwen2_gguf_chat_settings(qwen2_gguf, shared_data):
     template = json.loads((shared_data / "qwen2.5-tokenizer" / "tokenizer_config.json").read_text())["chat_template"]
     assert model.tokenizer_config == {"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>",
                                       "pad_token": "<|endoftext|>", "chat_template": template}
-    assert model.generation_config == {"bos_token_id": 151643, "eos_token_id": 151645, "pad_token_id": 151643}
+    # Generation stops where llama.cpp stops it: <|im_end|> (the file's eos), <|endoftext|>, and the
+    # fill-in-the-middle <|fim_pad|>, <|repo_name|> and <|file_sep|>.
+    assert model.generation_config == {"bos_token_id": 151643, "eos_token_id": [151645, 151643, 151662, 151663, 151664],
+                                       "pad_token_id": 151643}
     assert model.config.vocab_size == 151936 and model.config.eos_token_id == 151645
 
 

@@ -33,7 +33,8 @@ def test_smollm_config_and_chat_settings(smollm):
     assert {k: v for k, v in smollm.tokenizer_config.items() if k != "chat_template"} == {
         "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>"}
     assert smollm.tokenizer_config["chat_template"].startswith("{% for message in messages %}")
-    assert smollm.generation_config == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+    # <|im_end|> (the file's eos), <|endoftext|> and <reponame>: where llama.cpp stops generating
+    assert smollm.generation_config == {"bos_token_id": 1, "eos_token_id": [2, 0, 4], "pad_token_id": 2}
 
 
 @pytest.fixture
@@ -85,7 +86,7 @@ def greedy(model, prompt, max_new_tokens):  # -> the generated text, up to the e
     generated = []
     for _ in range(max_new_tokens):
         token = int(logits[0, -1].argmax())
-        if token == model.generation_config["eos_token_id"]:
+        if token in model.generation_config["eos_token_id"]:
             break
         generated.append(token)
         logits, cache = qwen_np.forward(model.params, model.config, np.array([[token]]), cache=cache)
