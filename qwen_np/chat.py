@@ -10,8 +10,10 @@ special tokens (`bos_token`, `eos_token`, ...) and any extra keyword, such as Qw
 `enable_thinking`. Qwen2.5's default system prompt is written by its template itself.
 """
 
+import dataclasses
 import json
 import reprlib
+from collections.abc import Mapping
 from datetime import datetime
 from functools import lru_cache
 
@@ -28,7 +30,7 @@ REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # the names t
 # apply_chat_template's own options, which render_chat would otherwise pass on as template variables
 NOT_TEMPLATE_VARIABLES = ("continue_final_message", "chat_template", "tokenize", "return_dict", "return_tensors",
                           "padding", "truncation", "max_length", "return_assistant_tokens_mask",
-                          "sanitize_control_tokens")
+                          "sanitize_control_tokens", "tokenizer_kwargs")
 
 
 def raise_exception(message):
@@ -37,14 +39,33 @@ def raise_exception(message):
 
 def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
     # transformers' own tojson: unlike Jinja's, it does not escape HTML characters.
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys,
-                      default=plain_value)
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
-def plain_value(x):  # NumPy scalars and arrays in tool arguments become JSON numbers and lists
-    if hasattr(x, "tolist"):
-        return x.tolist()
-    raise TypeError(f"{type(x).__name__} is not JSON serializable")
+def plain_data(value):  # -> the same data made of JSON types only, as transformers gives it to a template
+    # The template is code downloaded with the checkpoint, and an object's methods are reachable from
+    # it (a Path's write_text...): it sees plain data only, anything else a placeholder naming its type.
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):  # a subclass (np.str_, an Enum of str...): the string it holds, not its str()
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):  # np.float64 too
+        return float.__float__(value)
+    if isinstance(value, Mapping):
+        return {plain_data(k): plain_data(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain_data(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(plain_data(v) for v in value)
+    if isinstance(value, np.generic):  # np.False_ must stay false, np.float32(0.5) a number
+        return plain_data(value.item())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain_data(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):  # a Pydantic model, such as the OpenAI SDK's messages
+        return plain_data(value.model_dump())
+    return f"<{type(value).__name__}>"  # e.g. "<ndarray>"
 
 
 def strftime_now(format):
@@ -104,8 +125,9 @@ def chat_template_source(tokenizer_config, tools=None):  # -> the template's tex
     return template
 
 
-def check_chat(messages, tools):
-    """messages: a list of dicts with a role; tools: None or a list of JSON schemas (dicts)."""
+def check_chat(messages, tools, documents):
+    """messages: a list of dicts with a role; tools: None or a list of JSON schemas (dicts); documents: None
+    or a list of dicts."""
     if not isinstance(messages, (list, tuple)):
         raise QwenNPError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got {messages!r}")
     if not messages:  # as transformers refuses it
@@ -116,6 +138,10 @@ def check_chat(messages, tools):
     if tools is not None and not (isinstance(tools, (list, tuple)) and all(isinstance(t, dict) for t in tools)):
         raise QwenNPError("tools must be a list of JSON schemas (dicts); qwen_np does not build a schema from a "
                           "Python function, as transformers does from its type hints and docstring")
+    if documents is not None and not (isinstance(documents, (list, tuple)) and all(isinstance(d, dict)
+                                                                                  for d in documents)):
+        raise QwenNPError(f"documents must be a list of dicts (such as {{'title': ..., 'text': ...}}), got "
+                          f"{reprlib.repr(documents)}")
 
 
 def normalise_message(message):  # -> a new dict, as transformers passes it to the template
@@ -138,23 +164,25 @@ def render_chat(tokenizer_config, messages, add_generation_prompt=False, tools=N
     if not isinstance(tokenizer_config, dict):
         raise QwenNPError(f"render_chat takes a model's tokenizer_config (model.tokenizer_config, a dict), "
                           f"got {type(tokenizer_config).__name__}")
-    check_chat(messages, tools)
+    if isinstance(messages, (list, tuple)):  # messages that are dataclasses or Pydantic models become dicts
+        messages = plain_data(messages)
+    check_chat(messages, tools, documents)
     for name in NOT_TEMPLATE_VARIABLES:
         if name in kwargs:
             raise QwenNPError(f"{name} is an option of transformers' apply_chat_template that render_chat does not "
                               f"have; its keyword arguments are template variables (such as enable_thinking)")
     source = chat_template_source(tokenizer_config, tools)
-    # The caller's values win. A NumPy scalar becomes its Python value, as in transformers: Jinja's
-    # `x is false` holds for False only, not for np.False_.
-    variables = {**special_tokens(tokenizer_config),
-                 **{k: v.item() if isinstance(v, np.generic) else v for k, v in kwargs.items()}}
+    # The caller's values win. Everything the template sees is plain data (see plain_data): a NumPy
+    # scalar becomes its Python value (Jinja's `x is false` holds for False only, not for np.False_).
+    variables = {**special_tokens(tokenizer_config), **plain_data(kwargs)}
     try:
         template = compile_template(source)
     except TemplateError as e:
         raise QwenNPError(f"the chat template is not valid Jinja: {e}") from None
     try:
-        return template.render(messages=[normalise_message(m) for m in messages], tools=tools, documents=documents,
-                               add_generation_prompt=add_generation_prompt, **variables)
+        return template.render(messages=[normalise_message(m) for m in messages], tools=plain_data(tools),
+                               documents=plain_data(documents), add_generation_prompt=add_generation_prompt,
+                               **variables)
     except Exception as e:  # the template is the checkpoint's code: whatever it raises, it failed
         raise QwenNPError(f"the chat template failed: {e if isinstance(e, TemplateError) else repr(e)}") from None
 
