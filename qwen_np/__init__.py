@@ -89,7 +89,7 @@ def read_model(name, mmap, low_memory):  # the body of `load`: name is the path 
                      tokenizer_config=tokenizer_config, path=path)
     if not path.is_dir():
         raise QwenNPError(f"{path} is neither a checkpoint directory (config.json and *.safetensors) "
-                          f"nor a .gguf file")
+                          f"nor a GGUF file")
     config = read_config(path)
     tokenizer_config = read_json(path / "tokenizer_config.json") or {}
     if (path / "chat_template.jinja").is_file():  # newer checkpoints keep the template beside
@@ -102,8 +102,16 @@ def read_model(name, mmap, low_memory):  # the body of `load`: name is the path 
 HUB_PART = r"\w[\w.-]*"  # an owner, a repository, a folder or a file name on the Hub
 
 
-def is_gguf_file(path):  # a .gguf file, which `load` reads as one (the benchmark too)
-    return Path(path).is_file() and Path(path).suffix.lower() == ".gguf"
+def is_gguf_file(path):  # a GGUF file, which `load` reads as one (the benchmark too)
+    # Named *.gguf, or starting with GGUF's magic bytes: Ollama keeps its models as files named by
+    # their checksum (~/.ollama/models/blobs/sha256-...).
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if path.suffix.lower() == ".gguf":
+        return True
+    with open(path, "rb") as file:
+        return file.read(4) == b"GGUF"
 
 
 def hub_id(name):  # -> ("Qwen/Qwen3-0.6B", "" or a file of it), or None for what can only be a path

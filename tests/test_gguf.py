@@ -393,6 +393,17 @@ def test_inconsistent_tokenizer_metadata(tmp_path, changes, message):
         qwen_np.load(path)
 
 
+def test_a_gguf_file_named_otherwise_is_read_by_its_magic_bytes(tmp_path):
+    # Ollama keeps its models as blobs named by their checksum: ~/.ollama/models/blobs/sha256-...
+    path = random_gguf(tmp_path / "m.gguf", "qwen2", small_config("qwen2"))
+    blob = path.rename(tmp_path / "sha256-6a1a2eb6d15622bf3c96857206351ba97e1af16c30d7a74ee38970e434e9407e")
+    assert qwen_np.load(blob).config.model_type == "qwen2"
+    other = tmp_path / "notes"
+    other.write_bytes(b"GGU")  # shorter than the magic: neither a directory nor a GGUF file
+    with pytest.raises(qwen_np.QwenNPError, match="notes is neither a checkpoint directory .* nor a GGUF file"):
+        qwen_np.load(other)
+
+
 def test_control_and_user_defined_tokens_outside_the_byte_alphabet_are_matched_whole(tmp_path):
     # llama.cpp's converter stores added tokens as their raw text: DeepSeek-R1-Distill-Qwen's control
     # tokens hold U+FF5C and U+2581, and it writes user-defined tokens with U+2581 turned into a space.
