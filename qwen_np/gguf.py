@@ -700,12 +700,16 @@ NAMED_END_TEXTS = {
 
 
 def end_token_ids_of_gguf(metadata):  # -> [int], the file's eos first: where llama.cpp stops generating
-    tokens = metadata.get("tokenizer.ggml.tokens", [])
+    texts = END_TEXTS.union(*NAMED_END_TEXTS.values())
+    found = {}  # text -> id, of the tokens with one of those texts (one pass over the vocabulary)
+    for i, token in enumerate(metadata.get("tokenizer.ggml.tokens", [])):
+        if token in texts:
+            found.setdefault(token, i)
     ends = [metadata.get("tokenizer.ggml.eos_token_id")]
-    for key, texts in NAMED_END_TEXTS.items():  # (llama.cpp takes any one token of the texts; here the first)
-        ends.append(metadata.get(f"tokenizer.ggml.{key}_token_id",
-                                 next((i for i, t in enumerate(tokens) if t in texts), None)))
-    ends += [i for i, t in enumerate(tokens) if t in END_TEXTS]
+    for key, named in NAMED_END_TEXTS.items():  # (llama.cpp takes any one token of the texts; here the first)
+        ends.append(metadata.get(f"tokenizer.ggml.{key}_token_id", min((found[t] for t in named if t in found),
+                                                                       default=None)))
+    ends += sorted(found[t] for t in END_TEXTS if t in found)
     return list(dict.fromkeys(i for i in ends if i is not None))  # in order, each once
 
 
