@@ -281,9 +281,10 @@ class Past(NamedTuple):
     """A finished one-prompt generation, kept for the next one (the next turn of a chat): the token
     ids its KV cache holds (the prompt and the answer, but for the last token chosen) and the cache.
     Passed as `past=`, the prompt tokens it already holds are not computed again. It is only read:
-    the same Past can start several generations."""
+    the same Past can start several generations, of the model that made it only."""
     ids: tuple
     cache: KVCache
+    model_path: object = None  # the path of the model that made it (model.path): another model's cache is refused
 
     def __repr__(self):
         return f"Past({len(self.ids)} token ids, {self.cache!r})"
@@ -320,12 +321,16 @@ def rope_allows_reuse(config, past, ids):  # -> whether past's keys are those a 
     return config.rope_parameters["rope_type"] != "dynamic" or max(len(past.ids), len(ids)) <= limit
 
 
-def check_past(past, config):
+def check_past(past, model):
     made = isinstance(past, Past) and isinstance(past.ids, tuple) and isinstance(past.cache, KVCache)
     if not made or len(past.ids) != past.cache.length:  # a generation's past holds one id per cached position
         raise QwenNPError("past= must be the `past` of an earlier one-prompt generation (its stats.past)")
+    # A model of the same shape (a base model and its instruct version) would take the cache as its
+    # own: the path tells them apart.
+    if past.model_path is not None and model.path is not None and past.model_path != model.path:
+        raise QwenNPError(f"past= was made by another model ({past.model_path}), not this one ({model.path})")
     try:
-        check_cache(past.cache, config, batch_size=1)
+        check_cache(past.cache, model.config, batch_size=1)
     except QwenNPError as e:
         raise QwenNPError(f"past= does not fit this model: {e}") from None
 
@@ -517,7 +522,7 @@ def generate_batch(model, prompts, max_new_tokens=None, temperature=None, top_k=
     if past is not None:
         if B != 1:
             raise QwenNPError(f"past= continues one prompt, not a batch of {B}")
-        check_past(past, config)
+        check_past(past, model)
         reused = reusable_length(past, prompts[0]) if rope_allows_reuse(config, past, prompts[0]) else 0
     cache = new_cache(config, B, capacity, past, reused)
     next_ids, cache = next_tokens(params, config, input_ids[:, reused:], cache, seen, settings, rng,
@@ -556,7 +561,7 @@ def generate_batch(model, prompts, max_new_tokens=None, temperature=None, top_k=
         decode_tokens += int(alive.sum())
 
     # One prompt: its cache holds the prompt and every generated token fed back (the last chosen is not).
-    after = Past(tuple((prompts[0] + generated[0])[:cache.length]), cache) if B == 1 else None
+    after = Past(tuple((prompts[0] + generated[0])[:cache.length]), cache, model.path) if B == 1 else None
     return GenerationStats(int(attention_mask.sum()) - reused, prefill_seconds, decode_tokens, decode_seconds,
                            tuple(reasons), reused, after)
 

@@ -2,6 +2,8 @@
 stopping (end tokens, max_new_tokens, stop strings, the context limit) and streaming text."""
 
 import dataclasses
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -682,6 +684,19 @@ def test_a_past_must_come_from_one_prompt_of_the_same_model(tiny_models):
             next(call())
     _, batch = tokens_and_stats(qwen_np.generate_batch(model, PROMPTS, max_new_tokens=3))
     assert batch.past is None  # a batch leaves none: its rows are left-padded and dropped as they end
+
+
+def test_a_past_from_another_model_of_the_same_shape_is_refused(tiny_models, tmp_path):
+    model, _ = tiny_models["qwen2"]
+    _, stats = tokens_and_stats(qwen_np.generate(model, PROMPTS[1], max_new_tokens=3))
+    assert stats.past.model_path == model.path
+    twin = shutil.copytree(model.path, tmp_path / "twin")  # the same shape: its caches fit
+    with pytest.raises(qwen_np.QwenNPError, match=re.escape(f"past= was made by another model ({model.path}), "
+                                                            f"not this one ({twin})")):
+        next(qwen_np.generate(qwen_np.load(twin), PROMPTS[1], past=stats.past))
+    again = qwen_np.load(model.path)  # the same model, loaded again: its past is taken
+    _, reused = tokens_and_stats(qwen_np.generate(again, PROMPTS[1] + [5], max_new_tokens=1, past=stats.past))
+    assert reused.reused_tokens == len(PROMPTS[1])
 
 
 # --- text: stop strings and streaming --------------------------------------------------------
