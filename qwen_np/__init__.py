@@ -65,6 +65,8 @@ def load(path, mmap=False, low_memory=False):
     if not isinstance(path, (str, os.PathLike)):
         raise QwenNPError(f"load takes the path of a checkpoint directory or .gguf file (a str or Path), or a "
                           f"Hub id, got {type(path).__name__}")
+    if isinstance(path, str) and not path.strip():  # an unset variable, say: not the current directory
+        raise QwenNPError(f"load: the model path is empty ({path!r})")
     for name, value in (("mmap", mmap), ("low_memory", low_memory)):
         if not isinstance(value, (bool, np.bool_)) and value not in (0, 1):  # 0 and 1 as the same
             raise QwenNPError(f"load: {name} must be True or False, got {value!r}")

@@ -95,9 +95,10 @@ def model_path(args):
 
 
 def sampling_kwargs(args):
+    stop = args.stop and [read_utf8(lambda: text, "--stop") for text in args.stop]
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                stop=args.stop)
+                stop=stop)
 
 
 def read_utf8(read, where):  # read() -> its text, refused unless it is valid UTF-8
@@ -163,7 +164,8 @@ def run_chat(model, args):
             pass
         sys.stderr.write("Type a message and press Enter; Ctrl-C stops an answer; /clear starts over; "
                          "/exit or Ctrl-D to leave.\n")
-    start = [{"role": "system", "content": args.system}] if args.system else []  # what every conversation begins with
+    # What every conversation begins with (an empty --system too: it replaces the template's default one).
+    start = [] if args.system is None else [{"role": "system", "content": read_utf8(lambda: args.system, "--system")}]
     messages = list(start)
     variables = {"enable_thinking": False} if args.no_think else {}
     stats, past = [], None  # past: the conversation's KV cache, so each turn prefills only its new tokens

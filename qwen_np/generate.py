@@ -14,6 +14,8 @@ which the tokens they rule out are -inf. Randomness comes only from the `numpy.r
 passed to `sample`, made from the caller's seed, so a seeded run repeats exactly.
 """
 
+import difflib
+import inspect
 import math
 import reprlib
 import time
@@ -166,12 +168,17 @@ def choose_tokens(logits, seen, sampling, rng):  # [B, V], [B, V] bool, Sampling
 # Settings: the caller's arguments, else generation_config.json's values, else the defaults.
 
 
+def is_float32(value):  # a number that float32, in which the logits are computed, holds without overflow
+    return is_number(value) and abs(value) <= float(np.finfo(np.float32).max)  # compared as Python floats
+
+
 RULES = {  # setting -> (test, what it must be), for the arguments and generation_config.json alike
-    "temperature": (lambda v: is_number(v) and v >= 0, "0 (greedy) or a positive number"),
+    "temperature": (lambda v: is_float32(v) and v >= 0, "0 (greedy) or a positive number (finite in float32)"),
     "top_k": (is_int, "0 (off) or a positive integer"),
     "top_p": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
     "min_p": (lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
-    "repetition_penalty": (lambda v: is_number(v) and v > 0, "a positive number (1 is off)"),
+    "repetition_penalty": (lambda v: is_float32(v) and np.float32(v) > 0,
+                           "a positive number (1 is off; finite and not 0 in float32)"),
     "max_new_tokens": (lambda v: is_int(v, 1), "a positive integer"),
     "seed": (lambda v: is_int(v) or isinstance(v, (np.random.Generator, np.random.SeedSequence)),
              "None, an integer >= 0 or a NumPy Generator"),
@@ -333,6 +340,16 @@ def check_past(past, model):
         check_cache(past.cache, model.config, batch_size=1)
     except QwenNPError as e:
         raise QwenNPError(f"past= does not fit this model: {e}") from None
+
+
+def check_options(kwargs, function):  # keyword arguments to pass on to `function`: one it lacks is named
+    options = [name for name in inspect.signature(function).parameters if name not in ("model", "prompt")]
+    for name, value in kwargs.items():
+        if name not in options:
+            close = difflib.get_close_matches(name, options, n=1)
+            raise QwenNPError(f"unknown option {name}={reprlib.repr(value)}"
+                              f"{f' (did you mean {close[0]}?)' if close else ''}; the generation options are "
+                              f"{', '.join(options)}")
 
 
 def check_model(model, caller):
@@ -596,6 +613,7 @@ def generate_text(model, prompt, stop=None, **kwargs):
     check_model(model, "generate_text")
     if model.tokenizer is None:
         raise QwenNPError(f"{no_tokenizer(model)}, so it cannot produce text")
+    check_options(kwargs, generate)
     stop = stop_strings(stop)
     tokens = generate(model, prompt, stop=stop, **kwargs)
     ids, prefix, read, pending = [], 0, 0, ""  # pending: text that may begin a stop string

@@ -139,6 +139,7 @@ def test_top_level_help_names_the_commands_and_the_benchmark():
     (["generate", "--model", "{spelling}", "--frobnicate", "hi"], ["unrecognized arguments: --frobnicate"]),
     (["generate", "--model", "{empty}", "hi"], ["config.json"]),
     (["generate", "--model", "a\nb", "hi"], ["a\\nb does not exist"]),  # a newline in a path, shown escaped
+    (["generate", "--model", "", "hi"], ["the model path is empty"]),  # an unset $MODEL: not the current directory
     (["generate", "--model", "{spelling}", "--temperature", "1e-320", "hi"], ["temperature=1e-320 is 0 in float32"]),
     ([], ["required"]),
 ])
@@ -151,6 +152,8 @@ def test_errors_are_one_line_and_a_non_zero_exit(spelling_dir, tmp_path, args, f
     (["generate", "-"], "\udcff:", "the prompt on stdin"),
     (["chat"], "Hi\udcff\n", "the message on stdin"),
     (["generate", "\udcff:"], "", "the prompt"),  # Python passes undecodable arguments on as lone surrogates
+    (["chat", "--system", "\udcff"], "Hi\n", "--system"),
+    (["generate", "--stop", "\udcff", "hi"], "", "--stop"),  # was taken, and could never match
 ])
 @pytest.mark.parametrize("encoding", ["utf-8", "utf-8:surrogateescape"])  # the latter: what a C locale gives
 def test_text_that_is_not_utf8_is_a_one_line_error(spelling_dir, args, stdin, where, encoding):
@@ -272,7 +275,7 @@ def test_a_turn_that_fails_in_a_terminal_is_dropped_and_the_chat_goes_on(termina
     assert calls[3][0] == calls[2][0][:2] + [{"role": "user", "content": "fourth"}]  # "third" was dropped too
 
 
-@pytest.mark.parametrize("system", [[], ["--system", "Be brief."]])
+@pytest.mark.parametrize("system", [[], ["--system", "Be brief."], ["--system", ""]])
 def test_clear_starts_a_new_conversation_keeping_the_system_message(system, monkeypatch, capsys):
     from qwen_np.generate import GenerationStats
 
@@ -281,7 +284,8 @@ def test_clear_starts_a_new_conversation_keeping_the_system_message(system, monk
         return GenerationStats(3, 0.1, 1, 0.1, ("eos",), past=f"cache of turn {turn}")
 
     calls = run_fake_chat(monkeypatch, False, ["first", "second", "/clear", "third", "/exit"], chat, *system)
-    start = [{"role": "system", "content": "Be brief."}] if system else []
+    # An empty --system is a system message too: it replaces a template's default one (Qwen2.5's).
+    start = [{"role": "system", "content": system[1]}] if system else []
     assert calls[1] == (start + [{"role": "user", "content": "first"}, {"role": "assistant", "content": "Paris"},
                                  {"role": "user", "content": "second"}], "cache of turn 1")
     assert calls[2] == (start + [{"role": "user", "content": "third"}], None)  # nothing of before, no cache

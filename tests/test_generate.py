@@ -325,6 +325,11 @@ def test_sampling_defaults_come_from_generation_config_and_can_be_overridden():
     ({"repetition_penalty": 0}, "repetition_penalty must be"),  # likewise
     ({"max_new_tokens": 0}, "max_new_tokens must be a positive integer, got 0"),  # 0 was silently read as 512
     ({"do_sample": True, "temperature": float("inf")}, "temperature must be"),
+    # past float32's range: the logits, divided by them in float32, became inf or NaN with warnings
+    ({"do_sample": True, "temperature": 1e300}, r"temperature must be 0 \(greedy\) or a positive number \(finite in "
+                                                r"float32\), got 1e\+300"),
+    ({"repetition_penalty": 1e-300}, r"repetition_penalty must be a positive number \(1 is off; finite and not 0 in "
+                                     r"float32\), got 1e-300"),
 ])
 def test_bad_generation_config_values_are_clear_errors(tiny_models, generation_config, message):
     model, _ = tiny_models["qwen2"]
@@ -722,6 +727,17 @@ def test_streamed_text_never_splits_a_character(spelling):
     assert all("\ufffd" not in p for p in pieces)
     assert len(pieces) == len(ids) - 1  # one piece per token, the split character in one piece
     assert " 巴" in pieces and "🦙" in pieces and "👋" in pieces
+
+
+def test_an_unknown_option_is_named_with_the_ones_there_are(spelling):
+    model, _ = spelling
+    messages = [{"role": "user", "content": "Hi"}]
+    for call, message in [(lambda: qwen_np.generate_text(model, "Hi", max_tokens=5),
+                           "unknown option max_tokens=5 (did you mean max_new_tokens?); the generation options are "
+                           "max_new_tokens, temperature, "),
+                          (lambda: qwen_np.chat(model, messages, do_sample=True), "unknown option do_sample=True; ")]:
+        with pytest.raises(qwen_np.QwenNPError, match=re.escape(message)):  # not a TypeError from inside
+            next(call())
 
 
 def test_stop_strings_end_the_text_before_them(spelling):
