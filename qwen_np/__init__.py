@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import download  # download.default_model_path(): the out-of-the-box model
-from .config import Config, QwenNPError, is_int, read_config, read_json
+from .config import Config, QwenNPError, is_int, is_present, read_config, read_json
 from .model import KVCache, forward
 from .weights import load_params, load_tokenizer, read_text
 from .generate import GenerationStats, Past, generate, generate_batch, generate_text
@@ -94,7 +94,7 @@ def read_model(name, mmap, low_memory):  # the body of `load`: name is the path 
                           f"nor a GGUF file")
     config = read_config(path)
     tokenizer_config = read_json(path / "tokenizer_config.json") or {}
-    if (path / "chat_template.jinja").is_file():  # newer checkpoints keep the template beside
+    if is_present(path / "chat_template.jinja"):  # newer checkpoints keep the template beside
         tokenizer_config = {**tokenizer_config, "chat_template": read_text(path / "chat_template.jinja")}
     return Model(config=config, params=load_params(path, config, mmap, low_memory), tokenizer=load_tokenizer(path),
                  generation_config=read_json(path / "generation_config.json") or {},

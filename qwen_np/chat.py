@@ -113,7 +113,7 @@ def special_tokens(tokenizer_config):  # -> {"eos_token": "<|im_end|>", ...}, th
 def chat_template_source(tokenizer_config, tools=None):  # -> the template's text
     template = tokenizer_config.get("chat_template")
     if isinstance(template, list):  # older files: a list of named templates
-        if not all(isinstance(t, dict) and "name" in t and "template" in t for t in template):
+        if not all(isinstance(t, dict) and isinstance(t.get("name"), str) and "template" in t for t in template):
             raise QwenNPError("chat_template in tokenizer_config.json is a list, but not of {name, template} objects")
         named = {t["name"]: t["template"] for t in template}
         template = named.get("tool_use") if tools is not None and "tool_use" in named else named.get("default")
@@ -177,8 +177,9 @@ def render_chat(tokenizer_config, messages, add_generation_prompt=False, tools=N
     variables = {**special_tokens(tokenizer_config), **plain_data(kwargs)}
     try:
         template = compile_template(source)
-    except TemplateError as e:
-        raise QwenNPError(f"the chat template is not valid Jinja: {e}") from None
+    except Exception as e:  # TemplateError, or Python's own limits (SyntaxError: too deeply nested, RecursionError)
+        problem = e if isinstance(e, TemplateError) else repr(e)
+        raise QwenNPError(f"the chat template is not valid Jinja: {problem}") from None
     try:
         return template.render(messages=[normalise_message(m) for m in messages], tools=plain_data(tools),
                                documents=plain_data(documents), add_generation_prompt=add_generation_prompt,

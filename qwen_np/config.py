@@ -159,10 +159,26 @@ def parse_json(text):  # -> the value of a JSON text; ValueError for any text Py
         raise ValueError("it holds an integer of thousands of digits") from None
 
 
+def is_present(path):  # -> True for a file, False where there is none (or a directory); else an error
+    # A link whose file is gone (a Hugging Face cache blob deleted) or a pipe in a file's place is
+    # not taken for "no such file": that would hide the problem (and reading a pipe blocks).
+    path = Path(path)
+    if path.is_file():
+        return True
+    if path.is_symlink():
+        try:
+            path.stat()
+        except OSError as e:
+            raise QwenNPError(f"cannot read {path}: {e.strerror}") from None
+    if path.exists() and not path.is_dir():
+        raise QwenNPError(f"{path} is not a regular file (a pipe or a device?)")
+    return False
+
+
 def read_json(path):
     """A JSON file's object, or None when the file does not exist."""
     path = Path(path)
-    if not path.is_file():
+    if not is_present(path):
         return None
     try:
         raw = parse_json(path.read_text(encoding="utf-8"))

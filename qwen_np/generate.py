@@ -377,9 +377,10 @@ def encode(model, text, what, **kwargs):  # -> the token ids of text, by the mod
         return model.tokenizer.encode(text, **kwargs).ids
     except BaseException as e:
         # A tokenizer file can load and still fail on text (a post-processor naming a token the
-        # vocabulary lacks): the tokenizers library then panics, raising a BaseException.
-        if type(e).__name__ != "PanicException":
-            raise
+        # vocabulary lacks: the tokenizers library panics, raising a BaseException; an unk_token
+        # missing from it: a plain Exception).
+        if type(e).__name__ != "PanicException" and not isinstance(e, Exception):
+            raise  # KeyboardInterrupt and the like
         raise QwenNPError(f"the tokenizer of {model.path} failed to encode {what} ({e}): "
                           f"its tokenizer may be damaged") from None
 

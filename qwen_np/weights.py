@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import QwenNPError, is_int, parse_json, read_json
+from .config import QwenNPError, is_int, is_present, parse_json, read_json
 from .ops import bf16_to_float32
 
 DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # BF16: raw bits, widened below
@@ -150,16 +150,22 @@ def float32_to_bf16(x):  # [...] float32 -> [...] uint16 bfloat16 bits
 
 def checkpoint_files(directory):
     """{tensor name: file} from model.safetensors.index.json, or from the *.safetensors files."""
+    # One model.safetensors is the checkpoint, as for transformers: other files beside it are not read,
+    # nor an index (save_pretrained leaves one behind when it saves a sharded checkpoint as one file).
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return tensor_files([single])
     index = directory / "model.safetensors.index.json"
-    if index.is_file():
+    if is_present(index):
         weight_map = read_weight_map(index)
         missing = sorted({f for f in weight_map.values() if not (directory / f).is_file()})
         if missing:
             raise QwenNPError(f"{index} names shard(s) that do not exist: {', '.join(missing)}")
         return {name: directory / f for name, f in weight_map.items()}
-    # One model.safetensors is the checkpoint, as for transformers; other files beside it are not read.
-    single = directory / "model.safetensors"
-    files = [single] if single.is_file() else sorted(directory.glob("*.safetensors"))
+    files = sorted(directory.glob("*.safetensors"))  # (one that cannot be read is named when it is read)
+    pipes = [f.name for f in files if f.exists() and not (f.is_file() or f.is_dir())]
+    if pipes:  # reading one would block
+        raise QwenNPError(f"{directory}: {', '.join(pipes)} is not a regular file (a pipe or a device?)")
     if not files:
         pickled = sorted(f.name for pattern in ("pytorch_model*.bin", "*.pt", "*.pth") for f in directory.glob(pattern))
         found = f"; found only PyTorch pickle weights ({', '.join(pickled)}), which qwen_np does not read" \
@@ -368,7 +374,7 @@ def read_text(path):  # -> the contents of a UTF-8 text file
 def load_tokenizer(directory):
     """The `tokenizers.Tokenizer` of tokenizer.json in `directory`, or None when there is none."""
     path = Path(directory) / "tokenizer.json"
-    if not path.is_file():
+    if not is_present(path):
         return None
     from tokenizers import Tokenizer
     try:

@@ -121,6 +121,9 @@ BAD_CHATS = [  # (tokenizer_config, messages, tools, the error's words)
     ({"chat_template": "{{ x | no_such_filter }}"}, HI, None, "the chat template is not valid Jinja"),
     ({"chat_template": 5}, HI, None, "the chat template must be a string, found int"),
     ({"chat_template": ["default"]}, HI, None, "a list, but not of {name, template} objects"),
+    ({"chat_template": [{"name": ["default"], "template": "x"}]}, HI, None, "a list, but not of {name, template}"),
+    ({"chat_template": "{% for a in b %}" * 25 + "{% endfor %}" * 25}, HI, None,  # Python's nesting limit
+     "the chat template is not valid Jinja: SyntaxError"),
     ({"chat_template": "{{ 1 / 0 }}"}, HI, None, "the chat template failed: ZeroDivisionError"),
     ("{{ messages }}", HI, None, "render_chat takes a model's tokenizer_config (model.tokenizer_config, a dict), "
                                  "got str"),

@@ -485,6 +485,10 @@ def test_a_tokenizer_that_panics_on_text_is_a_clear_error(tiny_models):
                                                   "prompt .*: its tokenizer may be damaged"):
         next(qwen_np.generate(model, "a"))
     assert encode(model, "a", "the chat", add_special_tokens=False) == [0]  # without the post-processor it works
+    # A BPE model whose unk_token is not in its vocabulary: the library raises a plain Exception.
+    model = dataclasses.replace(model, tokenizer=Tokenizer(models.BPE(vocab={"a": 0}, merges=[], unk_token="<unk>")))
+    with pytest.raises(qwen_np.QwenNPError, match="failed to encode the prompt .*Unk token `<unk>` not found"):
+        next(qwen_np.generate(model, "ab"))
 
 
 @pytest.mark.parametrize("prompts", ["one prompt", [1, 2, 3], [], None, 5, np.int64(3)])

@@ -4,6 +4,7 @@ and the loader's errors on bad input."""
 import dataclasses
 import errno
 import json
+import os
 import re
 import shutil
 import struct
@@ -652,9 +653,10 @@ def test_missing_tensor_is_named(checkpoint):
 def test_tied_embeddings_an_index_places_wrongly_are_named(checkpoint):
     # tie_word_embeddings true, lm_head.weight in a second file, and the index sends embed_tokens there too
     tensors = load_file(checkpoint / "model.safetensors")
+    (checkpoint / "model.safetensors").unlink()  # (beside an index, a model.safetensors is read alone)
     save_file({"lm_head.weight": tensors.pop("lm_head.weight")}, checkpoint / "head.safetensors")
-    save_file(tensors, checkpoint / "model.safetensors")
-    weight_map = {name: "model.safetensors" for name in tensors}
+    save_file(tensors, checkpoint / "body.safetensors")
+    weight_map = {name: "body.safetensors" for name in tensors}
     weight_map.update({"lm_head.weight": "head.safetensors", "model.embed_tokens.weight": "head.safetensors"})
     (checkpoint / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     edit_config(checkpoint, tie_word_embeddings=True)
@@ -747,9 +749,38 @@ def test_corrupt_safetensors_header_is_named(tmp_path, header, message):
 @pytest.mark.parametrize("weight_map", [["model.safetensors"], "model.safetensors", {"model.norm.weight": 1},
                                         {"model.norm.weight": ["model.safetensors"]}])
 def test_index_whose_weight_map_is_not_names_to_files(checkpoint, weight_map):
+    (checkpoint / "model.safetensors").rename(checkpoint / "model-00001-of-00001.safetensors")  # the index is read
     index = checkpoint / "model.safetensors.index.json"
     index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     with pytest.raises(qwen_np.QwenNPError, match=re.escape(f"{index} is not a valid index")):
+        qwen_np.load(checkpoint)
+
+
+def test_a_model_safetensors_beside_an_index_is_read_alone_as_transformers_reads_it(checkpoint):
+    # save_pretrained leaves the index of a sharded checkpoint behind when it saves it as one file
+    expected = qwen_np.load(checkpoint).params["model"]["norm"]["weight"]
+    weight_map = {"model.norm.weight": "model-00001-of-00002.safetensors"}
+    (checkpoint / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    np.testing.assert_array_equal(qwen_np.load(checkpoint).params["model"]["norm"]["weight"], expected)
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "generation_config.json", "tokenizer_config.json",
+                                  "chat_template.jinja", "model.safetensors.index.json"])
+def test_a_side_file_whose_link_is_broken_is_named_not_taken_for_absent(checkpoint, name):
+    # (a Hugging Face cache snapshot whose blob was deleted)
+    (checkpoint / "model.safetensors").rename(checkpoint / "model-00001-of-00001.safetensors")  # the index is read
+    (checkpoint / name).unlink(missing_ok=True)
+    (checkpoint / name).symlink_to(checkpoint / "gone")
+    with pytest.raises(qwen_np.QwenNPError, match=re.escape(f"cannot read {checkpoint / name}: No such file")):
+        qwen_np.load(checkpoint)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "tokenizer.json"])
+def test_a_pipe_in_place_of_a_file_is_named_not_read(checkpoint, name):
+    (checkpoint / "model.safetensors").rename(checkpoint / "model-00001-of-00001.safetensors")
+    (checkpoint / name).unlink(missing_ok=True)
+    os.mkfifo(checkpoint / name)  # reading it would block for ever
+    with pytest.raises(qwen_np.QwenNPError, match="is not a regular file"):
         qwen_np.load(checkpoint)
 
 
