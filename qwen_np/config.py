@@ -8,6 +8,7 @@
 
 import json
 import math
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,6 +71,7 @@ VALUE_KINDS = {  # what a key must hold where config.json has it (null takes the
 # any model: Qwen3-235B has 94 layers of 128 experts) would exhaust memory before a tensor is compared.
 PLAUSIBLE_COUNTS = {"num_hidden_layers": 100_000, "num_experts": 1_000_000}
 PLAUSIBLE_EXPERT_MLPS = 100_000  # num_hidden_layers x num_experts (Qwen3-235B: 94 x 128 = 12,032 expert MLPs)
+PLAUSIBLE_SIZE = 2 ** 40  # any other size or length: past it a value is corrupt (and NumPy's int64 overflows at 2**63)
 
 
 def check_values(raw, source):
@@ -78,10 +80,11 @@ def check_values(raw, source):
         for key in keys:
             if raw.get(key) is not None and not test(raw[key]):
                 raise QwenNPError(f"{source}: {key} must be {kind}, got {raw[key]!r}")
-    for key, most in PLAUSIBLE_COUNTS.items():
+    sizes = {key: PLAUSIBLE_SIZE for kind in ("a positive integer", "an integer >= 0") for key in VALUE_KINDS[kind][1]}
+    for key, most in {**sizes, **PLAUSIBLE_COUNTS}.items():
         if raw.get(key) is not None and raw[key] > most:
-            raise QwenNPError(f"{source}: {key}={raw[key]} is not a plausible count (more than {most:,}): "
-                              f"the file is corrupt")
+            raise QwenNPError(f"{source}: {key}={reprlib.repr(raw[key])} is not a plausible value (more than "
+                              f"{most:,}): the file is corrupt")
     layers, experts = raw.get("num_hidden_layers"), raw.get("num_experts")
     if layers is not None and experts is not None and layers * experts > PLAUSIBLE_EXPERT_MLPS:
         raise QwenNPError(f"{source}: num_hidden_layers={layers} x num_experts={experts} is not a plausible "

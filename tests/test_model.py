@@ -581,7 +581,12 @@ BAD_VALUES = [  # (config.json changes, the error's words)
     (dict(layer_types=["full_attention", "bogus", "full_attention"]), "layer_types must be a list of"),
     (dict(layer_types=[["full_attention"], "full_attention", "full_attention"]), "layer_types must be a list of"),
     (dict(rms_norm_eps=10**400), "rms_norm_eps must be a number >= 0, got 1000"),  # too large for a float
-    (dict(num_hidden_layers=10**9), "num_hidden_layers=1000000000 is not a plausible count"),  # not an out-of-memory
+    (dict(num_hidden_layers=10**9), "num_hidden_layers=1000000000 is not a plausible value"),  # not an out-of-memory
+    # past NumPy's int64 and Python's float: an OverflowError deep inside the masks and RoPE
+    (dict(use_sliding_window=True, sliding_window=2**63), "sliding_window=9223372036854775808 is not a plausible"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0,
+                           "original_max_position_embeddings": 10**400}),
+     "rope parameters: original_max_position_embeddings=100000000000000000...0000000000000000000 is not a plausible"),
     (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1, "factor": 2.0}), "'yarn' needs a rope_theta > 1"),
     (dict(num_key_value_heads=3), "num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
     (dict(head_dim=15), "head_dim=15 must be a positive even number"),

@@ -178,7 +178,7 @@ def test_qwen3_moe_window_covers_every_layer_whatever_layer_types_say(tmp_path):
 def test_an_implausible_number_of_experts_is_refused_before_any_list_is_built(tmp_path):
     tiny_model("qwen3_moe", tmp_path)
     edit_config(tmp_path, num_experts=2**31, num_local_experts=None)
-    with pytest.raises(qwen_np.QwenNPError, match=r"num_experts=2147483648 is not a plausible count"):
+    with pytest.raises(qwen_np.QwenNPError, match=r"num_experts=2147483648 is not a plausible value"):
         qwen_np.load(tmp_path)
     # Each count plausible, but together more expert MLPs than any model has: refused before the
     # loader lists their tensors (with 200 layers of a million experts that list would exhaust memory).
