@@ -386,6 +386,9 @@ def encode(model, text, what, **kwargs):  # -> the token ids of text, by the mod
 
 
 def token_id_list(prompt):  # a list, tuple or array of token ids, or one [1, T] row of them -> list[int]
+    if isinstance(prompt, (bytes, bytearray, memoryview)):  # NumPy would read its bytes as token ids
+        raise QwenNPError(f"a prompt must be a string or a list of token ids, got bytes {reprlib.repr(prompt)}: "
+                          f"decode them to a string first")
     try:
         array = np.asarray(prompt)
     except (ValueError, TypeError):  # ragged nested lists

@@ -429,6 +429,7 @@ def test_generation_config_sets_the_defaults(tiny_models):
     ("text", "no tokenizer.json"),
     *[(bad, "a prompt must be a string or a list of token ids") for bad in (
         [1.5, 2.7], [[1, 2], [3, 4]], [True, False], None, {"a": 1}, b"ab", np.array([1.0]))],
+    *[(bad, "got bytes .*: decode them to a string first") for bad in (b"ab", bytearray(b"ab"), memoryview(b"ab"))],
 ])
 def test_bad_prompts_are_clear_errors(tiny_models, prompt, message):
     model, _ = tiny_models["qwen2"]  # vocab_size=128, no tokenizer
