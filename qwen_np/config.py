@@ -72,6 +72,7 @@ VALUE_KINDS = {  # what a key must hold where config.json has it (null takes the
 PLAUSIBLE_COUNTS = {"num_hidden_layers": 100_000, "num_experts": 1_000_000}
 PLAUSIBLE_EXPERT_MLPS = 100_000  # num_hidden_layers x num_experts (Qwen3-235B: 94 x 128 = 12,032 expert MLPs)
 PLAUSIBLE_SIZE = 2 ** 40  # any other size or length: past it a value is corrupt (and NumPy's int64 overflows at 2**63)
+PLAUSIBLE_NUMBER = 1e30  # a number (rope_theta, factor, eps...) lies within 1e-30..1e30, or is 0 where 0 is allowed
 
 
 def check_values(raw, source):
@@ -85,6 +86,11 @@ def check_values(raw, source):
         if raw.get(key) is not None and raw[key] > most:
             raise QwenNPError(f"{source}: {key}={reprlib.repr(raw[key])} is not a plausible value (more than "
                               f"{most:,}): the file is corrupt")
+    for key in VALUE_KINDS["a number > 0"][1] + VALUE_KINDS["a number >= 0"][1]:  # (rope_theta 1e-320: NaN logits)
+        value = raw.get(key)
+        if value is not None and value != 0 and not 1 / PLAUSIBLE_NUMBER <= value <= PLAUSIBLE_NUMBER:
+            raise QwenNPError(f"{source}: {key}={value!r} is not a plausible value (outside 1e-30..1e30): "
+                              f"the file is corrupt")
     layers, experts = raw.get("num_hidden_layers"), raw.get("num_experts")
     if layers is not None and experts is not None and layers * experts > PLAUSIBLE_EXPERT_MLPS:
         raise QwenNPError(f"{source}: num_hidden_layers={layers} x num_experts={experts} is not a plausible "

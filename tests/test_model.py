@@ -587,6 +587,10 @@ BAD_VALUES = [  # (config.json changes, the error's words)
     (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0,
                            "original_max_position_embeddings": 10**400}),
      "rope parameters: original_max_position_embeddings=100000000000000000...0000000000000000000 is not a plausible"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e-320}),  # silently NaN logits
+     "rope parameters: rope_theta=1e-320 is not a plausible value (outside 1e-30..1e30)"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0, "beta_fast": 1e308}),
+     "rope parameters: beta_fast=1e+308 is not a plausible value"),  # a bare "math domain error"
     (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1, "factor": 2.0}), "'yarn' needs a rope_theta > 1"),
     (dict(num_key_value_heads=3), "num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
     (dict(head_dim=15), "head_dim=15 must be a positive even number"),
