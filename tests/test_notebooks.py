@@ -12,7 +12,7 @@ import re
 import pytest
 
 import qwen_np
-from conftest import IN_CI, ROOT
+from conftest import IN_CI, ROOT, require_reference
 
 NOTEBOOK_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
@@ -51,6 +51,39 @@ def test_notebook_runs_top_to_bottom(path, shared_data, monkeypatch):
     client = NotebookClient(notebook, timeout=CELL_TIMEOUT, kernel_name="python3",
                             resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
     client.execute()  # raises CellExecutionError, showing the failing cell, on any error or failed assert
+
+
+QWEN_SIZES = dict(vocab_size=151936, hidden_size=256, intermediate_size=512, num_hidden_layers=12,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
+                  tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645)
+
+
+@pytest.fixture(scope="module", params=["qwen2", "qwen3"])
+def qwen_checkpoint(request, shared_data, tmp_path_factory):
+    """A small random checkpoint of a Qwen family with its real tokenizer, which is what a learner points
+    QWEN_NP_MODEL at (with 12 layers: some cells look at layer 10; a Qwen has 24 or more)."""
+    import shutil
+
+    from tiny import tiny_model
+    torch, _ = require_reference()
+    family = request.param
+    directory = tmp_path_factory.mktemp(family)
+    head_dim = {"head_dim": 128} if family == "qwen3" else {}  # Qwen3's, wider than hidden / heads
+    tiny_model(family, directory, dtype=torch.bfloat16, **QWEN_SIZES, **head_dim)
+    tokenizer = shared_data / ("qwen3-tokenizer" if family == "qwen3" else "qwen2.5-tokenizer")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer / name, directory / name)
+    return directory
+
+
+@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if not p.name.startswith("13_")],  # 13: a GGUF file only
+                         ids=lambda p: p.stem)
+def test_notebook_runs_top_to_bottom_on_a_qwen_checkpoint(path, qwen_checkpoint, monkeypatch):
+    # The course is written against SmolLM2 (a llama GGUF): it must not depend on that model.
+    _, NotebookClient = notebook_tools()
+    monkeypatch.setenv("QWEN_NP_MODEL", str(qwen_checkpoint))
+    NotebookClient(read(path), timeout=CELL_TIMEOUT, kernel_name="python3",
+                   resources={"metadata": {"path": str(NOTEBOOK_DIR)}}).execute()
 
 
 def test_a_failed_tokenizer_fetch_is_one_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
