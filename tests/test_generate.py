@@ -12,6 +12,7 @@ import qwen_np
 from qwen_np.generate import (Sampling, apply_repetition_penalty, apply_temperature, choose_tokens, encode, find_stop,
                               left_pad, min_p_filter, new_token_budget, partial_stop, sample, sampling_settings,
                               top_k_filter, top_p_filter)
+from conftest import require_reference
 from tiny import FAMILIES, reference_logits, tiny_model, write_spelling_model
 
 PROMPTS = [[5, 17, 3, 99, 42, 7, 8, 61, 2], [11, 12, 13], [90, 4, 33, 21, 70]]  # different lengths
@@ -732,6 +733,21 @@ def test_streamed_text_never_splits_a_character(spelling):
     assert all("\ufffd" not in p for p in pieces)
     assert len(pieces) == len(ids) - 1  # one piece per token, the split character in one piece
     assert " 巴" in pieces and "🦙" in pieces and "👋" in pieces
+
+
+def test_stop_strings_end_the_tokens_where_transformers_ends_them(spelling):
+    # transformers matches stop strings on the tokens' bytes: one may end inside a token that also
+    # begins a character ("🦙 " ends in the token " " + the first bytes of 巴), and it stops there.
+    torch, transformers = require_reference()
+    model, _ = spelling
+    reference = transformers.AutoModelForCausalLM.from_pretrained(model.path, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model.path)
+    prompt = tokenizer("The answer is:")["input_ids"]
+    for stop in ["🦙 ", "首都。👋", "黎是法", "Done"]:
+        with torch.no_grad():
+            theirs = reference.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=30, stop_strings=[stop],
+                                        tokenizer=tokenizer, pad_token_id=0)[0, len(prompt):].tolist()
+        assert list(qwen_np.generate(model, prompt, stop=stop)) == theirs, stop
 
 
 def test_an_unknown_option_is_named_with_the_ones_there_are(spelling):
