@@ -162,10 +162,9 @@ def checkpoint_files(directory):
         if missing:
             raise QwenNPError(f"{index} names shard(s) that do not exist: {', '.join(missing)}")
         return {name: directory / f for name, f in weight_map.items()}
-    files = sorted(directory.glob("*.safetensors"))  # (one that cannot be read is named when it is read)
-    pipes = [f.name for f in files if f.exists() and not (f.is_file() or f.is_dir())]
-    if pipes:  # reading one would block
-        raise QwenNPError(f"{directory}: {', '.join(pipes)} is not a regular file (a pipe or a device?)")
+    files = sorted(directory.glob("*.safetensors"))
+    for f in files:  # a broken link or a pipe (whose read would block) is named now, a directory when it is read
+        is_present(f)
     if not files:
         pickled = sorted(f.name for pattern in ("pytorch_model*.bin", "*.pt", "*.pth") for f in directory.glob(pattern))
         found = f"; found only PyTorch pickle weights ({', '.join(pickled)}), which qwen_np does not read" \
