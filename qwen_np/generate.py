@@ -272,7 +272,8 @@ def extend_text(tokenizer, ids, state, stop):  # -> (the new state, whether the 
     text += new
     # What decode_step holds back (a character not complete yet) may already finish a stop string
     # with its whole characters: it counts, as it does for the reference, which looks at the tokens.
-    held = decode_rest(tokenizer, ids, prefix, read).rstrip("\ufffd")
+    # (When decode_step gave new text it held nothing back.)
+    held = "" if new else decode_rest(tokenizer, ids, prefix, read).rstrip("\ufffd")
     # Only the end of the text can hold a stop string that was not there before.
     hit = find_stop((text + held)[-(len(new) + len(held) + max(map(len, stop))):], stop) >= 0
     return (text, prefix, read), hit
