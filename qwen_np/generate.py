@@ -17,6 +17,7 @@ passed to `sample`, made from the caller's seed, so a seeded run repeats exactly
 import difflib
 import inspect
 import math
+import os
 import reprlib
 import time
 from dataclasses import dataclass
@@ -337,8 +338,9 @@ def check_past(past, model):
     if not made or len(past.ids) != past.cache.length:  # a generation's past holds one id per cached position
         raise QwenNPError("past= must be the `past` of an earlier one-prompt generation (its stats.past)")
     # A model of the same shape (a base model and its instruct version) would take the cache as its
-    # own: the path tells them apart.
-    if past.model_path is not None and model.path is not None and past.model_path != model.path:
+    # own: the path tells them apart (resolved: a relative path, or a link, may name the same files).
+    if past.model_path is not None and model.path is not None and \
+            os.path.realpath(past.model_path) != os.path.realpath(model.path):
         raise QwenNPError(f"past= was made by another model ({past.model_path}), not this one ({model.path})")
     try:
         check_cache(past.cache, model.config, batch_size=1)

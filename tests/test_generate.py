@@ -697,7 +697,7 @@ def test_a_past_must_come_from_one_prompt_of_the_same_model(tiny_models):
     assert batch.past is None  # a batch leaves none: its rows are left-padded and dropped as they end
 
 
-def test_a_past_from_another_model_of_the_same_shape_is_refused(tiny_models, tmp_path):
+def test_a_past_from_another_model_of_the_same_shape_is_refused(tiny_models, tmp_path, monkeypatch):
     model, _ = tiny_models["qwen2"]
     _, stats = tokens_and_stats(qwen_np.generate(model, PROMPTS[1], max_new_tokens=3))
     assert stats.past.model_path == model.path
@@ -705,9 +705,12 @@ def test_a_past_from_another_model_of_the_same_shape_is_refused(tiny_models, tmp
     with pytest.raises(qwen_np.QwenNPError, match=re.escape(f"past= was made by another model ({model.path}), "
                                                             f"not this one ({twin})")):
         next(qwen_np.generate(qwen_np.load(twin), PROMPTS[1], past=stats.past))
-    again = qwen_np.load(model.path)  # the same model, loaded again: its past is taken
-    _, reused = tokens_and_stats(qwen_np.generate(again, PROMPTS[1] + [5], max_new_tokens=1, past=stats.past))
-    assert reused.reused_tokens == len(PROMPTS[1])
+    (tmp_path / "link").symlink_to(model.path)
+    monkeypatch.chdir(model.path.parent)
+    # The same model loaded again, by its path, through a link, or by a relative path: its past is taken
+    for again in (qwen_np.load(model.path), qwen_np.load(tmp_path / "link"), qwen_np.load(model.path.name)):
+        _, reused = tokens_and_stats(qwen_np.generate(again, PROMPTS[1] + [5], max_new_tokens=1, past=stats.past))
+        assert reused.reused_tokens == len(PROMPTS[1])
 
 
 # --- text: stop strings and streaming --------------------------------------------------------
