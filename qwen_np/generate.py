@@ -434,9 +434,11 @@ def context_length(config):  # -> int, or None when RoPE sets no limit
     rope = config.rope_parameters
     if rope["rope_type"] == "dynamic":  # dynamic NTK RoPE stretches itself to any length
         return None
-    if rope["rope_type"] in ("yarn", "llama3"):
-        # YaRN (and Llama 3's scaling) stretch the original context `factor` times; Qwen's model
-        # cards add YaRN to config.json and leave max_position_embeddings at the original 32768.
+    if rope["rope_type"] == "yarn":
+        # YaRN stretches the original context `factor` times; Qwen's model cards add YaRN to
+        # config.json and leave max_position_embeddings at the original 32768. (Llama 3's configs
+        # give the stretched context as max_position_embeddings: Llama 3.2's factor is 32, for 131072
+        # positions, not 32 x 8192.)
         return max(config.max_position_embeddings, int(rope["factor"] * rope["original_max_position_embeddings"]))
     return config.max_position_embeddings
 

@@ -591,6 +591,18 @@ def test_yarn_generates_past_max_position_embeddings_as_transformers_does(refere
         new_token_budget(model.config, {}, 12, 53)
 
 
+def test_llama3_rope_keeps_max_position_embeddings_as_the_context(tiny_models):
+    # Llama 3's configs give the stretched context as max_position_embeddings (Llama 3.2: 131072,
+    # with factor 32 over an original 8192): factor x original is not a context length there.
+    model, _ = tiny_models["qwen2"]
+    llama3 = dataclasses.replace(model.config, max_position_embeddings=131072, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 5e5, "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192})
+    assert new_token_budget(llama3, {}, 131000, None) == 72
+    with pytest.raises(qwen_np.QwenNPError, match=r"context of 131072 positions \(max_position_embeddings=131072\)"):
+        new_token_budget(llama3, {}, 131000, 73)
+
+
 def tokens_and_stats(generator):  # -> (every token it yields, its GenerationStats)
     tokens = []
     while True:
