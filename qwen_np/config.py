@@ -24,6 +24,7 @@ REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_l
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 DEFAULT_KV_HEADS = {"qwen2": 32, "qwen3": 32, "qwen2_moe": 16, "qwen3_moe": 4}  # the reference's; llama: none
 DEFAULT_MAX_POSITIONS = {"llama": 2048}  # the reference's; the Qwen families: 32768
+DEFAULT_SPECIAL_IDS = {"llama": dict(bos_token_id=1, eos_token_id=2)}  # the reference's; the Qwen families: none
 DEFAULT_MOE = {  # the reference's values for MoE keys that config.json leaves out
     "qwen2_moe": dict(num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408),
     "qwen3_moe": dict(num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768)}
@@ -206,10 +207,12 @@ def config_from_dict(raw, source="config"):
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise QwenNPError(f"{source}: unsupported model_type {model_type!r}; "
                           f"qwen_np supports {', '.join(SUPPORTED_MODEL_TYPES)}")
-    quantization = raw.get("quantization_config")
-    if quantization:
-        method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else quantization
-        raise QwenNPError(f"{source}: this checkpoint is quantized (quantization_config: quant_method {method!r}); "
+    key = next((k for k in ("quantization_config", "quantization") if raw.get(k)), None)  # the second: MLX's
+    if key:
+        quantization = raw[key]
+        what = f"quant_method {quantization['quant_method']!r}" if isinstance(quantization, dict) and \
+            "quant_method" in quantization else reprlib.repr(quantization)
+        raise QwenNPError(f"{source}: this checkpoint is quantized ({key}: {what}); "
                           "qwen_np reads float32, float16 and bfloat16 checkpoints, and quantized GGUF files")
     missing = [k if k not in raw else f"{k} (null)" for k in REQUIRED_KEYS if raw.get(k) is None]
     if missing:
@@ -292,8 +295,9 @@ def config_from_dict(raw, source="config"):
         norm_topk_prob=bool(get("norm_topk_prob", False)),
         decoder_sparse_step=get("decoder_sparse_step", 1),
         mlp_only_layers=tuple(get("mlp_only_layers", ())),
-        bos_token_id=raw.get("bos_token_id"),
-        eos_token_id=raw.get("eos_token_id"),
+        # Absent, the family's default; null, none (as the reference reads them).
+        bos_token_id=raw.get("bos_token_id", DEFAULT_SPECIAL_IDS.get(model_type, {}).get("bos_token_id")),
+        eos_token_id=raw.get("eos_token_id", DEFAULT_SPECIAL_IDS.get(model_type, {}).get("eos_token_id")),
         pad_token_id=raw.get("pad_token_id"),
         dtype=raw.get("dtype") or raw.get("torch_dtype"),
     )

@@ -325,6 +325,13 @@ def test_sizes_left_out_take_the_reference_defaults(reference, class_name, raw):
     assert ours.max_position_embeddings == theirs.max_position_embeddings
     for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
         assert getattr(ours, key) == getattr(theirs, key, 0)
+    # and the special ids (Llama's bos 1 and eos 2; the Qwen families' none), left out or null
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        assert getattr(ours, key) == getattr(theirs, key)
+        null = {**raw, key: None}
+        assert getattr(config_from_dict(null), key) is None
+        assert getattr(getattr(transformers, class_name)(**{k: v for k, v in null.items() if k != "model_type"}),
+                       key) is None
 
 
 @pytest.mark.parametrize("rope", [{"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4},
@@ -676,6 +683,10 @@ def test_tied_embeddings_an_index_places_wrongly_are_named(checkpoint):
 def test_quantized_checkpoint_is_refused_by_name(checkpoint):
     edit_config(checkpoint, quantization_config={"quant_method": "gptq", "bits": 4})
     with pytest.raises(qwen_np.QwenNPError, match="quantized .*quant_method 'gptq'"):
+        qwen_np.load(checkpoint)
+    # MLX's conversions say so under "quantization" (its packed weights would only show as wrong shapes)
+    edit_config(checkpoint, quantization_config=None, quantization={"group_size": 64, "bits": 4})
+    with pytest.raises(qwen_np.QwenNPError, match=r"quantized \(quantization: \{'bits': 4, 'group_size': 64\}\)"):
         qwen_np.load(checkpoint)
 
 
