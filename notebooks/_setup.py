@@ -35,12 +35,18 @@ def model_path():
     return Path(default_model_path())
 
 
-def load_model():
-    """qwen_np.load(model_path()), saying what was loaded and how long it took."""
+def load_model(dense=False):
+    """qwen_np.load(model_path()), saying what was loaded and how long it took. A notebook that
+    takes a layer's MLP apart asks for a `dense` model: a mixture-of-experts one is refused."""
     path = model_path()
     start = time.perf_counter()
     model = qwen_np.load(path)
     c = model.config
+    if dense and c.num_experts:
+        raise qwen_np.QwenNPError(
+            f"{path} is a mixture-of-experts model ({c.model_type}, {c.num_experts} experts): this notebook takes "
+            f"a layer's dense MLP apart. Run it with a dense model (unset QWEN_NP_MODEL for the default one); "
+            f"notebook 09 is the one about experts")
     print(f"{path.name}: {c.model_type}, {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
           f"{c.num_attention_heads} query / {c.num_key_value_heads} key-value heads, vocab {c.vocab_size} "
           f"(loaded in {time.perf_counter() - start:.1f} s)")
@@ -69,26 +75,29 @@ def qwen_tokenizer_dir(family="qwen3"):
     local = SHARED_DATA / f"{family}-tokenizer"
     if (local / "tokenizer.json").is_file():
         return local
-    from qwen_np.download import cache_dir
+    from qwen_np.download import cache_dir, removed_if_failed
     repo = {"qwen3": "Qwen/Qwen3-0.6B", "qwen2.5": "Qwen/Qwen2.5-0.5B-Instruct"}[family]
-    cache = cache_dir() / f"{family}-tokenizer"
-    cache.mkdir(parents=True, exist_ok=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        if not (cache / name).is_file():
-            import http.client
-            import urllib.request
-            url = f"https://huggingface.co/{repo}/resolve/main/{name}"
-            part = cache / f".{name}.part"  # renamed only once complete: a failed fetch leaves no half file
-            try:
-                urllib.request.urlretrieve(url, part)
-                part.replace(cache / name)
-            except (OSError, http.client.HTTPException) as e:  # no network or DNS, an HTTP error, a cut transfer
-                raise qwen_np.QwenNPError(
-                    f"could not fetch {url} ({getattr(e, 'reason', None) or repr(e)}). This notebook needs "
-                    f"{repo}'s tokenizer.json and tokenizer_config.json once: connect and run it again, or "
-                    f"put the two files in a folder {cache}") from None
-            finally:
-                part.unlink(missing_ok=True)
-                if not any(cache.iterdir()):
-                    cache.rmdir()
+    cache = cache_dir().resolve() / f"{family}-tokenizer"
+    with removed_if_failed(cache):  # a failed fetch leaves no folder it made either
+        cache.mkdir(parents=True, exist_ok=True)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if not (cache / name).is_file():
+                fetch_file(f"https://huggingface.co/{repo}/resolve/main/{name}", cache / name, repo)
     return cache
+
+
+def fetch_file(url, path, repo):
+    """Downloads url to path, renamed into place only once complete: a failed fetch leaves no half file."""
+    import http.client
+    import urllib.request
+    part = path.with_name(f".{path.name}.part")
+    try:
+        urllib.request.urlretrieve(url, part)
+        part.replace(path)
+    except (OSError, http.client.HTTPException) as e:  # no network or DNS, an HTTP error, a cut transfer
+        raise qwen_np.QwenNPError(
+            f"could not fetch {url} ({getattr(e, 'reason', None) or repr(e)}). This notebook needs "
+            f"{repo}'s tokenizer.json and tokenizer_config.json once: connect and run it again, or "
+            f"put the two files in a folder {path.parent}") from None
+    finally:
+        part.unlink(missing_ok=True)

