@@ -242,7 +242,7 @@ def test_bf16_widening_is_exact(tmp_path):
 
 
 def test_left_padded_batch_matches_reference_with_positions(tmp_path):
-    torch, _ = pytest.importorskip("torch"), None
+    torch, _ = require_reference()
     ref = tiny_model("qwen2", tmp_path)
     model = qwen_np.load(tmp_path)
     x = ids(2, 12)

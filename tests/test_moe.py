@@ -100,7 +100,7 @@ def test_prompt_where_some_experts_receive_no_token(tmp_path):
 
 
 def test_router_statistics_match_reference_router_logits(tmp_path):
-    torch, _ = pytest.importorskip("torch"), None
+    torch, _ = require_reference()
     x = rng.integers(0, 128, (2, 10))
     ref, model, router = compare("qwen3_moe", tmp_path, x, norm_topk_prob=False, num_experts_per_tok=3)
     with torch.no_grad():
