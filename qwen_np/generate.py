@@ -134,6 +134,10 @@ def next_tokens(params, config, input_ids, cache, seen, sampling, rng, **kwargs)
     return choose_tokens(checked_logits(logits[:, -1], params), seen, sampling, rng), cache
 
 
+def keeps_bf16(params):  # -> whether the weights were loaded with low_memory=True (bfloat16 bits, uint16)
+    return any(w.dtype == np.uint16 for w in flatten(params).values())
+
+
 def non_finite_weight(params):  # -> the dotted name of the first weight holding NaN or inf, or None
     for name, w in flatten(params).items():
         # (low_memory's bfloat16 bits are uint16: NaN and inf have every exponent bit set)
@@ -297,6 +301,7 @@ class Past(NamedTuple):
     ids: tuple
     cache: KVCache
     model_path: object = None  # the path of the model that made it (model.path): another model's cache is refused
+    low_memory: bool = False  # whether that model kept its weight matrices in bfloat16 (load(..., low_memory=True))
 
     def __repr__(self):
         return f"Past({len(self.ids)} token ids, {self.cache!r})"
@@ -342,6 +347,11 @@ def check_past(past, model):
     if past.model_path is not None and model.path is not None and \
             os.path.realpath(past.model_path) != os.path.realpath(model.path):
         raise QwenNPError(f"past= was made by another model ({past.model_path}), not this one ({model.path})")
+    if past.low_memory != keeps_bf16(model.params):
+        made, this = ("with", "without") if past.low_memory else ("without", "with")
+        raise QwenNPError(f"past= was made by this checkpoint loaded {made} low_memory=True, and this model was "
+                          f"loaded {this} it: low_memory rounds float32 and float16 weights to bfloat16, so the "
+                          f"cached keys and values may not be this model's")
     try:
         check_cache(past.cache, model.config, batch_size=1)
     except QwenNPError as e:
@@ -590,7 +600,8 @@ def generate_batch(model, prompts, max_new_tokens=None, temperature=None, top_k=
         decode_tokens += int(alive.sum())
 
     # One prompt: its cache holds the prompt and every generated token fed back (the last chosen is not).
-    after = Past(tuple((prompts[0] + generated[0])[:cache.length]), cache, model.path) if B == 1 else None
+    after = Past(tuple((prompts[0] + generated[0])[:cache.length]), cache, model.path, keeps_bf16(model.params)) \
+        if B == 1 else None
     return GenerationStats(int(attention_mask.sum()) - reused, prefill_seconds, decode_tokens, decode_seconds,
                            tuple(reasons), reused, after)
 

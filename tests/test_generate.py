@@ -723,6 +723,18 @@ def test_a_past_from_another_model_of_the_same_shape_is_refused(tiny_models, tmp
     for again in (qwen_np.load(model.path), qwen_np.load(tmp_path / "link"), qwen_np.load(model.path.name)):
         _, reused = tokens_and_stats(qwen_np.generate(again, PROMPTS[1] + [5], max_new_tokens=1, past=stats.past))
         assert reused.reused_tokens == len(PROMPTS[1])
+    # but not loaded with low_memory=True, which rounds its float32 weights to bfloat16, nor the other way round
+    rounded = qwen_np.load(model.path, low_memory=True)
+    with pytest.raises(qwen_np.QwenNPError, match=r"past= was made by this checkpoint loaded without low_memory=True, "
+                                                  r"and this model was loaded with it: low_memory rounds"):
+        next(qwen_np.generate(rounded, PROMPTS[1], past=stats.past))
+    _, low = tokens_and_stats(qwen_np.generate(rounded, PROMPTS[1], max_new_tokens=3))
+    assert low.past.low_memory and not stats.past.low_memory
+    with pytest.raises(qwen_np.QwenNPError, match=r"loaded with low_memory=True, and this model was loaded without"):
+        next(qwen_np.generate(model, PROMPTS[1], past=low.past))
+    _, reused = tokens_and_stats(qwen_np.generate(qwen_np.load(model.path, low_memory=True), PROMPTS[1] + [5],
+                                                  max_new_tokens=1, past=low.past))
+    assert reused.reused_tokens == len(PROMPTS[1])
 
 
 # --- text: stop strings and streaming --------------------------------------------------------
