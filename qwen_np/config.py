@@ -201,6 +201,9 @@ def read_json(path):
 
 def config_from_dict(raw, source="config"):
     """Builds a Config from a config.json dict, applying each family's reference defaults and rules."""
+    if not isinstance(raw, dict):
+        raise QwenNPError(f"{source}: config_from_dict takes the dict config.json holds (json.load's result, or a "
+                          f"transformers config's to_dict()), got {type(raw).__name__}; read_config reads a file")
     model_type = raw.get("model_type")
     if "num_local_experts" in raw and "num_experts" not in raw:  # the name transformers 5 writes for Qwen3-MoE
         raw = {**raw, "num_experts": raw["num_local_experts"]}

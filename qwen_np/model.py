@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .config import Config, QwenNPError
+from .config import Config, QwenNPError, is_int
 from .ops import (apply_rope, attention, causal_mask, embedding, linear, mlp, moe_experts, moe_route,
                   rms_norm, rope_cos_sin, rope_default, rope_dynamic, rope_linear, rope_llama3, rope_yarn,
                   sigmoid, sliding_window_mask)
@@ -42,6 +42,8 @@ class KVCache(NamedTuple):
 
 
 def empty_cache(config, batch_size, capacity):
+    """A KV cache for `batch_size` sequences with room for `capacity` positions, none filled yet."""
+    check_cache_request(config, batch_size, capacity)
     B, K, C, Dh = batch_size, config.num_key_value_heads, capacity, config.head_dim
     layers = range(config.num_hidden_layers)
     # Keys are [B, K, C, Dh] like values, but laid out position-minor in memory (a [B, K, Dh, C]
@@ -211,6 +213,16 @@ def check_cache(cache, config, batch_size):
                           f"of {found[2]}, where this one has {expected[0]} of {expected[1]} of {expected[2]}")
     if cache.valid.shape[0] != batch_size:
         raise QwenNPError(f"the cache holds {cache.valid.shape[0]} sequences but input_ids has {batch_size}")
+
+
+def check_cache_request(config, batch_size, capacity):
+    """empty_cache's arguments: the model's config, at least one sequence, and a whole number of positions."""
+    if not isinstance(config, Config):
+        raise QwenNPError(f"empty_cache(config, batch_size, capacity): config must be model.config, "
+                          f"got {type(config).__name__}")
+    for name, value, least in (("batch_size", batch_size, 1), ("capacity", capacity, 0)):
+        if not is_int(value, least):
+            raise QwenNPError(f"empty_cache: {name} must be a whole number of at least {least}, got {value!r}")
 
 
 def check_params_config(params, config):

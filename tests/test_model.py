@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import struct
+import types
 
 import numpy as np
 import pytest
@@ -678,6 +679,22 @@ def test_tied_embeddings_an_index_places_wrongly_are_named(checkpoint):
     edit_config(checkpoint, tie_word_embeddings=True)
     with pytest.raises(qwen_np.QwenNPError, match=r"missing tensor 'model\.embed_tokens\.weight' in .*head\.safetensors"):
         qwen_np.load(checkpoint)
+
+
+def test_empty_cache_and_config_from_dict_name_a_wrong_argument():
+    config = config_from_dict({"model_type": "qwen2", **SIZES, "num_key_value_heads": 4})
+    model = types.SimpleNamespace(config=config)
+    for args, message in [((model, 1, 8), "config must be model.config, got SimpleNamespace"),
+                          ((config, 0, 8), "batch_size must be a whole number of at least 1, got 0"),
+                          ((config, 1, 1.5 * 8), "capacity must be a whole number of at least 0, got 12.0"),
+                          ((config, 1, -1), "capacity must be a whole number of at least 0, got -1")]:
+        with pytest.raises(qwen_np.QwenNPError, match=re.escape(message)):
+            empty_cache(*args)
+    assert empty_cache(config, 2, np.int64(3)).keys[0].shape == (2, 4, 3, 16)
+    for raw in ("config.json", json.dumps({"model_type": "qwen2", **SIZES}), None, config):
+        with pytest.raises(qwen_np.QwenNPError, match=rf"config_from_dict takes the dict config.json holds .*got "
+                                                      rf"{type(raw).__name__}; read_config reads a file"):
+            config_from_dict(raw)
 
 
 def test_quantized_checkpoint_is_refused_by_name(checkpoint):
