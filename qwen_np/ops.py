@@ -181,6 +181,7 @@ def rope_llama3(head_dim, theta, factor, low_freq_factor, high_freq_factor,
 
 
 def rope_cos_sin(positions, inv_freq, attention_factor=1.0):  # [B, T] int, [Dh/2] -> [B, T, Dh] x2
+    positions = np.atleast_2d(positions)  # [T] positions: one sequence, [1, T]
     angles = positions[..., None].astype(np.float32) * inv_freq  # [B, T, Dh/2]
     angles = np.concatenate([angles, angles], axis=-1)  # [B, T, Dh]: rotate-half layout, see below
     return np.cos(angles) * np.float32(attention_factor), np.sin(angles) * np.float32(attention_factor)
@@ -267,7 +268,7 @@ def moe_route(x, gate_weight, top_k, norm_topk_prob):  # [N, D], [E, D] -> [N, k
     # Softmax over all experts in float32, keep the k largest; renormalise them only if asked.
     logits = linear(x, gate_weight)  # [N, E]
     probs = softmax(logits)
-    experts = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k]  # [N, k], best first
+    experts = np.argsort(-probs, axis=-1, kind="stable")[..., :top_k]  # [N, k], best first
     weights = np.take_along_axis(probs, experts, axis=-1)  # [N, k]
     if norm_topk_prob:
         weights = weights / weights.sum(axis=-1, keepdims=True)

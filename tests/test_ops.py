@@ -52,6 +52,25 @@ def test_rope_keeps_norms_and_depends_only_on_relative_position():
     assert abs(score(5, 2) - score(5, 4)) > 1e-3  # and it does depend on the distance
 
 
+def test_rope_cos_sin_takes_one_sequence_of_positions_as_a_batch_of_one():
+    # [T] positions (np.arange(T)) are one sequence: otherwise apply_rope would broadcast cos over the
+    # heads, and with as many heads as positions rotate head h by position h, silently.
+    inv_freq, _ = ops.rope_default(8, 1e4)
+    cos, sin = ops.rope_cos_sin(np.arange(4), inv_freq)
+    assert cos.shape == sin.shape == (1, 4, 8)
+    np.testing.assert_array_equal(cos, ops.rope_cos_sin(np.arange(4)[None], inv_freq)[0])
+
+
+def test_moe_route_takes_tokens_in_any_leading_shape():
+    # [B, T, D] hidden states route like their [B * T, D] rows (it sliced the wrong axis: all experts or an IndexError)
+    x, gate = rng.standard_normal((2, 3, 8)).astype(np.float32), rng.standard_normal((6, 8)).astype(np.float32)
+    chosen, weights, logits = ops.moe_route(x, gate, 2, True)
+    flat = ops.moe_route(x.reshape(6, 8), gate, 2, True)
+    assert chosen.shape == weights.shape == (2, 3, 2) and logits.shape == (2, 3, 6)
+    np.testing.assert_array_equal(chosen.reshape(6, 2), flat[0])
+    np.testing.assert_allclose(weights.reshape(6, 2), flat[1], rtol=1e-6)
+
+
 def test_masks():
     np.testing.assert_array_equal(ops.causal_mask(2, 4), [[1, 1, 1, 0], [1, 1, 1, 1]])
     np.testing.assert_array_equal(ops.sliding_window_mask(4, 4, 2),
