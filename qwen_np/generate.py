@@ -58,10 +58,10 @@ def top_k_filter(logits, top_k, min_tokens_to_keep=1):  # [B, V] -> [B, V]
 
 def top_p_filter(logits, top_p, min_tokens_to_keep=1):  # [B, V] -> [B, V]
     # Nucleus sampling: keeps the most probable tokens whose probabilities add up to top_p, the
-    # token that crosses top_p included. Sorted ascending, the dropped tokens are the low tail
-    # whose cumulative probability stays within 1 - top_p.
-    # Sorted stably, ascending as in the reference: among tied logits the lower ids are dropped first, as
-    # torch's sort does (for rows of up to 16 values; in longer rows its order among ties is its own).
+    # token that crosses top_p included. As in the reference, the tokens are sorted ascending and
+    # the dropped ones are the low tail whose cumulative probability stays within 1 - top_p; the
+    # sort is stable, so among tied logits the lower ids are dropped first (as torch's sort does
+    # for rows of up to 16 values; in longer rows its order among ties is its own).
     # Only the tokens in play are sorted: a -inf logit would sort first, add 0 and stay -inf.
     cols = in_play(logits)  # [n]
     play = np.take(logits, cols, axis=-1)  # [B, n]

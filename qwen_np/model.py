@@ -103,6 +103,7 @@ def rope_frequencies(config, seq_len):  # -> [Dh/2], attention_factor
 def attention_block(x, p, cos, sin, mask, k_cache, v_cache, start, num_heads, num_kv_heads, head_dim, eps):
     # [B, T, D] -> [B, T, D]; writes this step's keys and values into k_cache/v_cache[:, :, start:]
     B, T, _ = x.shape
+    end = start + T  # this step's positions are start..end-1 of the cache
     q = linear(x, **p["q_proj"]).reshape(B, T, num_heads, head_dim)  # [B, T, H, Dh]
     k = linear(x, **p["k_proj"]).reshape(B, T, num_kv_heads, head_dim)  # [B, T, K, Dh]
     v = linear(x, **p["v_proj"]).reshape(B, T, num_kv_heads, head_dim)  # [B, T, K, Dh]
@@ -110,9 +111,8 @@ def attention_block(x, p, cos, sin, mask, k_cache, v_cache, start, num_heads, nu
         q = rms_norm(q, **p["q_norm"], eps=eps)
         k = rms_norm(k, **p["k_norm"], eps=eps)
     q = apply_rope(q.transpose(0, 2, 1, 3), cos, sin)  # [B, H, T, Dh]
-    k_cache[:, :, start:start + T] = apply_rope(k.transpose(0, 2, 1, 3), cos, sin)  # [B, K, T, Dh]
-    v_cache[:, :, start:start + T] = v.transpose(0, 2, 1, 3)
-    end = start + T
+    k_cache[:, :, start:end] = apply_rope(k.transpose(0, 2, 1, 3), cos, sin)  # [B, K, T, Dh]
+    v_cache[:, :, start:end] = v.transpose(0, 2, 1, 3)
     out = attention(q, k_cache[:, :, :end], v_cache[:, :, :end], mask)  # [B, H, T, Dh]
     return linear(out.transpose(0, 2, 1, 3).reshape(B, T, num_heads * head_dim), **p["o_proj"])
 

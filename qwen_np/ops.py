@@ -240,7 +240,8 @@ def attention(q, k, v, mask):  # [B, H, T, Dh], [B, K, S, Dh] x2, [B, 1, T, S] b
         rows = slice(t, t + QUERY_BLOCK)
         # Keys after the last one these queries may see are left out (their weights would be 0):
         # with the causal mask most of the masked upper triangle is never computed.
-        n_keys = mask[:, 0, rows].any(axis=(0, 1)).nonzero()[0][-1] + 1
+        seen = mask[:, 0, rows].any(axis=(0, 1))  # [S]: keys that some query of the block may see
+        n_keys = np.flatnonzero(seen)[-1] + 1
         out[..., rows, :] = grouped_attention(q[..., rows, :], k[:, :, :n_keys], v[:, :, :n_keys],
                                               mask[:, :, rows, :n_keys])
     return out.reshape(B, H, T, Dh)
@@ -264,12 +265,13 @@ def grouped_attention(q, k, v, mask):  # [B, K, G, T, Dh] scaled, [B, K, S, Dh] 
 # Mixture of experts
 
 
-def moe_route(x, gate_weight, top_k, norm_topk_prob):  # [N, D], [E, D] -> [N, k] int, [N, k], [N, E]
+def moe_route(x, gate_weight, top_k, norm_topk_prob):  # [..., D], [E, D] -> [..., k] int, [..., k], [..., E]
     # Softmax over all experts in float32, keep the k largest; renormalise them only if asked.
-    logits = linear(x, gate_weight)  # [N, E]
+    # (x is [N, D] in the model, [B, T, D] works too: every step is over the last axis.)
+    logits = linear(x, gate_weight)  # [..., E]
     probs = softmax(logits)
-    experts = np.argsort(-probs, axis=-1, kind="stable")[..., :top_k]  # [N, k], best first
-    weights = np.take_along_axis(probs, experts, axis=-1)  # [N, k]
+    experts = np.argsort(-probs, axis=-1, kind="stable")[..., :top_k]  # [..., k], best first
+    weights = np.take_along_axis(probs, experts, axis=-1)  # [..., k]
     if norm_topk_prob:
         weights = weights / weights.sum(axis=-1, keepdims=True)
     return experts, weights, logits

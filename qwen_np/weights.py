@@ -91,7 +91,7 @@ def header_entry_problem(info):  # -> what is wrong with one tensor's header ent
 
 
 MAP_PRIVATE = getattr(mmap_module, "MAP_PRIVATE", None)  # Unix only
-CHUNK = 1 << 22  # values converted at a time when widening or narrowing (8 MB of file)
+CHUNK = 1 << 22  # values converted at a time when widening or narrowing (8 MB of a bf16/fp16 file, 16 MB of fp32)
 
 
 def read_tensor(path, name, dtype, shape, offset, nbytes, mapped=None, bf16=False):  # -> array of `shape`
@@ -337,7 +337,7 @@ def same_tensor(files, headers, name_a, name_b):  # -> whether the checkpoint st
         return False
     a = np.frombuffer(map_file(files[name_a]), np.uint8, size, offset_a)
     b = np.frombuffer(map_file(files[name_b]), np.uint8, size, offset_b)
-    # A chunk at a time: array_equal builds a boolean array as large as what it compares.
+    # CHUNK bytes at a time: array_equal builds a boolean array as large as what it compares.
     return all(np.array_equal(a[i:i + CHUNK], b[i:i + CHUNK]) for i in range(0, size, CHUNK))
 
 
