@@ -8,8 +8,8 @@ Shape legend (used in every comment of the package):
     C positions a KV cache has room for (its capacity, S of them filled).
 
 Nothing here reads a config, a file or a global: every scalar is an argument. (The block sizes
-below, BF16_ROWS, BF16_CACHED, FEW_ROWS and QUERY_BLOCK, choose how a product is split up for
-speed or memory; the result is the same up to float rounding.)
+below, BF16_ROWS, BF16_CACHED, DECODE_ROWS, FEW_ROWS and QUERY_BLOCK, choose how a product is
+split up for speed or memory; the result is the same up to float rounding.)
 """
 
 import math
@@ -26,11 +26,13 @@ def embedding(input_ids, weight):  # [B, T] int, [V, D] -> [B, T, D]
 
 
 BF16_ROWS = 4096  # rows of a bf16 weight widened at once: 16 MB of float32 for a hidden size of 1024
-BF16_CACHED = 2 ** 17  # but for up to 16 rows of x (decoding), floats widened at once: 512 KB
+BF16_CACHED = 2 ** 17  # but for up to DECODE_ROWS rows of x, floats widened at once: 512 KB
+DECODE_ROWS = 16  # rows of x (a decode step of up to 16 prompts) for which a product only streams its weight
 FEW_ROWS = 128  # up to this many rows (a short prompt, a chat turn's new tokens), (W @ x^T)^T
 
 
 def linear(x, weight, bias=None):  # [..., in], [out, in], [out] or None -> [..., out]
+    # y = x @ weight.T + bias, as torch's F.linear; the lines below are that product arranged for speed.
     # All rows go through one product: given a stack [B, T, in], NumPy would multiply it one
     # [T, in] matrix at a time and read the weight B times (a batch of 8 decoding: 2x slower).
     rows = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # [N, in], N = B * T (-1 fails for in = 0)
@@ -49,7 +51,7 @@ def bf16_block_rows(x_rows, in_features):  # -> rows of a bf16 weight to widen a
     # does one or a few: the time goes to streaming the weight, and a block small enough to stay in
     # the core's cache between widening and product is read from memory once, not three times
     # (bits read, float32 written, float32 read back). Qwen3-0.6B shape: 3.8 against 2.7 tokens/s.
-    if x_rows > 16:
+    if x_rows > DECODE_ROWS:
         return BF16_ROWS
     return max(1, BF16_CACHED // in_features)
 
