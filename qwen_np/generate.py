@@ -155,11 +155,7 @@ def choose_tokens(logits, seen, sampling, rng):  # [B, V], [B, V] bool, Sampling
         return logits.argmax(axis=-1)
     if sampling.temperature != 1.0:
         logits = apply_temperature(logits, sampling.temperature)
-    # +inf, or a row that is -inf throughout: softmax would give NaN (the reference's draw fails on it too)
-    if np.isposinf(logits).any() or np.isneginf(logits).all(axis=-1).any():
-        penalty = f" and repetition_penalty={sampling.repetition_penalty}" if sampling.repetition_penalty != 1.0 else ""
-        raise QwenNPError(f"the logits overflow float32 when scaled by temperature={sampling.temperature}{penalty}: "
-                          f"use a larger temperature, or temperature=0 for greedy decoding")
+    check_scaled_logits(logits, sampling)
     if sampling.top_k:
         logits = top_k_filter(logits, sampling.top_k)
     if sampling.top_p < 1.0:
@@ -167,6 +163,14 @@ def choose_tokens(logits, seen, sampling, rng):  # [B, V], [B, V] bool, Sampling
     if sampling.min_p:
         logits = min_p_filter(logits, sampling.min_p)
     return sample(logits, rng)
+
+
+def check_scaled_logits(logits, sampling):  # [B, V] after penalty and temperature: refused if softmax gives NaN
+    # +inf, or a row that is -inf throughout: softmax would give NaN (the reference's draw fails on it too)
+    if np.isposinf(logits).any() or np.isneginf(logits).all(axis=-1).any():
+        penalty = f" and repetition_penalty={sampling.repetition_penalty}" if sampling.repetition_penalty != 1.0 else ""
+        raise QwenNPError(f"the logits overflow float32 when scaled by temperature={sampling.temperature}{penalty}: "
+                          f"use a larger temperature, or temperature=0 for greedy decoding")
 
 
 # ---------------------------------------------------------------------------------------------
