@@ -34,7 +34,7 @@ def number(kind, low, high=None, low_open=False, what=""):
     return parse
 
 
-def build_parser():
+def build_parser():  # -> the argparse parser of `python -m qwen_np` (subcommands generate and chat)
     parser = Parser(prog="python -m qwen_np", description="Generate text or chat with a Qwen checkpoint, in NumPy.",
                     epilog='examples:\n  python -m qwen_np generate --model PATH "The capital of France is"\n'
                            '  python -m qwen_np chat --model PATH --system "Be brief." --no-think\n'
@@ -143,7 +143,7 @@ def report(stats, err):  # stats: a list of GenerationStats
               f"decode: {counted(decode_tokens, 'token')}, {rate(decode_tokens, decode_seconds)}\n")
 
 
-def run_generate(model, args):
+def run_generate(model, args):  # `generate`: streams the completion of one prompt to stdout
     from .generate import generate_text
     if args.prompt == "-":
         prompt = read_utf8(sys.stdin.read, "the prompt on stdin")
@@ -154,7 +154,7 @@ def run_generate(model, args):
     report([stats], sys.stderr)
 
 
-def run_chat(model, args):
+def run_chat(model, args):  # `chat`: one message a line from stdin, each turn reusing the last one's KV cache
     from .chat import chat, split_thinking
     interactive = sys.stdin.isatty()
     if interactive:

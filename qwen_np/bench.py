@@ -190,7 +190,7 @@ def measure(load, step, new_cache, vocab_size, sizes):
     return dict(load_s=load_s, first_s=first_s, prefill_s=prefill_s, decode_tok_s=decode_tok_s, peak_rss=rss)
 
 
-def qwen_np_worker(directory, sizes, **load_options):
+def qwen_np_worker(directory, sizes, **load_options):  # -> measure()'s figures for qwen_np, and its software
     import qwen_np
     from qwen_np.model import empty_cache
 
@@ -214,7 +214,7 @@ def numpy_blas():  # -> e.g. "scipy-openblas 0.3.31": the BLAS that NumPy was bu
         return "unknown"
 
 
-def transformers_worker(directory, sizes, threads, bf16=False):
+def transformers_worker(directory, sizes, threads, bf16=False):  # -> the same figures for transformers (torch CPU)
     import torch
     import transformers
 
@@ -291,7 +291,7 @@ def read_through(directory):
                 pass
 
 
-def run_worker(args, threads):
+def run_worker(args, threads):  # -> the JSON line of `python -m qwen_np.bench --worker ARGS`, run in a fresh process
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
                MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false", **WORKER_ENV.get(args[0], {}))
     root = str(Path(__file__).resolve().parent.parent)  # so the worker imports this qwen_np

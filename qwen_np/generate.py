@@ -343,6 +343,7 @@ def rope_allows_reuse(config, past, ids):  # -> whether past's keys are those a 
 
 
 def check_past(past, model):
+    """`past` is a GenerationStats.past made by this model (same files, same low_memory) for one prompt."""
     made = isinstance(past, Past) and isinstance(past.ids, tuple) and isinstance(past.cache, KVCache)
     if not made or len(past.ids) != past.cache.length:  # a generation's past holds one id per cached position
         raise QwenNPError("past= must be the `past` of an earlier one-prompt generation (its stats.past)")
