@@ -517,6 +517,31 @@ def keep_rows(cache, alive):  # KVCache, [b] bool -> KVCache of the alive rows o
                           valid=cache.valid[alive])
 
 
+def batch_prompt_ids(model, prompts):  # B prompts (strings, id lists) or [B, T] ids -> B lists of ids
+    if isinstance(prompts, np.ndarray) and prompts.ndim == 2:  # [B, T] token ids: one prompt a row
+        prompts = list(prompts)
+    if not isinstance(prompts, (list, tuple)) or not prompts or all(is_int(p, -math.inf) for p in prompts):
+        raise QwenNPError(f"generate_batch takes a list of prompts, each a string or a list of token ids "
+                          f"(for one prompt, use generate); got {reprlib.repr(prompts)}")
+    return [prompt_ids(model, p) for p in prompts]
+
+
+def seen_tokens(prompts, vocab_size):  # B lists of ids -> [B, V] bool, True for each prompt's tokens
+    seen = np.zeros((len(prompts), vocab_size), bool)
+    for row, p in enumerate(prompts):
+        seen[row, p] = True
+    return seen
+
+
+def tokens_from_past(model, past, prompts):  # -> how many leading prompt tokens past's cache supplies (0: no past)
+    if past is None:
+        return 0
+    if len(prompts) != 1:
+        raise QwenNPError(f"past= continues one prompt, not a batch of {len(prompts)}")
+    check_past(past, model)
+    return reusable_length(past, prompts[0]) if rope_allows_reuse(model.config, past, prompts[0]) else 0
+
+
 def generate_batch(model, prompts, max_new_tokens=None, temperature=None, top_k=None, top_p=None, min_p=None,
                    repetition_penalty=None, seed=None, stop=None, eos_token_id=None, past=None):
     """Generates from several prompts together; yields at each step one entry per prompt: its new
@@ -531,12 +556,7 @@ def generate_batch(model, prompts, max_new_tokens=None, temperature=None, top_k=
     """
     check_model(model, "generate_batch")
     params, config = model.params, model.config
-    if isinstance(prompts, np.ndarray) and prompts.ndim == 2:  # [B, T] token ids: one prompt a row
-        prompts = list(prompts)
-    if not isinstance(prompts, (list, tuple)) or not prompts or all(is_int(p, -math.inf) for p in prompts):
-        raise QwenNPError(f"generate_batch takes a list of prompts, each a string or a list of token ids "
-                          f"(for one prompt, use generate); got {reprlib.repr(prompts)}")
-    prompts = [prompt_ids(model, p) for p in prompts]
+    prompts = batch_prompt_ids(model, prompts)
     settings = sampling_settings(model.generation_config, temperature, top_k, top_p, min_p, repetition_penalty)
     budget = new_token_budget(config, model.generation_config, max(map(len, prompts)), max_new_tokens)
     ends = end_token_ids(model, eos_token_id)
@@ -548,9 +568,7 @@ def generate_batch(model, prompts, max_new_tokens=None, temperature=None, top_k=
     pad_id = config.pad_token_id if isinstance(config.pad_token_id, int) and 0 <= config.pad_token_id < V else 0
     input_ids, attention_mask = left_pad(prompts, pad_id)  # [B, T] x2
 
-    seen = np.zeros((B, V), bool)  # [B, V]: tokens of each prompt so far, for the repetition penalty
-    for row, p in enumerate(prompts):
-        seen[row, p] = True
+    seen = seen_tokens(prompts, V)  # [B, V]: tokens of each prompt so far, for the repetition penalty
     generated = [[] for _ in range(B)]
     texts = [("", 0, 0)] * B  # per prompt: generated text and decode offsets, see extend_text (for stop strings)
     reasons, finished = ["length"] * B, np.zeros(B, bool)
@@ -562,13 +580,8 @@ def generate_batch(model, prompts, max_new_tokens=None, temperature=None, top_k=
     start = time.perf_counter()
     # Prefill: all prompt tokens in one pass (but those `past` holds); the LM head only at the last
     # position. The cache gets room for the whole answer now, so decoding never has to grow (copy) it.
-    capacity, reused = input_ids.shape[1] + budget, 0
-    if past is not None:
-        if B != 1:
-            raise QwenNPError(f"past= continues one prompt, not a batch of {B}")
-        check_past(past, model)
-        reused = reusable_length(past, prompts[0]) if rope_allows_reuse(config, past, prompts[0]) else 0
-    cache = new_cache(config, B, capacity, past, reused)
+    reused = tokens_from_past(model, past, prompts)
+    cache = new_cache(config, B, input_ids.shape[1] + budget, past, reused)
     next_ids, cache = next_tokens(params, config, input_ids[:, reused:], cache, seen, settings, rng,
                                   attention_mask=attention_mask[:, reused:])  # [B]
     prefill_seconds, decode_seconds, decode_tokens = time.perf_counter() - start, 0.0, 0
