@@ -335,7 +335,7 @@ def parse_gguf(buffer):  # -> {key: value}, {name: Tensor}; raises Corrupt
 
 def tensor_bytes(buffer, name, type_name, dims, start):  # -> [bytes] uint8 view of the file (None: unreadable type)
     if type_name not in DEQUANTIZERS:
-        return None  # refused if the model uses it (read_tensor), with the type named
+        return None  # refused if the model uses it (dequantize_tensor), with the type named
     values, block_bytes, _ = DEQUANTIZERS[type_name]
     row = dims[0] if dims else 1  # a block never straddles two rows
     if row % values:
@@ -517,7 +517,7 @@ def unpermute_rope_rows(w, num_heads):  # [num_heads * Dh, ...] -> [num_heads * 
     return w.reshape(num_heads, -1, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_params(tensors, config, path, low_memory=False):
+def gguf_params(tensors, config, path, low_memory=False):
     """The params tree of a GGUF file, every tensor float32 and shape-checked against the config.
     low_memory: matrices (2-D, and the stacked experts) are kept as bfloat16 bits instead, as from
     a safetensors checkpoint: each is dequantized to float32 a chunk at a time, then rounded."""
@@ -545,7 +545,7 @@ def load_params(tensors, config, path, low_memory=False):
     # per core (at most 8): the dequantizers' NumPy operations release the GIL.
     reads = {tensor.name: (tensor, low_memory and len(shapes[name]) == 2) for name, (tensor, _) in plan.items()}
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        futures = {name: pool.submit(read_tensor, tensor, path, bf16) for name, (tensor, bf16) in reads.items()}
+        futures = {name: pool.submit(dequantize_tensor, tensor, path, bf16) for name, (tensor, bf16) in reads.items()}
         arrays = {name: future.result() for name, future in futures.items()}
     flat = {}
     for name, (tensor, expert) in plan.items():
@@ -562,7 +562,7 @@ def load_params(tensors, config, path, low_memory=False):
     return build_tree(flat)
 
 
-def read_tensor(tensor, path, bf16=False):  # -> float32 array of the tensor's NumPy shape (bf16: uint16 bits)
+def dequantize_tensor(tensor, path, bf16=False):  # -> float32 array of the tensor's NumPy shape (bf16: uint16 bits)
     type_name = tensor.type_name
     if type_name not in DEQUANTIZERS:
         raise QwenNPError(f"{path}: tensor {tensor.name!r} has type {type_name}, which qwen_np cannot read "
@@ -608,7 +608,7 @@ def bytes_to_unicode():  # {byte: symbol}: GPT-2's byte-level alphabet
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
 
 
-def load_tokenizer(metadata, path):
+def gguf_tokenizer(metadata, path):
     """A `tokenizers.Tokenizer` from the metadata, or None when the file carries no vocabulary.
     The special token ids must have passed check_special_token_ids."""
     if "tokenizer.ggml.tokens" not in metadata:
@@ -734,7 +734,7 @@ def load_gguf(path, low_memory=False):
     metadata, tensors = read_gguf(path)
     config = config_from_gguf(metadata, tensors, path)
     check_special_token_ids(metadata, path)  # metadata only: before the weights are dequantized
-    params = load_params(tensors, config, path, low_memory)
-    tokenizer = load_tokenizer(metadata, path)  # checks the vocabulary, which chat_settings reads too
+    params = gguf_params(tensors, config, path, low_memory)
+    tokenizer = gguf_tokenizer(metadata, path)  # checks the vocabulary, which chat_settings reads too
     tokenizer_config, generation_config = chat_settings(metadata)
     return config, params, tokenizer, generation_config, tokenizer_config

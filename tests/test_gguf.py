@@ -18,8 +18,8 @@ from tiny import FAMILIES, reference_logits, tiny_model
 import qwen_np
 from qwen_np.config import config_from_dict
 from qwen_np.gguf import (DEQUANTIZERS, IQ4_LEVELS, bytes_to_unicode, check_special_token_ids, config_from_gguf,
-                          dequantize, end_token_ids_of_gguf, load_tokenizer, pre_tokenizer, read_gguf, unpermute_rope_rows)
-from qwen_np.gguf import load_params as load_gguf_params
+                          dequantize, end_token_ids_of_gguf, gguf_params, gguf_tokenizer, pre_tokenizer, read_gguf,
+                          unpermute_rope_rows)
 from qwen_np.ops import bf16_to_float32
 from qwen_np.weights import expected_shapes, flatten, float32_to_bf16
 
@@ -176,7 +176,7 @@ def test_moe_experts_are_views_of_one_array(tmp_path):
     metadata, tensors = read_gguf(model.path)
     up = tensors["blk.1.ffn_up_exps.weight"]
     tensors["blk.1.ffn_up_exps.weight"] = up._replace(dims=(*up.dims, 1))
-    params = load_gguf_params(tensors, model.config, model.path)
+    params = gguf_params(tensors, model.config, model.path)
     for e in range(4):
         np.testing.assert_array_equal(params["model"]["layers"][1]["mlp"]["experts"][e]["up_proj"]["weight"],
                                       model.params["model"]["layers"][1]["mlp"]["experts"][e]["up_proj"]["weight"])
@@ -489,10 +489,10 @@ def test_qwen2_gguf_tokenizer_adds_bos_or_eos_when_the_file_asks(qwen2_gguf):
     metadata, _ = read_gguf(qwen2_gguf[0])
     bos_only = {**metadata, "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.bos_token_id": 151643}
     del bos_only["tokenizer.ggml.eos_token_id"]  # asked for BOS only, with no EOS id at all
-    assert load_tokenizer(bos_only, qwen2_gguf[0]).encode("hi").ids == [151643, 6023]
+    assert gguf_tokenizer(bos_only, qwen2_gguf[0]).encode("hi").ids == [151643, 6023]
     eos_only = {**metadata, "tokenizer.ggml.add_eos_token": True, "tokenizer.ggml.eos_token_id": 151645}
     del eos_only["tokenizer.ggml.bos_token_id"]
-    assert load_tokenizer(eos_only, qwen2_gguf[0]).encode("hi").ids == [6023, 151645]
+    assert gguf_tokenizer(eos_only, qwen2_gguf[0]).encode("hi").ids == [6023, 151645]
     assert qwen2_gguf[1].tokenizer.encode("hi").ids == [6023]  # Qwen's files ask for neither
 
 
