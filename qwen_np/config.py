@@ -210,24 +210,11 @@ def config_from_dict(raw, source="config"):
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise QwenNPError(f"{source}: unsupported model_type {model_type!r}; "
                           f"qwen_np supports {', '.join(SUPPORTED_MODEL_TYPES)}")
-    key = next((k for k in ("quantization_config", "quantization") if raw.get(k)), None)  # the second: MLX's
-    if key:
-        quantization = raw[key]
-        what = f"quant_method {quantization['quant_method']!r}" if isinstance(quantization, dict) and \
-            "quant_method" in quantization else reprlib.repr(quantization)
-        raise QwenNPError(f"{source}: this checkpoint is quantized ({key}: {what}); "
-                          "qwen_np reads float32, float16 and bfloat16 checkpoints, and quantized GGUF files")
+    refuse_quantized(raw, source)
     missing = [k if k not in raw else f"{k} (null)" for k in REQUIRED_KEYS if raw.get(k) is None]
     if missing:
         raise QwenNPError(f"{source}: missing required key(s) {', '.join(missing)}")
-    # Keys the reference ignores are dropped, unchecked: the MoE ones in a dense model, the window's
-    # when it is off. Llama has no window; Qwen3-MoE's covers every layer (no layer_types).
-    ignored = set(() if model_type.endswith("_moe") else MOE_KEYS)
-    if not raw.get("use_sliding_window") or model_type == "llama":
-        ignored |= {"use_sliding_window", "sliding_window", "max_window_layers"}
-    if model_type in ("llama", "qwen3_moe"):
-        ignored |= {"layer_types", "max_window_layers"}
-    raw = {k: v for k, v in raw.items() if k not in ignored}
+    raw = without_ignored_keys(raw, model_type)
     check_values(raw, source)
     if raw.get("hidden_act") is not None and raw["hidden_act"] not in ACTIVATIONS:
         raise QwenNPError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported: qwen_np's MLP is SwiGLU "
@@ -260,12 +247,7 @@ def config_from_dict(raw, source="config"):
     rope = read_rope_parameters(raw, source, max_positions)
     if rope["rope_type"] == "dynamic" and head_dim == 2:  # its base grows as a power head_dim / (head_dim - 2)
         raise QwenNPError(f"{source}: rope type 'dynamic' needs a head_dim above 2, got {head_dim}")
-    if model_type == "qwen2":
-        attention_bias = True  # Qwen2 always has q/k/v biases, whatever the config says
-    elif model_type == "qwen2_moe":
-        attention_bias = bool(get("qkv_bias", True))
-    else:
-        attention_bias = bool(get("attention_bias", False))
+    attention_bias = has_attention_bias(model_type, get)
 
     moe_defaults = DEFAULT_MOE.get(model_type, dict(num_experts=0, num_experts_per_tok=0, moe_intermediate_size=0))
     num_experts = get("num_experts", moe_defaults["num_experts"])
@@ -304,6 +286,36 @@ def config_from_dict(raw, source="config"):
         pad_token_id=raw.get("pad_token_id"),
         dtype=raw.get("dtype") or raw.get("torch_dtype"),
     )
+
+
+def refuse_quantized(raw, source):
+    """A quantized safetensors checkpoint (transformers' quantization_config, MLX's quantization) is refused by name."""
+    key = next((k for k in ("quantization_config", "quantization") if raw.get(k)), None)
+    if key:
+        quantization = raw[key]
+        what = f"quant_method {quantization['quant_method']!r}" if isinstance(quantization, dict) and \
+            "quant_method" in quantization else reprlib.repr(quantization)
+        raise QwenNPError(f"{source}: this checkpoint is quantized ({key}: {what}); "
+                          "qwen_np reads float32, float16 and bfloat16 checkpoints, and quantized GGUF files")
+
+
+def without_ignored_keys(raw, model_type):  # -> raw without the keys the reference ignores for this family
+    # Dropped unchecked: the MoE keys in a dense model, the window's when it is off. Llama has no
+    # window; Qwen3-MoE's covers every layer (no layer_types).
+    ignored = set(() if model_type.endswith("_moe") else MOE_KEYS)
+    if not raw.get("use_sliding_window") or model_type == "llama":
+        ignored |= {"use_sliding_window", "sliding_window", "max_window_layers"}
+    if model_type in ("llama", "qwen3_moe"):
+        ignored |= {"layer_types", "max_window_layers"}
+    return {k: v for k, v in raw.items() if k not in ignored}
+
+
+def has_attention_bias(model_type, get):  # -> whether q/k/v have biases; get(key, default) reads config.json
+    if model_type == "qwen2":
+        return True  # Qwen2 always has q/k/v biases, whatever the config says
+    if model_type == "qwen2_moe":
+        return bool(get("qkv_bias", True))
+    return bool(get("attention_bias", False))
 
 
 def default_layer_types(model_type, n_layers, sliding_window, max_window_layers):
