@@ -275,10 +275,27 @@ def load_params(directory, config, mmap=False, low_memory=False):
     """
     directory = Path(directory)
     files = checkpoint_files(directory)
-    shapes = expected_shapes(config)
     headers = {f: read_safetensors_header(f) for f in sorted(set(files.values()))}
     if not any(name.startswith("model.") for name in files):  # a base model's checkpoint: see with_model_prefix
         files, headers = with_model_prefix(files), {f: with_model_prefix(h) for f, h in headers.items()}
+    shapes = tensors_to_read(config, files, headers)
+    # Every name and shape is checked from the headers first, so a bad checkpoint fails before any reading.
+    check_shapes(shapes, files, headers, directory)
+    check_no_unexpected_layer_tensors(headers, shapes, config)
+    maps = {f: map_file(f, writable_copy=True) for f in headers} if mmap else {}
+
+    def read(name):  # -> the tensor's array (low_memory: a matrix as bfloat16 bits)
+        return read_tensor(files[name], name, *headers[files[name]][name], maps.get(files[name]),
+                           bf16=low_memory and len(shapes[name]) == 2)
+
+    # Tensors are read by one thread per core (at most 8): filling fresh memory is CPU work (the
+    # kernel maps and zeroes each page), and file reads and NumPy's copies release the GIL.
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        return build_tree(dict(zip(shapes, pool.map(read, shapes))))
+
+
+def tensors_to_read(config, files, headers):  # -> {tensor name: shape} of the tensors to read
+    shapes = expected_shapes(config)
     if config.tie_word_embeddings and "lm_head.weight" in files:
         # transformers ties the head to the embeddings only where the checkpoint does not hold two
         # different matrices: a differing lm_head.weight is read as an untied head, and one without
@@ -288,7 +305,11 @@ def load_params(directory, config, mmap=False, low_memory=False):
             shapes[head] = shapes.pop(embed)
         elif not same_tensor(files, headers, embed, head):
             shapes[head] = shapes[embed]
-    # Check every name and shape from the headers first, so a bad checkpoint fails before any reading.
+    return shapes
+
+
+def check_shapes(shapes, files, headers, directory):
+    """Every tensor in `shapes` is in the checkpoint, with that shape."""
     for name, shape in shapes.items():
         if name not in files or name not in headers[files[name]]:
             untied = " with tie_word_embeddings false" if name == "lm_head.weight" else ""
@@ -298,15 +319,6 @@ def load_params(directory, config, mmap=False, low_memory=False):
         if found != shape:
             raise QwenNPError(f"{files[name]}: tensor {name!r} has shape {list(found)} but the config "
                               f"implies {list(shape)}")
-    check_no_unexpected_layer_tensors(headers, shapes, config)
-    # Tensors are read by one thread per core (at most 8): filling fresh memory is CPU work (the
-    # kernel maps and zeroes each page), and file reads and NumPy's copies release the GIL.
-    maps = {f: map_file(f, writable_copy=True) for f in headers} if mmap else {}
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        arrays = pool.map(lambda name: read_tensor(files[name], name, *headers[files[name]][name],
-                                                   maps.get(files[name]), low_memory and len(shapes[name]) == 2),
-                          shapes)
-        return build_tree(dict(zip(shapes, arrays)))
 
 
 def with_model_prefix(tensors):  # {name: x} -> {"model." + name: x}, lm_head.* unchanged
