@@ -135,7 +135,8 @@ def next_tokens(params, config, input_ids, cache, seen, sampling, rng, **kwargs)
 
 
 def keeps_bf16(params):  # -> whether the weights were loaded with low_memory=True (bfloat16 bits, uint16)
-    return any(w.dtype == np.uint16 for w in flatten(params).values())
+    # low_memory keeps every matrix as bfloat16 bits, the embedding among them: one look tells.
+    return params["model"]["embed_tokens"]["weight"].dtype == np.uint16
 
 
 def non_finite_weight(params):  # -> the dotted name of the first weight holding NaN or inf, or None
