@@ -110,6 +110,26 @@ def test_a_cache_passed_twice_branches_without_touching_the_later_one(tiny_model
     assert np.shares_memory(step.keys[0], real.keys[0])
 
 
+def test_a_cache_passed_twice_is_copied_after_a_token_whose_keys_are_zero(tmp_path):
+    # A branch is noticed by the valid flags as well as by nonzero keys: a token with all-zero keys
+    # (a zero embedding row, as nn.Embedding's padding_idx row stays, in a model without q/k/v biases).
+    from safetensors.numpy import load_file, save_file
+    tiny_model("llama", tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["model.embed_tokens.weight"][0] = 0
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    model = qwen_np.load(tmp_path)
+    P, C = model.params, model.config
+    _, cache = qwen_np.forward(P, C, np.array([[3, 1, 4, 1]]))
+    _, cache = qwen_np.forward(P, C, np.array([[5]]), cache)  # grown to 8: free slots after 5
+    _, first = qwen_np.forward(P, C, np.array([[0]]), cache)
+    assert not first.keys[0][:, :, cache.length].any()  # the premise: layer 0's keys of token 0 are zero
+    qwen_np.forward(P, C, np.array([[9]]), cache)  # another branch from the same cache
+    after, _ = qwen_np.forward(P, C, np.array([[7]]), first)
+    expected, _ = qwen_np.forward(P, C, np.array([[3, 1, 4, 1, 5, 0, 7]]))
+    np.testing.assert_allclose(after[:, -1], expected[:, -1], atol=2e-5, rtol=1e-5)
+
+
 def test_a_cache_and_a_past_print_their_shapes_not_their_numbers(tiny_models):
     model, _ = tiny_models["qwen3"]
     _, stats = tokens_and_stats(qwen_np.generate(model, [1, 2, 3], max_new_tokens=3, temperature=0))

@@ -55,8 +55,8 @@ def test_qwen2_tied_embeddings_share_one_array(tmp_path):
     assert params["lm_head"]["weight"] is params["model"]["embed_tokens"]["weight"]
 
 
-@pytest.mark.parametrize("head", ["different", "equal", "alone"])
-def test_tied_config_with_an_lm_head_in_the_checkpoint_loads_as_transformers_loads_it(tmp_path, head):
+@pytest.mark.parametrize("head", ["different", "different in its last row", "equal", "alone"])
+def test_tied_config_with_an_lm_head_in_the_checkpoint_loads_as_transformers_loads_it(tmp_path, monkeypatch, head):
     # tie_word_embeddings true, and yet lm_head.weight in the file (some tied checkpoints store a copy):
     # transformers ties only equal matrices, and a head without embeddings serves as both.
     torch, transformers = require_reference()
@@ -66,6 +66,10 @@ def test_tied_config_with_an_lm_head_in_the_checkpoint_loads_as_transformers_loa
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].copy()
     elif head == "alone":
         del tensors["model.embed_tokens.weight"]
+    elif head == "different in its last row":  # compared in chunks, as real embeddings are: past the first one
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].copy()
+        tensors["lm_head.weight"][-1] += 1.0
+        monkeypatch.setattr(qwen_np.weights, "CHUNK", 1024)
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     edit_config(tmp_path, tie_word_embeddings=True)
     reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
@@ -73,7 +77,7 @@ def test_tied_config_with_an_lm_head_in_the_checkpoint_loads_as_transformers_loa
     x = ids(2, 12)
     np.testing.assert_allclose(qwen_np.forward(model.params, model.config, x)[0], reference_logits(reference, x), **TOL)
     shared = model.params["lm_head"]["weight"] is model.params["model"]["embed_tokens"]["weight"]
-    assert shared == (head != "different")
+    assert shared == (head in ("equal", "alone"))
 
 
 def test_llama_with_attention_and_mlp_biases(tmp_path):
@@ -208,6 +212,11 @@ def test_low_memory_rounds_float32_weights_to_bf16_as_torch_does(tmp_path, monke
                 p.copy_(p.to(torch.bfloat16).float())
     x = ids(2, 20)
     np.testing.assert_allclose(qwen_np.forward(low.params, low.config, x)[0], reference_logits(reference, x), **TOL)
+    # With mmap=True as well, the float32 file is not mapped: its matrices are rounded all the same.
+    both = qwen_np.load(tmp_path, mmap=True, low_memory=True)
+    assert both.params["model"]["layers"][0]["self_attn"]["q_proj"]["weight"].dtype == np.uint16
+    np.testing.assert_array_equal(qwen_np.forward(both.params, both.config, x)[0],
+                                  qwen_np.forward(low.params, low.config, x)[0])
 
 
 def test_float32_to_bf16_rounds_to_nearest_even():
@@ -224,6 +233,13 @@ def test_float32_to_bf16_rounds_to_nearest_even():
     nans = np.array([0x7FFFFFFF, 0xFFFFFFFF, 0x7FC00000, 0x7F800001, 0xFF8FFFFF], np.uint32).view(np.float32)
     assert np.isnan(bf16_to_float32(float32_to_bf16(nans))).all()
     assert np.isnan(torch.from_numpy(nans).to(torch.bfloat16).float().numpy()).all()  # as in torch
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "qwen3_moe"])
+def test_a_large_rms_norm_eps_reaches_every_norm(tmp_path, family):
+    # The tiny models keep the default eps, at which a norm given another eps would hardly differ.
+    compare(family, tmp_path, rms_norm_eps=0.3)
+    assert qwen_np.load(tmp_path).config.rms_norm_eps == pytest.approx(0.3)
 
 
 def test_fp16_checkpoint(tmp_path):
@@ -313,6 +329,39 @@ def test_keys_left_out_or_null_take_the_reference_values(reference, case):
     assert ours.layer_types == tuple(expected)
 
 
+OTHER_DEFAULTS_CASES = {  # name -> (transformers config class, config.json without the keys checked below)
+    "llama": ("LlamaConfig", dict(model_type="llama", num_key_value_heads=2)),
+    "qwen2": ("Qwen2Config", dict(model_type="qwen2", num_key_value_heads=2, use_sliding_window=True)),
+    "qwen3": ("Qwen3Config", dict(model_type="qwen3", num_key_value_heads=2, use_sliding_window=True)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(model_type="qwen2_moe", num_attention_heads=16, num_experts=4,
+                                          num_experts_per_tok=4, moe_intermediate_size=32, use_sliding_window=True)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(model_type="qwen3_moe", num_attention_heads=8, num_experts=4,
+                                          num_experts_per_tok=4, moe_intermediate_size=32)),
+}
+
+
+@pytest.mark.parametrize("case", OTHER_DEFAULTS_CASES)
+def test_the_other_keys_left_out_take_the_reference_values(reference, case):
+    # head_dim, rms_norm_eps, tie_word_embeddings, norm_topk_prob, the q/k/v bias, max_window_layers
+    # (30 layers: past its default, 28); top-k may equal the number of experts, as in the reference.
+    _, transformers = reference
+    class_name, raw = OTHER_DEFAULTS_CASES[case]
+    raw = {**SIZES, "num_hidden_layers": 30, **raw}
+    ours = config_from_dict(raw)
+    theirs = getattr(transformers, class_name)(**{k: v for k, v in raw.items() if k != "model_type"})
+    assert ours.head_dim == (getattr(theirs, "head_dim", None) or theirs.hidden_size // theirs.num_attention_heads)
+    assert ours.num_key_value_heads == theirs.num_key_value_heads
+    assert ours.rms_norm_eps == theirs.rms_norm_eps
+    assert ours.tie_word_embeddings == theirs.tie_word_embeddings
+    assert ours.norm_topk_prob == getattr(theirs, "norm_topk_prob", False)
+    assert ours.num_experts_per_tok == getattr(theirs, "num_experts_per_tok", 0)
+    assert ours.attention_bias == getattr(theirs, "qkv_bias", getattr(theirs, "attention_bias", True))
+    if hasattr(theirs, "layer_types"):
+        assert ours.layer_types == tuple(theirs.layer_types)
+    # mlp_bias is Llama's key only: Qwen's MLPs have no biases, whatever config.json says
+    assert config_from_dict({**raw, "mlp_bias": True}).mlp_bias == (case == "llama")
+
+
 @pytest.mark.parametrize("class_name, raw", [
     ("LlamaConfig", dict(model_type="llama")), ("Qwen2Config", dict(model_type="qwen2")),
     ("Qwen3Config", dict(model_type="qwen3")), ("Qwen2MoeConfig", dict(model_type="qwen2_moe")),
@@ -333,6 +382,25 @@ def test_sizes_left_out_take_the_reference_defaults(reference, class_name, raw):
         assert getattr(config_from_dict(null), key) is None
         assert getattr(getattr(transformers, class_name)(**{k: v for k, v in null.items() if k != "model_type"}),
                        key) is None
+
+
+@pytest.mark.parametrize("changes", [
+    # both formats of RoPE scaling in one config.json: transformers reads rope_scaling
+    dict(rope_scaling={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}),
+    # original_max_position_embeddings at the top level and in the RoPE dict: the top level's
+    dict(original_max_position_embeddings=32)])
+def test_rope_keys_given_twice_read_as_transformers_reads_them(tmp_path, changes):
+    torch, transformers = require_reference()
+    tiny_model("qwen2", tmp_path, max_position_embeddings=256,
+               rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                                "original_max_position_embeddings": 64})
+    edit_config(tmp_path, **changes)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    model = qwen_np.load(tmp_path)
+    for key in ("factor", "original_max_position_embeddings"):
+        assert model.config.rope_parameters[key] == reference.config.rope_parameters[key]
+    x = ids(1, 40)
+    np.testing.assert_allclose(qwen_np.forward(model.params, model.config, x)[0], reference_logits(reference, x), **TOL)
 
 
 @pytest.mark.parametrize("rope", [{"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4},
@@ -881,6 +949,16 @@ def test_a_cache_from_another_model_is_refused(checkpoint, tmp_path):
         qwen_np.forward(model.params, model.config, np.array([[3]]), cache)
     with pytest.raises(qwen_np.QwenNPError, match="cache must be the KVCache that forward returned, got tuple"):
         qwen_np.forward(model.params, model.config, np.array([[3]]), tuple(cache))
+
+
+def test_a_cache_of_another_batch_size_is_refused(checkpoint):
+    model = qwen_np.load(checkpoint)
+    _, cache = qwen_np.forward(model.params, model.config, np.array([[1, 2, 3]]))
+    with pytest.raises(qwen_np.QwenNPError, match="the cache holds 1 sequences but input_ids has 2"):
+        qwen_np.forward(model.params, model.config, np.array([[4], [5]]), cache)
+    _, cache = qwen_np.forward(model.params, model.config, np.array([[1, 2], [3, 4]]))
+    with pytest.raises(qwen_np.QwenNPError, match="the cache holds 2 sequences but input_ids has 1"):
+        qwen_np.forward(model.params, model.config, np.array([[5]]), cache)
 
 
 def test_token_ids_outside_the_vocabulary(checkpoint):
