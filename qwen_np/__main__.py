@@ -27,8 +27,8 @@ def number(kind, low, high=None, low_open=False, what=""):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
-        # value != value: NaN, which no comparison refuses (math.isnan would fail on a huge int)
-        if not (value > low if low_open else value >= low) or (high is not None and value > high) or value != value:
+        # Written "not (value >= low)", not "value < low": NaN fails every comparison, so is refused here.
+        if not (value > low if low_open else value >= low) or (high is not None and value > high):
             raise argparse.ArgumentTypeError(f"{text} is out of range: {what}")
         return value
     return parse
