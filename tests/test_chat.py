@@ -281,3 +281,19 @@ def test_text_cut_off_mid_character_comes_out_at_the_end(qwen3_tokenizer):
     piece, prefix, read = decode_step(tokenizer, ids, 0, 0)
     assert piece == ""  # held back, waiting for the rest of the character
     assert decode_rest(tokenizer, ids, prefix, read) == " \ufffd"  # at the end, shown as it is
+
+
+MESSAGE_TEMPLATE = ("{% for m in messages %}{{ 'tool_calls' in m }} [{{ m.content }}] {{ m.thinking }}|"
+                    "{{ m.reasoning_content }}|{{ m.reasoning }};{% endfor %}")
+
+
+def test_messages_reach_the_template_as_apply_chat_template_gives_them(shared_data):
+    # Keys set to None are dropped (content None renders as nothing, not "None"); a message's reasoning
+    # is offered as thinking, reasoning_content and its own key.
+    _, transformers = require_reference()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(shared_data / "qwen3-tokenizer")
+    messages = [{"role": "user", "content": "Hi", "tool_calls": None},
+                {"role": "assistant", "content": None, "tool_calls": [{"name": "f"}], "reasoning": "hmm"}]
+    theirs = tokenizer.apply_chat_template(messages, chat_template=MESSAGE_TEMPLATE, tokenize=False)
+    assert render_chat({"chat_template": MESSAGE_TEMPLATE}, messages) == theirs == \
+        "False [Hi] ||;True [] hmm|hmm|hmm;"

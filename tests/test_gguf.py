@@ -17,9 +17,9 @@ from tiny import FAMILIES, reference_logits, tiny_model
 
 import qwen_np
 from qwen_np.config import config_from_dict
-from qwen_np.gguf import (DEQUANTIZERS, IQ4_LEVELS, bytes_to_unicode, check_special_token_ids, config_from_gguf,
-                          dequantize, end_token_ids_of_gguf, gguf_params, gguf_tokenizer, pre_tokenizer, read_gguf,
-                          unpermute_rope_rows)
+from qwen_np.gguf import (DEQUANTIZERS, IQ4_LEVELS, bytes_to_unicode, chat_settings, check_special_token_ids,
+                          config_from_gguf, dequantize, end_token_ids_of_gguf, gguf_params, gguf_tokenizer,
+                          pre_tokenizer, read_gguf, unpermute_rope_rows)
 from qwen_np.ops import bf16_to_float32
 from qwen_np.weights import expected_shapes, flatten, float32_to_bf16
 
@@ -625,3 +625,53 @@ def test_an_implausible_block_count_is_refused_before_any_list_is_built(tmp_path
     arch = metadata["general.architecture"]
     with pytest.raises(qwen_np.QwenNPError, match=r"num_hidden_layers=18446744073709551614 is not a plausible"):
         config_from_gguf({**metadata, f"{arch}.block_count": 2**64 - 2}, tensors, path)
+
+
+def test_a_gguf_asking_for_bos_without_a_bos_id_adds_none(qwen2_gguf):
+    metadata, _ = read_gguf(qwen2_gguf[0])
+    no_id = {**metadata, "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_eos_token": True}
+    del no_id["tokenizer.ggml.bos_token_id"], no_id["tokenizer.ggml.eos_token_id"]
+    assert gguf_tokenizer(no_id, qwen2_gguf[0]).encode("hi").ids == [6023]
+
+
+def test_a_text_twice_in_the_vocabulary_ends_generation_at_its_first_id():
+    tokens = ["a", "<|im_end|>", "b", "<|im_end|>"]
+    assert end_token_ids_of_gguf({"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.eos_token_id": 2}) == [2, 1]
+
+
+def test_a_file_without_rope_freq_base_gets_llama_cpps_default(tmp_path):
+    path = random_gguf(tmp_path / "m.gguf", "llama", small_config("llama"))
+    metadata, tensors = read_gguf(path)
+    del metadata["llama.rope.freq_base"]
+    assert config_from_gguf(metadata, tensors, path).rope_parameters["rope_theta"] == 10000.0
+
+
+def test_one_end_token_is_given_as_one_id():
+    tokens = ["a", "b"]  # no end-of-generation texts: the file's eos alone
+    _, generation_config = chat_settings({"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.eos_token_id": 1})
+    assert generation_config == {"eos_token_id": 1}
+
+
+def test_a_moe_gguf_with_a_dense_layer_reads_it_as_dense(tmp_path):
+    # GGUF has no mlp_only_layers: a layer without a router (ffn_gate_inp) is a dense MLP. (The gguf
+    # package's name map has no dense MLP names for the MoE architectures: those tensors are added by name.)
+    config = small_config("qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=8,
+                          mlp_only_layers=[1])
+    rng = np.random.default_rng(0)
+    tensors = {name: rng.normal(size=shape).astype(np.float32)
+               for name, shape in expected_shapes(config_from_dict(config)).items()}
+    dense = {f"blk.1.ffn_{proj}.weight": tensors.pop(f"model.layers.1.mlp.{proj}_proj.weight")
+             for proj in ("gate", "up", "down")}
+    model = qwen_np.load(write_gguf(tmp_path / "m.gguf", "qwen3_moe", config, tensors, extra_tensors=dense))
+    assert tuple(model.config.mlp_only_layers) == (1,)
+    np.testing.assert_array_equal(model.params["model"]["layers"][1]["mlp"]["up_proj"]["weight"],
+                                  dense["blk.1.ffn_up.weight"])
+
+
+def test_partial_rotary_is_refused(tmp_path):
+    path = random_gguf(tmp_path / "m.gguf", "llama", small_config("llama"))  # head_dim 8
+    metadata, tensors = read_gguf(path)
+    metadata["llama.rope.dimension_count"] = 4
+    with pytest.raises(qwen_np.QwenNPError,
+                       match=r"RoPE on 4 of 8 head dimensions \(partial rotary\) is not supported"):
+        config_from_gguf(metadata, tensors, path)

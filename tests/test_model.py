@@ -1069,3 +1069,12 @@ def test_a_shape_whose_element_count_overflows_int64_is_named(tmp_path):
     (tmp_path / "t.bin").write_bytes(b"")
     with pytest.raises(qwen_np.QwenNPError, match=r"tensor 'x' has 0 bytes, not 18446744073709551616 F32 values"):
         read_tensor(tmp_path / "t.bin", "x", "F32", (2**62, 4), 0, 0)  # np.prod would say 0 values
+
+
+def test_the_older_name_of_the_hub_cache_variable_is_honoured(tmp_path, monkeypatch):
+    for variable in ("HF_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("HUGGINGFACE_HUB_CACHE", str(tmp_path / "old"))
+    assert hub_cache() == tmp_path / "old"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "new"))  # the new name wins
+    assert hub_cache() == tmp_path / "new"
