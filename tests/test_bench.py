@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ROOT, require_reference
-from tiny import reference_logits
+from tiny import reference_logits, tiny_model
 
 import qwen_np
 from qwen_np import bench
@@ -201,3 +201,65 @@ def test_the_no_huge_pages_worker_runs_with_numpys_huge_pages_off(monkeypatch):
     for engine in ["qwen_np", "qwen_np-no-huge-pages", "transformers"]:
         bench.run_worker([engine, "dir"], threads=2)
     assert seen == {"qwen_np": None, "qwen_np-no-huge-pages": "0", "transformers": None}
+
+
+@pytest.mark.parametrize("family, overrides", [("qwen2", {}), ("qwen3", {}), ("qwen2_moe", {}), ("qwen3_moe", {}),
+                                               ("qwen2", {"tie_word_embeddings": True})])
+def test_costs_count_what_the_reference_holds_and_multiplies(reference, tmp_path, family, overrides):
+    # The fractions of the ceilings rest on bench.costs: checked against transformers' model, its
+    # parameters, the FLOPs of the products it runs (torch's counter) and the keys and values it caches.
+    torch, transformers = reference
+    from torch.utils.flop_counter import FlopCounterMode
+    tiny_model(family, tmp_path, **overrides)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager",
+                                                              experts_implementation="eager")  # countable products
+    config = qwen_np.load(tmp_path).config
+    costs = bench.costs(config)
+    assert costs["weight_bytes"] == 4 * sum(p.numel() for p in model.parameters())  # a tied matrix counted once
+    # Norm weights and biases are read by no product, and torch multiplies all T x T query-key pairs
+    # (the mask comes after) where the costs count the causal T (T + 1) / 2.
+    vectors = sum(p.numel() for name, p in model.named_parameters() if p.ndim == 1 and ".layers." in name)
+    pair = config.num_hidden_layers * config.num_attention_heads * config.head_dim  # FLOPs / 2 of a pair's product
+    for T in (7, 1):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            out = model(torch.arange(T)[None], logits_to_keep=1)
+        products = counter.get_total_flops() + 2 * T * vectors - 4 * T * T * pair + 2 * T * (T + 1) * pair
+        assert costs["prefill_flops"](T) == pytest.approx(products, rel=1e-12)
+        cached = sum(t.numel() * t.element_size() for layer in out.past_key_values.layers
+                     for t in (layer.keys, layer.values))
+        assert costs["kv_bytes_per_position"] * T == cached
+    # A decoded token's products (T = 1, without attention's) read each of their weights once, the
+    # active experts' only: 4 bytes for every 2 FLOPs.
+    assert costs["decode_bytes"] == pytest.approx(2 * (products - 4 * pair), rel=1e-12)
+
+
+def test_the_summary_pairs_each_round_and_divides_by_the_ceilings():
+    # Three rounds in which the median of the per-round ratios (what the table reports) differs from
+    # the ratio of the medians: round 2 is slow for both engines alike.
+    from qwen_np.config import config_from_dict
+    config = config_from_dict(SMOKE_SHAPES["tiny-moe"])
+    sizes = SMOKE_SIZES
+
+    def result(seconds, tok_s, gb):
+        return dict(load_s=seconds, first_s=seconds, prefill_s={str(n): seconds for n in sizes["prefill"]},
+                    decode_tok_s={"short": tok_s, "long": tok_s / 2},
+                    peak_rss=dict.fromkeys(("load", "prefill", "long"), gb * 1e9))
+    runs = [dict(qwen_np=result(1.0, 10.0, 2.0), transformers=result(2.0, 5.0, 4.0)),
+            dict(qwen_np=result(9.0, 1.0, 2.0), transformers=result(10.0, 0.8, 4.0)),
+            dict(qwen_np=result(1.5, 8.0, 2.0), transformers=result(2.0, 8.0, 3.0))]
+    ceilings = [dict(bandwidth=30e9, flops=1e11), dict(bandwidth=20e9, flops=3e11), dict(bandwidth=25e9, flops=2e11)]
+    summary = bench.summarise(config, runs, ceilings, sizes, ("qwen_np", "transformers"))
+    assert summary["qwen_np"]["load_s"] == 1.5 and summary["transformers"]["load_s"] == 2.0
+    assert summary["ratio"]["load_s"] == pytest.approx(0.75)  # of 0.5, 0.9 and 0.75; not 1.5 / 2.0
+    assert summary["ratio"]["decode_short_tok_s"] == pytest.approx(1.25)  # of 2, 1.25 and 1: faster is above 1
+    assert summary["ratio"]["peak_rss_load_gb"] == pytest.approx(0.5)
+    assert summary["long_over_short"] == pytest.approx(0.5)
+    costs = bench.costs(config)
+    assert summary["of_ceiling"]["decode_short_tok_s"] == pytest.approx(8.0 * costs["decode_bytes"] / 25e9)
+    # after the long context, the cache read too: half the new tokens on average
+    long_bytes = costs["decode_bytes"] + costs["kv_bytes_per_position"] * (sizes["long_context"]
+                                                                          + sizes["new_tokens"] / 2)
+    assert summary["of_ceiling"]["decode_long_tok_s"] == pytest.approx(4.0 * long_bytes / 25e9)
+    n = sizes["prefill"][0]
+    assert summary["of_ceiling"][f"prefill_{n}_s"] == pytest.approx(costs["prefill_flops"](n) / 1.5 / 2e11)
+
