@@ -937,3 +937,18 @@ def test_a_pad_token_id_outside_the_vocabulary_pads_with_0(tiny_models):
 
 def test_split_thinking_splits_at_the_first_end_of_thinking():
     assert qwen_np.split_thinking("<think>\na\n</think>\n\nb </think> c") == ("a", "b </think> c")
+
+
+# A model without tokenizer.json: asked for text, one clear error (not AttributeError from decode).
+@pytest.mark.parametrize("call", [
+    lambda m: qwen_np.generate(m, [1, 2, 3], max_new_tokens=3, stop="x"),
+    lambda m: qwen_np.generate_batch(m, [[1, 2, 3], [4]], max_new_tokens=3, stop=["x"]),
+    lambda m: qwen_np.generate_text(m, [1, 2, 3], max_new_tokens=3)],
+    ids=["generate", "generate_batch", "generate_text"])
+def test_what_needs_a_tokenizer_says_so_when_there_is_none(tiny_models, call):
+    model, _ = tiny_models["qwen2"]
+    assert model.tokenizer is None
+    with pytest.raises(qwen_np.QwenNPError, match=rf"^{model.path} has no tokenizer \(no tokenizer.json\), so it "
+                                                  rf"cannot produce text$|^stop strings need a tokenizer: "
+                                                  rf"{model.path} has no tokenizer \(no tokenizer.json\)$"):
+        next(call(model))

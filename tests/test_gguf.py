@@ -675,3 +675,39 @@ def test_partial_rotary_is_refused(tmp_path):
     with pytest.raises(qwen_np.QwenNPError,
                        match=r"RoPE on 4 of 8 head dimensions \(partial rotary\) is not supported"):
         config_from_gguf(metadata, tensors, path)
+
+
+# Without the check, a missing key flows on as the KeyError class: "rms_norm_eps must be a number >= 0,
+# got <class 'KeyError'>", "the metadata's llama.block_count must be a positive integer, got <class 'KeyError'>".
+@pytest.mark.parametrize("key", ["llama.attention.layer_norm_rms_epsilon", "llama.block_count"])
+def test_a_required_metadata_key_that_is_absent_is_named(tmp_path, key):
+    data = random_gguf(tmp_path / "ok.gguf", "llama", small_config("llama")).read_bytes()
+    path = tmp_path / "x.gguf"
+    path.write_bytes(data.replace(key.encode(), key[:-1].encode() + b"X", 1))  # renamed: absent
+    with pytest.raises(qwen_np.QwenNPError, match=rf"x.gguf: the metadata has no {key}$"):
+        qwen_np.load(path)
+
+
+# A tensor of a known kind the config does not call for (a layer beyond block_count, a
+# Qwen3 q_norm in a llama file). Without the check: a bare KeyError from the shape check.
+@pytest.mark.parametrize("name, hf_name, size", [
+    ("blk.2.attn_norm.weight", "model.layers.2.input_layernorm.weight", 32),
+    ("blk.0.attn_q_norm.weight", "model.layers.0.self_attn.q_norm.weight", 8)])
+def test_a_tensor_the_config_does_not_call_for_is_named(tmp_path, name, hf_name, size):
+    path = random_gguf(tmp_path / "x.gguf", "llama", small_config("llama"),
+                       extra_tensors={name: np.ones(size, np.float32)})
+    with pytest.raises(qwen_np.QwenNPError, match=rf"x.gguf: tensor '{name}' \({hf_name}\) is not part of this "
+                                                  rf"llama config"):
+        qwen_np.load(path)
+
+
+# Without the check: a bare TypeError ('int' object is not iterable) or AttributeError ('int' object
+# has no attribute 'split') while the tokenizer is built.
+@pytest.mark.parametrize("changes", [{"tokens": list(range(64))}, {"merges": [7]}], ids=["int tokens", "int merges"])
+def test_a_vocabulary_that_is_not_strings_is_named(tmp_path, changes):
+    tokens = [chr(c) for c in range(ord("!"), ord("!") + 63)] + ['!"']
+    tokenizer = {"pre": "qwen2", "tokens": tokens, "types": [1] * 64, "merges": ['! "'], **changes}
+    path = random_gguf(tmp_path / "tok.gguf", "llama", small_config("llama"), tokenizer=tokenizer)
+    with pytest.raises(qwen_np.QwenNPError, match="tok.gguf: tokenizer.ggml.tokens and tokenizer.ggml.merges must "
+                                                  "be arrays of strings"):
+        qwen_np.load(path)

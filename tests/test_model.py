@@ -1078,3 +1078,38 @@ def test_the_older_name_of_the_hub_cache_variable_is_honoured(tmp_path, monkeypa
     assert hub_cache() == tmp_path / "old"
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "new"))  # the new name wins
     assert hub_cache() == tmp_path / "new"
+
+
+# Fewer entries than layers: a bare IndexError in forward; more: silently ignored.
+@pytest.mark.parametrize("entries", [2, 5])
+def test_layer_types_of_another_length_than_the_layers_is_named(checkpoint, entries):
+    edit_config(checkpoint, layer_types=["full_attention"] * entries)
+    with pytest.raises(qwen_np.QwenNPError, match=re.escape(f"layer_types has {entries} entries for 3 layers")):
+        qwen_np.load(checkpoint)
+
+
+# A file whose first 8 bytes claim a header longer than the file: a Git LFS pointer
+# (a checkout without `git lfs pull`), a cut download. Without the check: MemoryError / OverflowError from f.read.
+def test_a_header_longer_than_the_file_is_named(checkpoint):
+    path = checkpoint / "model.safetensors"
+    data = path.read_bytes()
+    lfs = b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64 + b"\nsize 441456\n"
+    for blob, claimed in [(lfs, struct.unpack("<Q", lfs[:8])[0]), (data[:200], struct.unpack("<Q", data[:8])[0]),
+                          (struct.pack("<Q", 2**64 - 1) + data[8:], 2**64 - 1)]:
+        path.write_bytes(blob)
+        with pytest.raises(qwen_np.QwenNPError, match=re.escape(
+                f"model.safetensors is truncated or not a safetensors file: its header claims {claimed} bytes "
+                f"but the file has {len(blob)}")):
+            qwen_np.load(checkpoint)
+
+
+# Without the check, the load fails later on the first missing shard ("cannot read ...: No such
+# file or directory"), without saying that the index names it.
+def test_an_index_naming_a_missing_shard_is_named(tmp_path):
+    tiny_model("qwen2", tmp_path, max_shard_size="200KB")
+    shards = sorted(tmp_path.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1
+    shards[-1].unlink()
+    with pytest.raises(qwen_np.QwenNPError, match=re.escape(
+            f"model.safetensors.index.json names shard(s) that do not exist: {shards[-1].name}")):
+        qwen_np.load(tmp_path)
