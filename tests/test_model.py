@@ -1113,3 +1113,14 @@ def test_an_index_naming_a_missing_shard_is_named(tmp_path):
     with pytest.raises(qwen_np.QwenNPError, match=re.escape(
             f"model.safetensors.index.json names shard(s) that do not exist: {shards[-1].name}")):
         qwen_np.load(tmp_path)
+
+
+@pytest.mark.parametrize("dtype, kind", [(np.float64, "F64"), (np.int8, "I8")])
+def test_a_tensor_of_a_dtype_qwen_np_does_not_read_is_named(checkpoint, dtype, kind):
+    path = checkpoint / "model.safetensors"
+    tensors = load_file(path)
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].astype(dtype)
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(qwen_np.QwenNPError, match=rf"model.safetensors: tensor 'model.norm.weight' has dtype {kind}; "
+                                                  r"qwen_np reads F32, F16 and BF16"):
+        qwen_np.load(checkpoint)
