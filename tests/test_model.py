@@ -294,6 +294,10 @@ def test_old_config_format_reads_the_same(tmp_path):
 
 
 SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4)
+def transformers_config(transformers, class_name, raw):  # -> transformers' config of the config.json dict `raw`
+    return getattr(transformers, class_name)(**{k: v for k, v in raw.items() if k != "model_type"})
+
+
 DEFAULTS_CASES = {  # name -> (transformers config class, config.json with a key absent, null or unusual)
     "qwen2, no num_key_value_heads": ("Qwen2Config", dict(model_type="qwen2", num_attention_heads=32)),  # 32
     "qwen3, null num_key_value_heads": ("Qwen3Config", dict(model_type="qwen3", num_key_value_heads=None)),
@@ -321,7 +325,7 @@ def test_keys_left_out_or_null_take_the_reference_values(reference, case):
     class_name, raw = DEFAULTS_CASES[case]
     raw = {**SIZES, **raw}
     ours = config_from_dict(raw)
-    theirs = getattr(transformers, class_name)(**{k: v for k, v in raw.items() if k != "model_type"})
+    theirs = transformers_config(transformers, class_name, raw)
     assert ours.num_key_value_heads == theirs.num_key_value_heads
     assert ours.sliding_window == (getattr(theirs, "sliding_window", None) or None)  # Qwen2-MoE says 0 for none
     # Qwen3-MoE has no layer_types: every layer is windowed when sliding_window is set.
@@ -349,7 +353,7 @@ def test_the_other_keys_left_out_take_the_reference_values(reference, case):
     class_name, raw = OTHER_DEFAULTS_CASES[case]
     raw = {**SIZES, "num_hidden_layers": 30, **raw}
     ours = config_from_dict(raw)
-    theirs = getattr(transformers, class_name)(**{k: v for k, v in raw.items() if k != "model_type"})
+    theirs = transformers_config(transformers, class_name, raw)
     assert ours.head_dim == (getattr(theirs, "head_dim", None) or theirs.hidden_size // theirs.num_attention_heads)
     assert ours.num_key_value_heads == theirs.num_key_value_heads
     assert ours.rms_norm_eps == theirs.rms_norm_eps
@@ -372,7 +376,7 @@ def test_sizes_left_out_take_the_reference_defaults(reference, class_name, raw):
     _, transformers = reference
     raw = {**SIZES, "num_key_value_heads": 2, **raw}
     ours = config_from_dict(raw)
-    theirs = getattr(transformers, class_name)(**{k: v for k, v in raw.items() if k != "model_type"})
+    theirs = transformers_config(transformers, class_name, raw)
     assert ours.max_position_embeddings == theirs.max_position_embeddings
     for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
         assert getattr(ours, key) == getattr(theirs, key, 0)
@@ -381,8 +385,7 @@ def test_sizes_left_out_take_the_reference_defaults(reference, class_name, raw):
         assert getattr(ours, key) == getattr(theirs, key)
         null = {**raw, key: None}
         assert getattr(config_from_dict(null), key) is None
-        assert getattr(getattr(transformers, class_name)(**{k: v for k, v in null.items() if k != "model_type"}),
-                       key) is None
+        assert getattr(transformers_config(transformers, class_name, null), key) is None
 
 
 @pytest.mark.parametrize("changes", [
