@@ -302,15 +302,16 @@ def test_messages_reach_the_template_as_apply_chat_template_gives_them(shared_da
 
 
 # A checkpoint with a chat template (tokenizer_config.json) but no tokenizer.json (older
-# repositories ship vocab.json + merges.txt only). Without the check: "the tokenizer of ... failed to encode the chat
-# ('NoneType' object has no attribute 'encode'): its tokenizer may be damaged" -- it has none.
+# repositories ship vocab.json + merges.txt only). Without the check: "the tokenizer of ... failed to
+# encode the chat ('NoneType' object has no attribute 'encode'): its tokenizer may be damaged" -- it has none.
 def test_a_chat_without_a_tokenizer_says_so(shared_data, tmp_path):
     tiny_model("qwen2", tmp_path)
     shutil.copy(shared_data / "qwen2.5-tokenizer" / "tokenizer_config.json", tmp_path)
     model = qwen_np.load(tmp_path)
     assert model.tokenizer is None and model.tokenizer_config["chat_template"]
     messages = [{"role": "user", "content": "hi"}]
+    path = re.escape(str(tmp_path))
     for call in (lambda: qwen_np.chat_ids(model, messages), lambda: next(qwen_np.chat(model, messages))):
-        with pytest.raises(qwen_np.QwenNPError, match=rf"^{re.escape(str(tmp_path))} has no tokenizer \(no tokenizer.json\), so it "
+        with pytest.raises(qwen_np.QwenNPError, match=rf"^{path} has no tokenizer \(no tokenizer.json\), so it "
                                                       rf"cannot encode a chat$"):
             call()
