@@ -35,6 +35,19 @@ def model_path():
     return Path(default_model_path())
 
 
+def gguf_path():
+    """model_path() when it is a GGUF file, otherwise the out-of-the-box GGUF, saying so (notebook 13
+    takes a GGUF file apart: a checkpoint directory has none)."""
+    path = model_path()
+    if path.suffix == ".gguf":
+        return path
+    from qwen_np.download import default_model_path
+    default = Path(default_model_path())
+    print(f"QWEN_NP_MODEL names {path}, not a .gguf file: this notebook takes apart the out-of-the-box "
+          f"{default.name} instead")
+    return default
+
+
 def load_model(dense=False):
     """qwen_np.load(model_path()), saying what was loaded and how long it took. A notebook that
     takes a layer's MLP apart asks for a `dense` model: a mixture-of-experts one is refused."""

@@ -117,6 +117,19 @@ def test_a_notebook_that_takes_the_mlp_apart_refuses_a_mixture_of_experts_model(
         assert ("load_model(dense=True)" in source) == path.name.startswith(DENSE_ONLY), path.name
 
 
+def test_notebook_13_takes_the_default_gguf_apart_when_the_model_is_not_a_gguf(tmp_path, monkeypatch, capsys):
+    import qwen_np.download
+    setup = import_setup(monkeypatch)
+    monkeypatch.setattr(qwen_np.download, "default_model_path", lambda: tmp_path / "default.gguf")  # no download
+    monkeypatch.setenv("QWEN_NP_MODEL", str(tmp_path / "Qwen3-0.6B"))  # a checkpoint directory
+    assert setup.gguf_path() == tmp_path / "default.gguf"
+    assert capsys.readouterr().out == (f"QWEN_NP_MODEL names {tmp_path / 'Qwen3-0.6B'}, not a .gguf file: this "
+                                       f"notebook takes apart the out-of-the-box default.gguf instead\n")
+    monkeypatch.setenv("QWEN_NP_MODEL", str(tmp_path / "qwen3-0.6b-q8_0.gguf"))
+    assert setup.gguf_path() == tmp_path / "qwen3-0.6b-q8_0.gguf" and capsys.readouterr().out == ""
+    assert "path = gguf_path()" in (NOTEBOOK_DIR / "13_gguf_files.ipynb").read_text()
+
+
 def test_a_failed_tokenizer_fetch_is_one_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
     # Notebooks 02 and 08 fetch Qwen's tokenizer files when ../shared/data is not beside the checkout.
     import urllib.error
