@@ -513,6 +513,18 @@ def test_a_tokenizer_that_panics_on_text_is_a_clear_error(tiny_models):
         next(qwen_np.generate(model, "ab"))
 
 
+def test_ctrl_c_while_encoding_stays_a_keyboard_interrupt(tiny_models):
+    # Only the tokenizer's own failures become "failed to encode": Ctrl-C must still stop the program.
+    from types import SimpleNamespace
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    model = dataclasses.replace(tiny_models["qwen2"][0], tokenizer=SimpleNamespace(encode=interrupted))
+    with pytest.raises(KeyboardInterrupt):
+        encode(model, "a", "the prompt")
+
+
 @pytest.mark.parametrize("prompts", ["one prompt", [1, 2, 3], [], None, 5, np.int64(3)])
 def test_generate_batch_takes_a_list_of_prompts(tiny_models, prompts):
     model, _ = tiny_models["qwen2"]

@@ -688,6 +688,23 @@ def test_a_required_metadata_key_that_is_absent_is_named(tmp_path, key):
         qwen_np.load(path)
 
 
+# Tensors whose shapes the metadata contradicts. Without the check: a bare ValueError from a reshape
+# (another size), or nothing at all (a matrix stored transposed, read into the right shape).
+@pytest.mark.parametrize("metadata_changes, transposed, named", [
+    ({"intermediate_size": 48}, False, r"'blk.0.ffn_gate.weight' has shape \[64, 32\] but the config implies "
+                                       r"\[48, 32\] \(model.layers.0.mlp.gate_proj.weight\)"),
+    ({}, True, r"'blk.1.ffn_up.weight' has shape \[32, 64\] but the config implies \[64, 32\] "
+               r"\(model.layers.1.mlp.up_proj.weight\)")], ids=["feed_forward_length", "transposed"])
+def test_a_tensor_of_another_shape_than_the_metadata_implies_is_named(tmp_path, metadata_changes, transposed, named):
+    config = small_config("qwen2")
+    tensors = {name: np.ones(shape, np.float32) for name, shape in expected_shapes(config_from_dict(config)).items()}
+    if transposed:
+        tensors["model.layers.1.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"].T.copy()
+    path = write_gguf(tmp_path / "x.gguf", "qwen2", {**config, **metadata_changes}, tensors)
+    with pytest.raises(qwen_np.QwenNPError, match=rf"x.gguf: tensor {named}$"):
+        qwen_np.load(path)
+
+
 # A tensor of a known kind the config does not call for (a layer beyond block_count, a
 # Qwen3 q_norm in a llama file). Without the check: a bare KeyError from the shape check.
 @pytest.mark.parametrize("name, hf_name, size", [
