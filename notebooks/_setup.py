@@ -39,11 +39,11 @@ def gguf_path():
     """model_path() when it is a GGUF file, otherwise the out-of-the-box GGUF, saying so (notebook 13
     takes a GGUF file apart: a checkpoint directory has none)."""
     path = model_path()
-    if path.suffix == ".gguf":
+    if path.suffix.lower() == ".gguf" or qwen_np.is_gguf_file(path):  # the second: an Ollama blob, say
         return path
     from qwen_np.download import default_model_path
     default = Path(default_model_path())
-    print(f"QWEN_NP_MODEL names {path}, not a .gguf file: this notebook takes apart the out-of-the-box "
+    print(f"QWEN_NP_MODEL names {path}, not a GGUF file: this notebook takes apart the out-of-the-box "
           f"{default.name} instead")
     return default
 
