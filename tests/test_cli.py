@@ -148,6 +148,18 @@ def test_errors_are_one_line_and_a_non_zero_exit(spelling_dir, tmp_path, args, f
     assert_one_line_error(run(*args, stdin="hi\n"), *fragments)
 
 
+def test_a_model_without_a_tokenizer_is_a_one_line_error(spelling_dir, tmp_path):
+    # The command line reads and writes text only. Without its own check, `generate` would pass on the
+    # API's advice to give token ids, which it has no way to take.
+    import shutil
+    for file in spelling_dir.iterdir():
+        if file.name != "tokenizer.json":
+            shutil.copy(file, tmp_path / file.name)
+    for args in (["generate", "--model", tmp_path, "hi"], ["chat", "--model", tmp_path]):
+        assert_one_line_error(run(*args, stdin="hi\n"), f"{tmp_path} has no tokenizer (no tokenizer.json); the "
+                                                        f"command line needs one to read and write text")
+
+
 @pytest.mark.parametrize("args, stdin, where", [
     (["generate", "-"], "\udcff:", "the prompt on stdin"),
     (["chat"], "Hi\udcff\n", "the message on stdin"),
