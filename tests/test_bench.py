@@ -203,6 +203,17 @@ def test_the_no_huge_pages_worker_runs_with_numpys_huge_pages_off(monkeypatch):
     assert seen == {"qwen_np": None, "qwen_np-no-huge-pages": "0", "transformers": None}
 
 
+def test_a_worker_that_fails_stops_the_run_with_its_error(monkeypatch):
+    # Without the check: a bare IndexError or JSONDecodeError from reading its empty output.
+    def run(command, **kwargs):
+        return subprocess.CompletedProcess(command, 1, stdout="", stderr="Traceback (most recent call last):\n"
+                                                                         "MemoryError: Unable to allocate 2 GiB\n")
+
+    monkeypatch.setattr(bench.subprocess, "run", run)
+    with pytest.raises(SystemExit, match="worker qwen_np dir failed:\nTraceback .*\nMemoryError: Unable to allocate"):
+        bench.run_worker(["qwen_np", "dir"], threads=2)
+
+
 @pytest.mark.parametrize("family, overrides", [("qwen2", {}), ("qwen3", {}), ("qwen2_moe", {}), ("qwen3_moe", {}),
                                                ("qwen2", {"tie_word_embeddings": True})])
 def test_costs_count_what_the_reference_holds_and_multiplies(reference, tmp_path, family, overrides):
