@@ -43,8 +43,9 @@ def gguf_path():
         return path
     from qwen_np.download import default_model_path
     default = Path(default_model_path())
-    print(f"QWEN_NP_MODEL names {path}, not a GGUF file: this notebook takes apart the out-of-the-box "
-          f"{default.name} instead")
+    what = "not a GGUF file" if path.exists() else "which does not exist"
+    print(f"QWEN_NP_MODEL names {path}, {what}: this notebook takes apart the out-of-the-box {default.name} "
+          f"instead")
     return default
 
 

@@ -121,10 +121,12 @@ def test_notebook_13_takes_the_default_gguf_apart_when_the_model_is_not_a_gguf(t
     import qwen_np.download
     setup = import_setup(monkeypatch)
     monkeypatch.setattr(qwen_np.download, "default_model_path", lambda: tmp_path / "default.gguf")  # no download
-    monkeypatch.setenv("QWEN_NP_MODEL", str(tmp_path / "Qwen3-0.6B"))  # a checkpoint directory
-    assert setup.gguf_path() == tmp_path / "default.gguf"
-    assert capsys.readouterr().out == (f"QWEN_NP_MODEL names {tmp_path / 'Qwen3-0.6B'}, not a GGUF file: this "
-                                       f"notebook takes apart the out-of-the-box default.gguf instead\n")
+    for name, what in (("Qwen3-0.6B", "not a GGUF file"), ("Qwen3-0.6B-typo", "which does not exist")):
+        (tmp_path / "Qwen3-0.6B").mkdir(exist_ok=True)  # a checkpoint directory
+        monkeypatch.setenv("QWEN_NP_MODEL", str(tmp_path / name))
+        assert setup.gguf_path() == tmp_path / "default.gguf"
+        assert capsys.readouterr().out == (f"QWEN_NP_MODEL names {tmp_path / name}, {what}: this notebook takes "
+                                           f"apart the out-of-the-box default.gguf instead\n")
     monkeypatch.setenv("QWEN_NP_MODEL", str(tmp_path / "qwen3-0.6b-q8_0.gguf"))
     assert setup.gguf_path() == tmp_path / "qwen3-0.6b-q8_0.gguf" and capsys.readouterr().out == ""
     (tmp_path / "sha256-0123").write_bytes(b"GGUF\x03\x00\x00\x00")  # Ollama keeps GGUFs without the suffix
