@@ -149,8 +149,8 @@ def test_errors_are_one_line_and_a_non_zero_exit(spelling_dir, tmp_path, args, f
 
 
 def test_a_model_without_a_tokenizer_is_a_one_line_error(spelling_dir, tmp_path):
-    # The command line reads and writes text only. Without its own check, `generate` would pass on the
-    # API's advice to give token ids, which it has no way to take.
+    # The command line reads and writes text only. Without its own check, it would pass on the API's
+    # message ("..., so it cannot produce text"), which does not say why the command needs one.
     import shutil
     for file in spelling_dir.iterdir():
         if file.name != "tokenizer.json":
