@@ -39,7 +39,9 @@ def gguf_path():
     """model_path() when it is a GGUF file, otherwise the out-of-the-box GGUF, saying so (notebook 13
     takes a GGUF file apart: a checkpoint directory has none)."""
     path = model_path()
-    if path.suffix.lower() == ".gguf" or qwen_np.is_gguf_file(path):  # the second: an Ollama blob, say
+    # A .gguf name is kept even where no file has it (the notebook then names the missing file);
+    # is_gguf_file also knows a GGUF by its first bytes (an Ollama blob has no suffix).
+    if path.suffix.lower() == ".gguf" or qwen_np.is_gguf_file(path):
         return path
     from qwen_np.download import default_model_path
     default = Path(default_model_path())

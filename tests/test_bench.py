@@ -273,4 +273,3 @@ def test_the_summary_pairs_each_round_and_divides_by_the_ceilings():
     assert summary["of_ceiling"]["decode_long_tok_s"] == pytest.approx(4.0 * long_bytes / 25e9)
     n = sizes["prefill"][0]
     assert summary["of_ceiling"][f"prefill_{n}_s"] == pytest.approx(costs["prefill_flops"](n) / 1.5 / 2e11)
-

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from conftest import require_reference
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tiny import tiny_model
 
 import qwen_np
 from qwen_np.chat import render_chat
 from qwen_np.config import read_json
 from qwen_np.generate import decode_rest, decode_step
 from qwen_np.weights import load_tokenizer
-from tiny import tiny_model
 
 TOKENIZERS = ["qwen2.5-tokenizer", "qwen3-tokenizer"]
 

@@ -294,6 +294,8 @@ def test_old_config_format_reads_the_same(tmp_path):
 
 
 SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4)
+
+
 def transformers_config(transformers, class_name, raw):  # -> transformers' config of the config.json dict `raw`
     return getattr(transformers, class_name)(**{k: v for k, v in raw.items() if k != "model_type"})
 

@@ -121,8 +121,8 @@ def test_notebook_13_takes_the_default_gguf_apart_when_the_model_is_not_a_gguf(t
     import qwen_np.download
     setup = import_setup(monkeypatch)
     monkeypatch.setattr(qwen_np.download, "default_model_path", lambda: tmp_path / "default.gguf")  # no download
+    (tmp_path / "Qwen3-0.6B").mkdir()  # a checkpoint directory
     for name, what in (("Qwen3-0.6B", "not a GGUF file"), ("Qwen3-0.6B-typo", "which does not exist")):
-        (tmp_path / "Qwen3-0.6B").mkdir(exist_ok=True)  # a checkpoint directory
         monkeypatch.setenv("QWEN_NP_MODEL", str(tmp_path / name))
         assert setup.gguf_path() == tmp_path / "default.gguf"
         assert capsys.readouterr().out == (f"QWEN_NP_MODEL names {tmp_path / name}, {what}: this notebook takes "
