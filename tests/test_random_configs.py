@@ -1,0 +1,139 @@
+"""Random combinations of the config options real checkpoints use, against transformers.
+
+The other tests check one option at a time; here each case draws a whole config at random (sizes,
+head counts, tied or not, a rope type with its optional keys, a sliding window with its layers,
+the MoE options), writes it in the newer or the older config.json format, and checks that qwen_np
+gives transformers' logits, its greedy tokens with the KV cache, and its logits for a left-padded
+batch. The seeds are fixed, so a failure repeats.
+"""
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+import qwen_np
+from qwen_np import model as qwen_model
+from tiny import reference_logits, tiny_model
+
+FAMILIES = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
+CASES_PER_FAMILY = 10
+# A mixture-of-experts token whose router scores for its k-th and (k+1)-th experts are this close
+# (a near tie) may go to either expert, by rounding alone: then the engines may rightly differ.
+NEAR_TIE = 1e-5
+
+
+def random_rope(rng):  # -> rope_parameters: a rope type with some of its optional keys
+    rope = {"rope_type": rng.choice(["default", "linear", "dynamic", "yarn", "llama3"]),
+            "rope_theta": rng.choice([500.0, 1e4, 1e6])}
+    if rope["rope_type"] in ("linear", "dynamic"):
+        rope["factor"] = rng.choice([1.5, 2.0, 4.0])
+    if rope["rope_type"] == "yarn":
+        rope["factor"] = rng.choice([2.0, 4.0, 8.0])
+        optional = {"original_max_position_embeddings": [16, 32], "beta_fast": [16.0, 64.0], "beta_slow": [0.5, 2.0],
+                    "mscale": [0.707, 1.0], "mscale_all_dim": [0.0, 0.707, 1.0], "attention_factor": [0.8, 1.0],
+                    "truncate": [False, True]}
+        rope.update({key: rng.choice(values) for key, values in optional.items() if rng.random() < 0.4})
+    if rope["rope_type"] == "llama3":
+        rope.update(factor=rng.choice([2.0, 8.0]), low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=rng.choice([16, 32]))
+    return rope
+
+
+def random_config(rng, family):  # -> the keyword arguments of the family's transformers config
+    kv_heads = rng.choice([1, 2, 4])
+    heads, head_dim = kv_heads * rng.choice([1, 2, 3]), rng.choice([8, 16, 24])
+    layers = rng.randint(1, 4)
+    config = dict(num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                  hidden_size=heads * head_dim, intermediate_size=rng.choice([40, 64]),
+                  vocab_size=rng.choice([96, 128]), max_position_embeddings=rng.choice([32, 64]),
+                  tie_word_embeddings=rng.random() < 0.5, rms_norm_eps=rng.choice([1e-6, 1e-3]),
+                  rope_parameters=random_rope(rng))
+    if family in ("qwen3", "qwen3_moe"):  # head_dim need not be hidden_size / heads
+        config.update(head_dim=head_dim, hidden_size=rng.choice([32, 64]), attention_bias=rng.random() < 0.3)
+    if rng.random() < 0.4:
+        config.update(use_sliding_window=True, sliding_window=rng.choice([4, 7, 16]),
+                      max_window_layers=rng.randint(0, layers))
+        if family in ("qwen2", "qwen3") and rng.random() < 0.3:  # the MoE families have no layer_types
+            config["layer_types"] = [rng.choice(["full_attention", "sliding_attention"]) for _ in range(layers)]
+    if family.endswith("_moe"):
+        config.update(num_experts=rng.choice([4, 8]), num_experts_per_tok=rng.choice([1, 2, 3]),
+                      moe_intermediate_size=rng.choice([16, 32]), norm_topk_prob=rng.random() < 0.5,
+                      decoder_sparse_step=rng.choice([1, 2]), mlp_only_layers=rng.choice([[], [layers - 1]]))
+        if family == "qwen2_moe":
+            config["shared_expert_intermediate_size"] = rng.choice([24, 48])
+    return config
+
+
+def write_older_format(directory):  # config.json as older checkpoints write it: rope_theta, rope_scaling, torch_dtype
+    path = directory / "config.json"
+    raw = json.loads(path.read_text())
+    rope = dict(raw.pop("rope_parameters"))
+    raw["rope_theta"] = rope.pop("rope_theta")
+    rope_type = rope.pop("rope_type")
+    raw["rope_scaling"] = None if rope_type == "default" else {"type": rope_type, **rope}
+    if "dtype" in raw:
+        raw["torch_dtype"] = raw.pop("dtype")
+    path.write_text(json.dumps(raw))
+
+
+def smallest_router_margin(model, input_ids, monkeypatch, **kwargs):  # -> float (inf without experts)
+    """The smallest gap, over tokens and layers, between the k-th and (k+1)-th router scores."""
+    margins = [np.inf]
+    route = qwen_model.moe_route
+
+    def measured(x, gate, top_k, norm_topk_prob):
+        scores = np.sort(x @ gate.T, axis=-1)  # [N, E], ascending
+        margins.append(float((scores[:, -top_k] - scores[:, -top_k - 1]).min()))
+        return route(x, gate, top_k, norm_topk_prob)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(qwen_model, "moe_route", measured)
+        qwen_np.forward(model.params, model.config, input_ids, **kwargs)
+    return min(margins)
+
+
+@pytest.mark.parametrize("family, case", [(family, case) for family in FAMILIES for case in range(CASES_PER_FAMILY)])
+def test_a_random_config_matches_transformers(tmp_path, monkeypatch, reference, family, case):
+    torch, _ = reference
+    seed = FAMILIES.index(family) * 1000 + case
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    config = random_config(rng, family)
+    dtype = rng.choice([None, torch.bfloat16, torch.float16])
+    ref = tiny_model(family, tmp_path, dtype=dtype, **config)
+    if rng.random() < 0.5:
+        write_older_format(tmp_path)
+    model = qwen_np.load(tmp_path)
+    V, context = config["vocab_size"], config["max_position_embeddings"]
+    described = f"seed {seed}: {json.dumps(config)}, saved as {dtype}"
+
+    # Logits of one sequence, past max_position_embeddings (dynamic RoPE stretches there).
+    input_ids = np.array([[rng.randrange(V) for _ in range(rng.randint(context // 2, 2 * context))]])
+    margin = smallest_router_margin(model, input_ids, monkeypatch)
+    assert margin > NEAR_TIE, f"{described}: a near tie in the router ({margin:.1e}); pick another seed"
+    logits, _ = qwen_np.forward(model.params, model.config, input_ids)
+    np.testing.assert_allclose(logits, reference_logits(ref, input_ids), atol=1e-4, rtol=1e-4, err_msg=described)
+
+    # Greedy tokens, decoded with the KV cache, as transformers' generate picks them.
+    prompt = [rng.randrange(V) for _ in range(rng.randint(1, 16))]
+    new = context - len(prompt)
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                           max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+    margin = smallest_router_margin(model, out.numpy(), monkeypatch)
+    assert margin > NEAR_TIE, f"{described}: a near tie in the router ({margin:.1e}); pick another seed"
+    tokens = list(qwen_np.generate(model, prompt, max_new_tokens=new, temperature=0, eos_token_id=[]))
+    assert tokens == out[0, len(prompt):].tolist(), described
+
+    # A left-padded batch: the logits of the real tokens (padding rows are the caller's to ignore).
+    lengths = [rng.randint(1, 16) for _ in range(3)]
+    T = max(lengths)
+    batch = np.array([[0] * (T - n) + [rng.randrange(V) for _ in range(n)] for n in lengths])
+    real = np.arange(T)[None, :] >= T - np.array(lengths)[:, None]  # [3, T]
+    margin = smallest_router_margin(model, batch, monkeypatch, attention_mask=real)
+    assert margin > NEAR_TIE, f"{described}: a near tie in the router ({margin:.1e}); pick another seed"
+    logits, _ = qwen_np.forward(model.params, model.config, batch, attention_mask=real)
+    want = reference_logits(ref, batch, attention_mask=torch.as_tensor(real.astype(np.int64)))
+    np.testing.assert_allclose(logits[real], want[real], atol=1e-4, rtol=1e-4, err_msg=described)
