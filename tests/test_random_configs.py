@@ -137,3 +137,32 @@ def test_a_random_config_matches_transformers(tmp_path, monkeypatch, reference, 
     logits, _ = qwen_np.forward(model.params, model.config, batch, attention_mask=real)
     want = reference_logits(ref, batch, attention_mask=torch.as_tensor(real.astype(np.int64)))
     np.testing.assert_allclose(logits[real], want[real], atol=1e-4, rtol=1e-4, err_msg=described)
+
+
+@pytest.mark.parametrize("family, case", [(family, case) for family in FAMILIES for case in range(4)])
+def test_a_random_structure_through_gguf_matches_transformers(tmp_path, monkeypatch, reference, family, case):
+    # The same, through a float32 GGUF file written as llama.cpp's converter writes it, for what a
+    # GGUF file can say: the sizes, head counts and head_dim, tied or not, the experts and the
+    # shared expert. llama.cpp renormalises the top-k weights for Qwen3-MoE and never for Qwen2-MoE,
+    # so the reference model is given the norm_topk_prob the real checkpoints of each family have.
+    from gguf_files import read_safetensors, write_gguf  # needs the gguf package: skips (fails in CI) without
+    torch, _ = reference
+    seed = 10000 + FAMILIES.index(family) * 1000 + case
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    config = random_config(rng, family)
+    for key in ("use_sliding_window", "sliding_window", "max_window_layers", "layer_types", "decoder_sparse_step",
+                "mlp_only_layers", "attention_bias"):
+        config.pop(key, None)
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": config["rope_parameters"]["rope_theta"]}
+    if family.endswith("_moe"):
+        config["norm_topk_prob"] = family == "qwen3_moe"
+    ref = tiny_model(family, tmp_path / "hf", **config)
+    write_gguf(tmp_path / "model.gguf", family, ref.config.to_dict(), read_safetensors(tmp_path / "hf"))
+    model = qwen_np.load(tmp_path / "model.gguf")
+    input_ids = np.array([[rng.randrange(config["vocab_size"]) for _ in range(24)]])
+    described = f"seed {seed}: {json.dumps(config)}"
+    margin = smallest_router_margin(model, input_ids, monkeypatch)
+    assert margin > NEAR_TIE, f"{described}: a near tie in the router ({margin:.1e}); pick another seed"
+    logits, _ = qwen_np.forward(model.params, model.config, input_ids)
+    np.testing.assert_allclose(logits, reference_logits(ref, input_ids), atol=1e-4, rtol=1e-4, err_msg=described)
