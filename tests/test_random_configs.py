@@ -4,7 +4,8 @@ The other tests check one option at a time; here each case draws a whole config 
 head counts, tied or not, a rope type with its optional keys, a sliding window with its layers,
 the MoE options), writes it in the newer or the older config.json format, and checks that qwen_np
 gives transformers' logits, its greedy tokens with the KV cache, and its logits for a left-padded
-batch. The seeds are fixed, so a failure repeats.
+batch; and what a GGUF file can say of such a model, through a GGUF file. The seeds are fixed, so
+a failure repeats.
 """
 
 import json
@@ -78,8 +79,9 @@ def write_older_format(directory):  # config.json as older checkpoints write it:
     path.write_text(json.dumps(raw))
 
 
-def smallest_router_margin(model, input_ids, monkeypatch, **kwargs):  # -> float (inf without experts)
-    """The smallest gap, over tokens and layers, between the k-th and (k+1)-th router scores."""
+def check_no_near_tie(model, input_ids, monkeypatch, described, **kwargs):
+    """Fails, naming the seed, if some token of this forward pass has its k-th and (k+1)-th router
+    scores closer than NEAR_TIE in some layer (a model without experts passes)."""
     margins = [np.inf]
     route = qwen_model.moe_route
 
@@ -91,7 +93,7 @@ def smallest_router_margin(model, input_ids, monkeypatch, **kwargs):  # -> float
     with monkeypatch.context() as patch:
         patch.setattr(qwen_model, "moe_route", measured)
         qwen_np.forward(model.params, model.config, input_ids, **kwargs)
-    return min(margins)
+    assert min(margins) > NEAR_TIE, f"{described}: a near tie in the router ({min(margins):.1e}); pick another seed"
 
 
 @pytest.mark.parametrize("family, case", [(family, case) for family in FAMILIES for case in range(CASES_PER_FAMILY)])
@@ -111,8 +113,7 @@ def test_a_random_config_matches_transformers(tmp_path, monkeypatch, reference, 
 
     # Logits of one sequence, past max_position_embeddings (dynamic RoPE stretches there).
     input_ids = np.array([[rng.randrange(V) for _ in range(rng.randint(context // 2, 2 * context))]])
-    margin = smallest_router_margin(model, input_ids, monkeypatch)
-    assert margin > NEAR_TIE, f"{described}: a near tie in the router ({margin:.1e}); pick another seed"
+    check_no_near_tie(model, input_ids, monkeypatch, described)
     logits, _ = qwen_np.forward(model.params, model.config, input_ids)
     np.testing.assert_allclose(logits, reference_logits(ref, input_ids), atol=1e-4, rtol=1e-4, err_msg=described)
 
@@ -122,8 +123,7 @@ def test_a_random_config_matches_transformers(tmp_path, monkeypatch, reference, 
     with torch.no_grad():
         out = ref.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                            max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
-    margin = smallest_router_margin(model, out.numpy(), monkeypatch)
-    assert margin > NEAR_TIE, f"{described}: a near tie in the router ({margin:.1e}); pick another seed"
+    check_no_near_tie(model, out.numpy(), monkeypatch, described)
     tokens = list(qwen_np.generate(model, prompt, max_new_tokens=new, temperature=0, eos_token_id=[]))
     assert tokens == out[0, len(prompt):].tolist(), described
 
@@ -132,8 +132,7 @@ def test_a_random_config_matches_transformers(tmp_path, monkeypatch, reference, 
     T = max(lengths)
     batch = np.array([[0] * (T - n) + [rng.randrange(V) for _ in range(n)] for n in lengths])
     real = np.arange(T)[None, :] >= T - np.array(lengths)[:, None]  # [3, T]
-    margin = smallest_router_margin(model, batch, monkeypatch, attention_mask=real)
-    assert margin > NEAR_TIE, f"{described}: a near tie in the router ({margin:.1e}); pick another seed"
+    check_no_near_tie(model, batch, monkeypatch, described, attention_mask=real)
     logits, _ = qwen_np.forward(model.params, model.config, batch, attention_mask=real)
     want = reference_logits(ref, batch, attention_mask=torch.as_tensor(real.astype(np.int64)))
     np.testing.assert_allclose(logits[real], want[real], atol=1e-4, rtol=1e-4, err_msg=described)
@@ -162,7 +161,6 @@ def test_a_random_structure_through_gguf_matches_transformers(tmp_path, monkeypa
     model = qwen_np.load(tmp_path / "model.gguf")
     input_ids = np.array([[rng.randrange(config["vocab_size"]) for _ in range(24)]])
     described = f"seed {seed}: {json.dumps(config)}"
-    margin = smallest_router_margin(model, input_ids, monkeypatch)
-    assert margin > NEAR_TIE, f"{described}: a near tie in the router ({margin:.1e}); pick another seed"
+    check_no_near_tie(model, input_ids, monkeypatch, described)
     logits, _ = qwen_np.forward(model.params, model.config, input_ids)
     np.testing.assert_allclose(logits, reference_logits(ref, input_ids), atol=1e-4, rtol=1e-4, err_msg=described)
