@@ -191,8 +191,8 @@ def rope_cos_sin(positions, inv_freq, attention_factor=1.0):  # [B, T] int, [Dh/
 
 def rotate_half(x):  # [..., Dh] -> [..., Dh]
     # Hugging Face Qwen pairs dimension i with i + Dh/2 (the "rotate-half" layout), not 2i with
-    # 2i+1 (the interleaved layout of the RoPE paper and llama.cpp); the two differ by a fixed
-    # permutation of the q/k projection rows.
+    # 2i+1 (the interleaved layout of the RoPE paper, and of llama.cpp's `llama` models); the two
+    # differ by a fixed permutation of the q/k projection rows.
     half = x.shape[-1] // 2
     return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
