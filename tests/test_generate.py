@@ -397,6 +397,23 @@ def test_greedy_with_repetition_penalty_equals_transformers(reference, tiny_mode
     assert plain != steps  # the penalty changed something
 
 
+def test_the_repetition_penalty_of_a_padded_prompt_ignores_the_padding(tiny_models):
+    # transformers' penalty counts a row's padding tokens as seen, so its padded rows can change
+    # with the batch; here each prompt gives what it gives alone. The padding token is made the one
+    # the shortest prompt picks first, so that counting it would change that prompt's answer.
+    model, _ = tiny_models["qwen2"]
+    settings = dict(max_new_tokens=12, temperature=0, repetition_penalty=3.0)
+    alone = [list(qwen_np.generate(model, p, **settings)) for p in PROMPTS]
+    padded = dataclasses.replace(model, config=dataclasses.replace(model.config, pad_token_id=alone[1][0]))
+    steps = list(qwen_np.generate_batch(padded, PROMPTS, **settings))
+    assert [[step[row] for step in steps] for row in range(len(PROMPTS))] == alone
+    # The control: with the padding token counted as seen, that prompt's first choice would change.
+    logits, _ = qwen_np.forward(model.params, model.config, [PROMPTS[1]], last_only=True)
+    seen = np.zeros((1, model.config.vocab_size), bool)
+    seen[0, PROMPTS[1] + [alone[1][0]]] = True
+    assert apply_repetition_penalty(logits[:, -1], seen, 3.0).argmax() != alone[1][0]
+
+
 @pytest.mark.parametrize("family", ["qwen2", "qwen3_moe"])
 def test_a_batch_equals_its_prompts_alone_each_stopping_at_its_own_end_token(tiny_models, family):
     model, _ = tiny_models[family]
