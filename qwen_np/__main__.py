@@ -51,7 +51,8 @@ def build_parser():  # -> the argparse parser of `python -m qwen_np` (subcommand
                               "the project's default small model")
         sub.add_argument("--low-memory", action="store_true",
                          help="keep the weight matrices in bfloat16: half the memory, slower decoding")
-        sampling = sub.add_argument_group("sampling (defaults: the checkpoint's generation_config.json)")
+        sampling = sub.add_argument_group("sampling (defaults: the checkpoint's generation_config.json, else "
+                                          "transformers': greedy, and top-k 50 once sampling)")
         add = sampling.add_argument
         add("--temperature", metavar="T", type=number(float, 0, what="use 0 (greedy) or a positive number"),
             help="divide the logits by T; 0 = greedy (always the most probable token)")
