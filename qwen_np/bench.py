@@ -11,10 +11,10 @@
     python -m qwen_np.bench --checkpoint-dtype float32   # random checkpoints in float32, not bf16
 
 Every measurement runs in a fresh worker process (`--worker ENGINE DIR`), one engine after the
-other and in alternating order round by round, so that both see the same noise from a shared
+other and in alternating order round by round, so that all see the same noise from a shared
 machine. Each worker loads the checkpoint, prefills prompts, decodes greedily with the KV cache
 and reports its times and its peak resident memory as one JSON line. The table shows medians
-over rounds; the ratios are medians of the per-round ratios (paired). A third worker measures
+over rounds; the ratios are medians of the per-round ratios (paired). Another worker measures
 the machine's ceilings in each round: memory bandwidth (a float32 matrix-vector product over a
 matrix far larger than the caches) and float32 matmul GFLOP/s. Decode speed is reported as a
 fraction of the bandwidth ceiling (bytes of weights read per token, from the config) and

@@ -85,7 +85,7 @@ class GenerationBlock(Extension):
 @lru_cache(maxsize=8)
 def compile_template(source):  # -> jinja2.Template, the same object while `source` is among the last 8
     # Compiling takes 10-20 ms, rendering well under 1 ms: the last 8 templates are kept compiled,
-    # as transformers keeps them (rendering does not change a template, so sharing it is safe).
+    # as transformers keeps its last 128 (rendering does not change a template, so sharing it is safe).
     # A sandbox, because a template is code downloaded with the checkpoint; trim_blocks and
     # lstrip_blocks drop the newline and indentation around {% %} tags, as transformers does.
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,

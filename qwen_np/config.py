@@ -112,7 +112,7 @@ class Config:
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     rope_parameters: dict = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0})
-    attention_bias: bool = False  # q/k/v biases (Qwen2 and Qwen2-MoE have them; o_proj too in Qwen3 and Llama)
+    attention_bias: bool = False  # q/k/v biases (Qwen2 and Qwen2-MoE have them; Qwen3, Qwen3-MoE, Llama: o_proj too)
     mlp_bias: bool = False  # biases in the MLP's projections (only Llama checkpoints may have them)
     sliding_window: int | None = None  # None unless use_sliding_window is on
     layer_types: tuple = ()  # "full_attention" or "sliding_attention" for each layer

@@ -337,7 +337,8 @@ def reusable_length(past, ids):  # Past, list[int] -> how many leading ids past'
 
 def rope_allows_reuse(config, past, ids):  # -> whether past's keys are those a prefill of ids would make
     # Dynamic NTK RoPE computes its frequencies in each forward pass from the pass's largest position
-    # (as the reference does): keys cached past max_position_embeddings were rotated with other
+    # (within one generation the same as the reference, whose model object keeps the largest length
+    # it has seen): keys cached past max_position_embeddings were rotated with other
     # frequencies than one prefill of `ids` would use, and so would all keys of a prompt longer than that.
     limit = config.max_position_embeddings
     return config.rope_parameters["rope_type"] != "dynamic" or max(len(past.ids), len(ids)) <= limit
@@ -452,7 +453,8 @@ def context_length(config):  # -> int, or None when RoPE sets no limit
         return None
     if rope["rope_type"] == "yarn":
         # YaRN stretches the original context `factor` times; Qwen's model cards add YaRN to
-        # config.json and leave max_position_embeddings at the original 32768. (Llama 3's configs
+        # config.json and leave max_position_embeddings as it was (32768 in Qwen2.5, 40960 in
+        # Qwen3), below factor x original_max_position_embeddings. (Llama 3's configs
         # give the stretched context as max_position_embeddings: Llama 3.2's factor is 32, for 131072
         # positions, not 32 x 8192.)
         return max(config.max_position_embeddings, int(rope["factor"] * rope["original_max_position_embeddings"]))

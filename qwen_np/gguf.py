@@ -212,7 +212,7 @@ def dequantize(raw, type_name, shape, bf16=False):  # raw bytes -> [shape] float
     values, block_bytes, dequantizer = DEQUANTIZERS[type_name]
     blocks = np.ascontiguousarray(raw).view(np.uint8).reshape(-1, block_bytes)
     out = fresh_array(len(blocks) * values, np.uint16 if bf16 else np.float32).reshape(len(blocks), values)
-    step = max(1, CHUNK // values)  # blocks at a time: the dequantizers' temporaries stay a few MB
+    step = max(1, CHUNK // values)  # blocks at a time: each float32 temporary is 16 MB, however large the tensor
     for b in range(0, len(blocks), step):
         x = dequantizer(blocks[b:b + step])
         out[b:b + step] = float32_to_bf16(x) if bf16 else x

@@ -131,8 +131,9 @@ def read_tensor(path, name, dtype, shape, offset, nbytes, mapped=None, bf16=Fals
 def fresh_array(count, dtype):  # -> [count] array of `dtype` in fresh memory of its own, for the caller to fill
     # The same as np.empty(count, dtype), but in the system's default pages: NumPy asks Linux for
     # 2 MB "huge" pages for arrays of 4 MB and more (madvise), torch does not. On a virtual machine
-    # such as the project's test machine, fresh huge pages are dearer to fault in: loading took up
-    # to 2-3x as long with them, and decoding was no faster (see the README's Speed and memory).
+    # such as the project's test machine, fresh huge pages are dearer to fault in: loading took
+    # 1-3 s longer with them (up to 3-4x as long), for a decoding gain that came and went between
+    # series of measurements (0-17% at the median; see the README's Speed and memory).
     # An anonymous memory map (private, as malloc's) is fresh memory that NumPy has not advised.
     if MAP_PRIVATE is None:  # not Unix: NumPy's own memory
         return np.empty(count, dtype)
