@@ -21,7 +21,7 @@ from qwen_np import hub_cache, hub_cache_model
 from qwen_np.config import config_from_dict, read_json
 from qwen_np.model import empty_cache
 from qwen_np.weights import expected_shapes, float32_to_bf16, read_safetensors_header, read_tensor
-from tiny import drop_tensor, edit_config, reference_logits, tiny_model
+from tiny import drop_tensor, edit_config, reference_logits, tiny_model, write_older_config
 
 rng = np.random.default_rng(0)
 TOL = dict(rtol=1e-4, atol=1e-4)
@@ -281,12 +281,11 @@ def test_old_config_format_reads_the_same(tmp_path):
     ref = tiny_model("qwen2", tmp_path, rope_parameters={"rope_type": "yarn", "factor": 4.0,
                                                          "original_max_position_embeddings": 16,
                                                          "rope_theta": 5000.0})
+    write_older_config(tmp_path)
+    edit_config(tmp_path, some_future_key={"ignored": True})
     raw = json.loads((tmp_path / "config.json").read_text())
-    rope = raw.pop("rope_parameters")
-    raw.update(rope_theta=rope.pop("rope_theta"), torch_dtype=raw.pop("dtype", "float32"),
-               rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
-               some_future_key={"ignored": True})
-    (tmp_path / "config.json").write_text(json.dumps(raw))
+    assert raw["rope_scaling"] == {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+    assert "rope_parameters" not in raw and raw["torch_dtype"] == "float32"
     model = qwen_np.load(tmp_path)
     assert model.config.rope_parameters["rope_theta"] == 5000.0 and model.config.dtype == "float32"
     x = ids(1, 30)

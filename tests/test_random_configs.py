@@ -16,7 +16,7 @@ import pytest
 
 import qwen_np
 from qwen_np import model as qwen_model
-from tiny import reference_logits, tiny_model
+from tiny import reference_logits, tiny_model, write_older_config
 
 FAMILIES = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 CASES_PER_FAMILY = 10
@@ -67,18 +67,6 @@ def random_config(rng, family):  # -> the keyword arguments of the family's tran
     return config
 
 
-def write_older_format(directory):  # config.json as older checkpoints write it: rope_theta, rope_scaling, torch_dtype
-    path = directory / "config.json"
-    raw = json.loads(path.read_text())
-    rope = dict(raw.pop("rope_parameters"))
-    raw["rope_theta"] = rope.pop("rope_theta")
-    rope_type = rope.pop("rope_type")
-    raw["rope_scaling"] = None if rope_type == "default" else {"type": rope_type, **rope}
-    if "dtype" in raw:
-        raw["torch_dtype"] = raw.pop("dtype")
-    path.write_text(json.dumps(raw))
-
-
 def check_no_near_tie(model, input_ids, monkeypatch, described, **kwargs):
     """Fails, naming the seed, if some token of this forward pass has its k-th and (k+1)-th router
     scores closer than NEAR_TIE in some layer (a model without experts passes)."""
@@ -106,7 +94,7 @@ def test_a_random_config_matches_transformers(tmp_path, monkeypatch, reference, 
     dtype = rng.choice([None, torch.bfloat16, torch.float16])
     ref = tiny_model(family, tmp_path, dtype=dtype, **config)
     if rng.random() < 0.5:
-        write_older_format(tmp_path)
+        write_older_config(tmp_path)
     model = qwen_np.load(tmp_path)
     V, context = config["vocab_size"], config["max_position_embeddings"]
     described = f"seed {seed}: {json.dumps(config)}, saved as {dtype}"

@@ -109,6 +109,19 @@ def edit_config(directory, **changes):
     (directory / "config.json").write_text(json.dumps(raw))
 
 
+def write_older_config(directory):
+    """Rewrites directory/config.json as older checkpoints write it: rope_theta and rope_scaling
+    (with "type") at the top level, torch_dtype for dtype."""
+    raw = json.loads((directory / "config.json").read_text())
+    rope = raw.pop("rope_parameters")
+    raw["rope_theta"] = rope.pop("rope_theta")
+    rope_type = rope.pop("rope_type")
+    raw["rope_scaling"] = None if rope_type == "default" else {"type": rope_type, **rope}
+    if "dtype" in raw:
+        raw["torch_dtype"] = raw.pop("dtype")
+    (directory / "config.json").write_text(json.dumps(raw))
+
+
 def drop_tensor(directory, name):
     """Rewrites directory/model.safetensors without the tensor `name`."""
     tensors = load_file(directory / "model.safetensors")
