@@ -58,8 +58,7 @@ def load(path, mmap=False, low_memory=False):
     are used. A bf16 checkpoint keeps exactly its weights (widening is exact), and the results
     agree with the default's up to float rounding (a product taken a block at a time adds in
     another order); float32/fp16 weights, and the dequantized values of a GGUF file, are rounded
-    to bfloat16. Decoding is slower than the
-    default (see the README's Speed and memory).
+    to bfloat16. Decoding is slower than the default (see the README's Speed and memory).
 
     Loading also tells the C library to keep freed memory for reuse, a setting of the whole
     process (`keep_freed_memory`: glibc's mallopt; a forward pass is faster with it).
@@ -114,8 +113,8 @@ def keep_freed_memory(mmap_threshold=32 << 20, trim_threshold=256 << 20):
     memory and 0.18 ms into reused memory. With these settings, blocks under `mmap_threshold`
     come from the heap, which is trimmed only when `trim_threshold` bytes at its top are free;
     larger ones (a long KV cache, full-vocabulary logits) are still mapped and unmapped; the
-    weights live in memory maps of their own (`weights.fresh_array`). This is process-wide and lasts, as
-    mallopt(3) settings do.
+    weights live in memory maps of their own (`weights.fresh_array`). This is process-wide and
+    lasts, as mallopt(3) settings do.
     """
     for name, value in (("mmap_threshold", mmap_threshold), ("trim_threshold", trim_threshold)):
         if not is_int(value) or value >= 2**31:  # mallopt takes a C int

@@ -4,6 +4,7 @@ directories that hold the real Qwen3 tokenizer files."""
 import io
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -151,7 +152,6 @@ def test_errors_are_one_line_and_a_non_zero_exit(spelling_dir, tmp_path, args, f
 def test_a_model_without_a_tokenizer_is_a_one_line_error(spelling_dir, tmp_path):
     # The command line reads and writes text only. Without its own check, it would pass on the API's
     # message ("..., so it cannot produce text"), which does not say why the command needs one.
-    import shutil
     for file in spelling_dir.iterdir():
         if file.name != "tokenizer.json":
             shutil.copy(file, tmp_path / file.name)

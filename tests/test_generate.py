@@ -4,6 +4,7 @@ stopping (end tokens, max_new_tokens, stop strings, the context limit) and strea
 import dataclasses
 import re
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -532,8 +533,6 @@ def test_a_tokenizer_that_panics_on_text_is_a_clear_error(tiny_models):
 
 def test_ctrl_c_while_encoding_stays_a_keyboard_interrupt(tiny_models):
     # Only the tokenizer's own failures become "failed to encode": Ctrl-C must still stop the program.
-    from types import SimpleNamespace
-
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
