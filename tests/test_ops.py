@@ -194,8 +194,11 @@ ROPE_CASES = {
     "yarn": ({"factor": 4.0, "original_max_position_embeddings": 64}, {}),
     "yarn_mscale": ({"factor": 8.0, "original_max_position_embeddings": 64, "mscale": 1.0,
                      "mscale_all_dim": 0.5, "beta_fast": 16, "beta_slow": 2}, {}),
-    # theta 10: the slow end of the correction range passes Dh/2 (the reference clamps it to Dh - 1)
+    # theta 10: the fast end of the correction range falls below 0, where the reference clamps it,
+    # and the slow end passes Dh/2
     "yarn_low_theta": ({"factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10.0}, {}),
+    # and with an original length of 1024 the slow end passes Dh - 1 (36 of 32), clamped there
+    "yarn_low_theta_long": ({"factor": 4.0, "original_max_position_embeddings": 1024, "rope_theta": 10.0}, {}),
     # equal betas, not truncated: the range is empty, and its ramp must not divide by zero
     "yarn_equal_betas": ({"factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 2.0,
                           "beta_slow": 2.0, "truncate": False}, {}),
