@@ -45,7 +45,7 @@ def stack_experts(tensors):
 
 
 def write_gguf(path, family, config, tensors, qtype=gguf.GGMLQuantizationType.F32, tokenizer=None,
-               extra_metadata=(), raw_tensors=None, extra_tensors=None, omit=()):
+               extra_metadata=(), raw_tensors=None, extra_tensors=None, omit=(), alignment=None):
     """Writes `tensors` ({HF name: array}) of a `config` (config.json dict) as a GGUF file.
 
     2-D and 3-D weights are stored as `qtype` when their rows fit its blocks (else F32, as
@@ -53,10 +53,13 @@ def write_gguf(path, family, config, tensors, qtype=gguf.GGMLQuantizationType.F3
     (see `qwen_tokenizer_metadata`). `extra_metadata`: (key, value, GGUFValueType) triples.
     `raw_tensors`: {GGUF name: (raw bytes [rows, bytes per row] uint8, ggml type)} written instead.
     `extra_tensors`: {GGUF name: array} written as they are, after the model's. `omit`: the MoE size
-    keys to leave out ("expert_feed_forward_length", "expert_shared_feed_forward_length")."""
+    keys to leave out ("expert_feed_forward_length", "expert_shared_feed_forward_length").
+    `alignment`: general.alignment, to which the tensor data is padded (default 32, unwritten)."""
     raw_tensors = raw_tensors or {}
     arch = ARCHS[family]
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
+    if alignment is not None:
+        writer.add_custom_alignment(alignment)
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_context_length(config["max_position_embeddings"])

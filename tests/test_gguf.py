@@ -316,6 +316,21 @@ def test_unsupported_tensor_type(tmp_path):
     assert str(path) in str(e.value)
 
 
+@pytest.mark.parametrize("alignment", [1, 64])
+def test_tensor_data_aligned_otherwise_than_32_bytes(tmp_path, alignment):
+    # general.alignment may be any power of two, 1 included (llama.cpp refuses only 0 and the rest)
+    config = small_config("llama")
+    path = random_gguf(tmp_path / "aligned.gguf", "llama", config, qtype=Q.Q8_0, alignment=alignment)
+    offsets = [tensor.data_offset for tensor in gguf.GGUFReader(path).tensors]
+    assert all(offset % alignment == 0 for offset in offsets)
+    if alignment == 1:
+        assert any(offset % 32 for offset in offsets)  # rows of 34 bytes (Q8_0), unpadded
+    expected = qwen_np.load(random_gguf(tmp_path / "default.gguf", "llama", config, qtype=Q.Q8_0))
+    model = qwen_np.load(path)
+    for name, weight in flatten(expected.params).items():
+        np.testing.assert_array_equal(flatten(model.params)[name], weight, err_msg=name)
+
+
 def test_truncated_and_foreign_files(tmp_path):
     data = random_gguf(tmp_path / "full.gguf", "llama", small_config("llama")).read_bytes()
     for cut in (len(data) // 2, 200):  # in the tensor data, in the metadata
