@@ -223,6 +223,31 @@ def test_the_template_sees_plain_data_only(tmp_path):
     assert not (tmp_path / "pwned.txt").exists()
 
 
+class Level(enum.IntEnum):
+    HIGH = 2
+
+
+class Reply:  # what a Pydantic model offers a caller: model_dump() gives its fields as a dict
+    def model_dump(self):
+        return {"role": "assistant", "content": Level.HIGH}
+
+
+def test_int_enums_and_pydantic_models_reach_the_template_as_plain_data():
+    # An IntEnum arrives as the int it holds (no .name), a Pydantic model as the dict of its fields.
+    template = {"chat_template": "{{ messages[0].role }} {{ messages[0].content }}{{ messages[0].content.name }} "
+                                 "{{ level + 1 }}{{ level.name }}"}
+    assert render_chat(template, [Reply()], level=Level.HIGH) == "assistant 2 3"
+
+
+def test_generation_tags_render_what_they_enclose():
+    # {% generation %} marks the assistant's text for transformers' return_assistant_tokens_mask:
+    # templates written for training have it, and rendering gives the text inside
+    template = {"chat_template": "{% for m in messages %}{{ m.role }}: {% if m.role == 'assistant' %}{% generation %}"
+                                 "{{ m.content }}{% endgeneration %}{% else %}{{ m.content }}{% endif %}|{% endfor %}"}
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert render_chat(template, messages) == "user: Hi|assistant: Hello|"
+
+
 def test_the_template_sees_what_transformers_gives_it(tmp_path):
     _, transformers = require_reference()
     messages, tools, variables = rich_chat(tmp_path)
