@@ -13,6 +13,7 @@ import qwen_np
 from qwen_np.generate import (Sampling, apply_repetition_penalty, apply_temperature, choose_tokens, encode, find_stop,
                               left_pad, min_p_filter, new_token_budget, partial_stop, sample, sampling_settings,
                               top_k_filter, top_p_filter)
+from qwen_np.model import empty_cache
 from conftest import require_reference
 from tiny import FAMILIES, reference_logits, tiny_model, write_spelling_model
 
@@ -619,9 +620,12 @@ def test_prompt_plus_max_new_tokens_must_fit_in_the_context(tiny_models):
     assert new_token_budget(dynamic, {}, 100, 200) == 200  # dynamic NTK RoPE extends past the limit
     # With no limit, a cache too large to allocate is one clear error (not NumPy's).
     unlimited = dataclasses.replace(model, config=dynamic)
+    one = empty_cache(model.config, 1, 1)
+    per_position = sum(a.nbytes for a in one.keys + one.values)  # bytes of keys and values at one position
     for huge in (2**40, 2**62, 10**400):  # beyond this machine's memory; any array's size; a float
-        with pytest.raises(qwen_np.QwenNPError, match=rf"a KV cache for {100 + huge:,} positions \(.*\) cannot be "
-                                                      r"allocated: lower max_new_tokens"):
+        size = f"{(100 + huge) * per_position / 1e9:,.1f} GB" if huge < 10**300 else "more bytes than a float counts"
+        with pytest.raises(qwen_np.QwenNPError, match=rf"a KV cache for {100 + huge:,} positions \({size}\) cannot "
+                                                      r"be allocated: lower max_new_tokens"):
             next(qwen_np.generate(unlimited, list(range(100)), max_new_tokens=huge))
 
 
