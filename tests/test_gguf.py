@@ -207,6 +207,10 @@ def test_rope_scaling_and_token_ids_from_metadata(tmp_path):
     # type to linear, and the factor may be under its older name; a factor of 1 scales nothing.
     ([("rope.scaling.type", "yarn", "s"), ("rope.scaling.factor", 4.0, "f")],
      {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}),
+    ([("rope.scaling.type", "yarn", "s"), ("rope.scaling.factor", 4.0, "f"), ("rope.scaling.yarn_beta_fast", 16.0, "f"),
+      ("rope.scaling.yarn_beta_slow", 2.0, "f")],
+     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256, "beta_fast": 16.0,
+      "beta_slow": 2.0}),
     ([("rope.scaling.factor", 2.0, "f")], {"rope_type": "linear", "factor": 2.0}),
     ([("rope.scale_linear", 2.0, "f")], {"rope_type": "linear", "factor": 2.0}),
     ([("rope.scaling.type", "linear", "s"), ("rope.scaling.factor", 1.0, "f")], {"rope_type": "default"}),
@@ -383,6 +387,18 @@ def test_unexpected_and_missing_tensors(tmp_path):
     path = write_gguf(tmp_path / "short.gguf", "llama", config, tensors)
     with pytest.raises(qwen_np.QwenNPError, match=r"missing tensor\(s\) model.layers.1.mlp.up_proj.weight"):
         qwen_np.load(path)
+
+
+@pytest.mark.parametrize("pre, pieces", [
+    # GPT-2's split keeps a run of digits and a space before it together, and splits newlines apart
+    ("gpt2", ["Hello", "Ġworld", "'s", "Ġ123", "!", "Ċ", "Ċ", "ok"]),
+    # SmolLM's and StarCoder's split every digit off first (Qwen2's: by llama.cpp's vectors below)
+    ("smollm", ["Hello", "Ġworld", "'s", "Ġ", "1", "2", "3", "!", "Ċ", "Ċ", "ok"]),
+])
+def test_pre_tokenizers_split_as_llama_cpps(pre, pieces):
+    normalizer, split = pre_tokenizer(pre, "x.gguf")
+    assert normalizer is None
+    assert [piece for piece, _ in split.pre_tokenize_str("Hello world's 123!\n\nok")] == pieces
 
 
 @pytest.mark.parametrize("model,pre,merge,message", [
