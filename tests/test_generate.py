@@ -468,7 +468,7 @@ def test_generation_config_sets_the_defaults(tiny_models):
     ([], "empty"), ([3, 128], "outside the vocabulary"), ([-1, 2], "outside the vocabulary"),
     ("text", "no tokenizer.json"),
     *[(bad, "a prompt must be a string or a list of token ids") for bad in (
-        [1.5, 2.7], [[1, 2], [3, 4]], [True, False], None, {"a": 1}, b"ab", np.array([1.0]))],
+        [1.5, 2.7], [[1, 2], [3, 4]], [[1, 2], [3]], [True, False], None, {"a": 1}, b"ab", np.array([1.0]))],
     *[(bad, "got bytes .*: decode them to a string first") for bad in (b"ab", bytearray(b"ab"), memoryview(b"ab"))],
 ])
 def test_bad_prompts_are_clear_errors(tiny_models, prompt, message):
@@ -845,6 +845,9 @@ def test_stop_strings_end_the_text_before_them(spelling):
     assert "".join(qwen_np.generate_text(model, "The answer is:", stop=["首都", "Done"])) == "你好！🦙 巴黎是法国的"
     assert "".join(qwen_np.generate_text(model, "The answer is:", stop="黎是法")) == "你好！🦙 巴"
     assert "".join(qwen_np.generate_text(model, "The answer is:", stop="not there")) == ANSWER
+    # text that may begin a stop string is held back, then shown when generation ends without it
+    pieces = list(qwen_np.generate_text(model, "The answer is:", stop=".!"))
+    assert "".join(pieces) == ANSWER and pieces[-2:] == [" Done", "."]
     for bad in (5, [5], b"x"):
         with pytest.raises(qwen_np.QwenNPError, match="stop must be a string or a list of strings"):
             next(qwen_np.generate_text(model, "The answer is:", stop=bad))
