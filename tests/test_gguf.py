@@ -564,11 +564,13 @@ UINT32 = struct.pack("<II", gguf.GGUFValueType.UINT32, 7)  # a whole uint32 valu
     # an array of 2**40 bytes in a small file (the gguf package's reader walks it for ever)
     (ARRAY + UINT8 + struct.pack("<Q", 2**40), "runs past the end of the file"),
     (ARRAY + struct.pack("<IQ", gguf.GGUFValueType.STRING, 2**40), "an array of 1,099,511,627,776 items at byte"),
+    # more strings than the 84 KB file has room for (each takes 8 bytes at least), though fewer than its bytes
+    (ARRAY + struct.pack("<IQ", gguf.GGUFValueType.STRING, 100_000), "an array of 100,000 items at byte"),
     # arrays nested 3000 deep
     (ARRAY + (ARRAY + struct.pack("<Q", 1)) * 3000 + UINT8 + struct.pack("<Q", 1) + b"\0",
      "arrays nested more than 16 deep"),
     (struct.pack("<I", 13) + b"\0" * 8, "unknown metadata value type 13"),
-], ids=["a count of 2**40", "2**40 strings", "nested 3000 deep", "value type 13"])
+], ids=["a count of 2**40", "2**40 strings", "100000 strings", "nested 3000 deep", "value type 13"])
 def test_metadata_that_cannot_be_read_is_named(tmp_path, value, message):
     data = random_gguf(tmp_path / "ok.gguf", "llama", small_config("llama")).read_bytes()
     path = tmp_path / "bad.gguf"
