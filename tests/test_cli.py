@@ -329,6 +329,19 @@ def test_the_chat_history_keeps_the_answer_without_its_thinking(monkeypatch, cap
     assert capsys.readouterr().out.count("<think>") == 2  # shown in full, kept without it
 
 
+def test_ctrl_c_in_the_middle_of_generate_keeps_the_text_and_exits_with_130(monkeypatch, capsys):
+    from qwen_np.__main__ import build_parser, run_generate
+
+    def generate_text(model, prompt, **kwargs):
+        yield "Par"
+        raise KeyboardInterrupt  # the user presses Ctrl-C in the middle of the completion
+
+    monkeypatch.setattr(sys.modules["qwen_np.generate"], "generate_text", generate_text)
+    with pytest.raises(KeyboardInterrupt):  # which main turns into exit status 130, as below
+        run_generate(None, build_parser().parse_args(["generate", "--model", "unused", "hi"]))
+    assert capsys.readouterr().out == "Par"
+
+
 def test_ctrl_c_outside_a_terminal_chat_exits_with_130(monkeypatch, capsys, tmp_path):
     from qwen_np.__main__ import main
 
