@@ -822,7 +822,7 @@ def test_stop_strings_end_the_tokens_where_transformers_ends_them(spelling):
     reference = transformers.AutoModelForCausalLM.from_pretrained(model.path, dtype=torch.float32).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(model.path)
     prompt = tokenizer("The answer is:")["input_ids"]
-    for stop in ["🦙 ", "首都。👋", "黎是法", "Done"]:
+    for stop in ["🦙 ", "首都。👋", "黎是法", "Done", "你好"]:  # the last at the very start of the answer
         with torch.no_grad():
             theirs = reference.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=30, stop_strings=[stop],
                                         tokenizer=tokenizer, pad_token_id=0)[0, len(prompt):].tolist()
@@ -845,6 +845,8 @@ def test_stop_strings_end_the_text_before_them(spelling):
     assert "".join(qwen_np.generate_text(model, "The answer is:", stop=["首都", "Done"])) == "你好！🦙 巴黎是法国的"
     assert "".join(qwen_np.generate_text(model, "The answer is:", stop="黎是法")) == "你好！🦙 巴"
     assert "".join(qwen_np.generate_text(model, "The answer is:", stop="not there")) == ANSWER
+    assert "".join(qwen_np.generate_text(model, "The answer is:", stop="你好！")) == ""
+    assert list(qwen_np.generate(model, "The answer is:", stop="你好！")) == ids[:2]  # 你好 and ！
     # text that may begin a stop string is held back, then shown when generation ends without it
     pieces = list(qwen_np.generate_text(model, "The answer is:", stop=".!"))
     assert "".join(pieces) == ANSWER and pieces[-2:] == [" Done", "."]
