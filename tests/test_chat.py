@@ -90,6 +90,25 @@ def test_chat_ids_equal_apply_chat_template(tokenizers, name, chat, thinking, ad
         messages, tokenize=False, **kwargs)
 
 
+def test_chat_ids_add_no_special_tokens_of_the_tokenizers_own(shared_data, tmp_path):
+    # A tokenizer whose post-processor adds a BOS (as Llama 3's does): the template writes what the chat
+    # needs, and apply_chat_template encodes it with add_special_tokens=False, adding nothing.
+    _, transformers = require_reference()
+    shutil.copytree(shared_data / "qwen3-tokenizer", tmp_path, dirs_exist_ok=True)
+    tokenizer = json.loads((tmp_path / "tokenizer.json").read_text("utf-8"))
+    tokenizer["post_processor"] = {"type": "TemplateProcessing", "single": [
+        {"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [151643], "tokens": ["<|endoftext|>"]}}}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tokenizer), "utf-8")
+    ours = qwen_np.Model(config=None, params=None, tokenizer=load_tokenizer(tmp_path), generation_config={},
+                         tokenizer_config=read_json(tmp_path / "tokenizer_config.json"), path=tmp_path)
+    assert ours.tokenizer.encode("Hi").ids[0] == 151643  # the post-processor's BOS
+    messages = CHATS["user only"]
+    expected = reference_ids(transformers.AutoTokenizer.from_pretrained(str(tmp_path)), messages)
+    assert qwen_np.chat_ids(ours, messages) == expected and 151643 not in expected
+
+
 def test_templates_write_what_the_checkpoints_expect(tokenizers):
     _, qwen25 = tokenizers["qwen2.5-tokenizer"]
     _, qwen3 = tokenizers["qwen3-tokenizer"]
