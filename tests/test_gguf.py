@@ -17,9 +17,9 @@ from tiny import FAMILIES, reference_logits, tiny_model
 
 import qwen_np
 from qwen_np.config import config_from_dict
-from qwen_np.gguf import (DEQUANTIZERS, IQ4_LEVELS, bytes_to_unicode, chat_settings, check_special_token_ids,
-                          config_from_gguf, dequantize, end_token_ids_of_gguf, gguf_params, gguf_tokenizer,
-                          pre_tokenizer, read_gguf, unpermute_rope_rows)
+from qwen_np.gguf import (DEQUANTIZERS, GGML_TYPES, IQ4_LEVELS, bytes_to_unicode, chat_settings,
+                          check_special_token_ids, config_from_gguf, dequantize, end_token_ids_of_gguf, gguf_params,
+                          gguf_tokenizer, pre_tokenizer, read_gguf, unpermute_rope_rows)
 from qwen_np.ops import bf16_to_float32
 from qwen_np.weights import expected_shapes, flatten, float32_to_bf16
 
@@ -58,6 +58,14 @@ def test_dequantizer_matches_the_gguf_package(name, monkeypatch):
     expected = gguf.quants.dequantize(raw, qtype)
     np.testing.assert_array_equal(ours, expected)
     np.testing.assert_array_equal(chunked, expected)
+
+
+def test_type_numbers_are_ggmls():
+    # The tensor table gives a type as a number: each must name the type llama.cpp's package gives it
+    # (types newer than the installed package aside)
+    known = {t.name: int(t) for t in Q}
+    assert set(DEQUANTIZERS) <= set(known) and set(DEQUANTIZERS) <= set(GGML_TYPES.values())
+    assert [(number, name) for number, name in GGML_TYPES.items() if name in known and known[name] != number] == []
 
 
 def test_q8_0_and_q4_0_block_layouts_by_hand():
