@@ -327,6 +327,12 @@ def test_text_cut_off_mid_character_comes_out_at_the_end(qwen3_tokenizer):
     piece, prefix, read = decode_step(tokenizer, ids, 0, 0)
     assert piece == ""  # held back, waiting for the rest of the character
     assert decode_rest(tokenizer, ids, prefix, read) == " \ufffd"  # at the end, shown as it is
+    # the same after a special token, which decode_step keeps in the text it compares with
+    ids, prefix, read = [], 0, 0
+    for token in tokenizer.encode("Hi<|im_end|>").ids + tokenizer.encode(" 巴").ids[:1]:
+        ids.append(token)
+        piece, prefix, read = decode_step(tokenizer, ids, prefix, read)
+    assert piece == "" and decode_rest(tokenizer, ids, prefix, read) == " \ufffd"
 
 
 MESSAGE_TEMPLATE = ("{% for m in messages %}{{ 'tool_calls' in m }} [{{ m.content }}] {{ m.thinking }}|"
