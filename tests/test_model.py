@@ -379,6 +379,7 @@ def test_sizes_left_out_take_the_reference_defaults(reference, class_name, raw):
     ours = config_from_dict(raw)
     theirs = transformers_config(transformers, class_name, raw)
     assert ours.max_position_embeddings == theirs.max_position_embeddings
+    assert ours.rope_parameters["rope_theta"] == theirs.rope_parameters["rope_theta"]  # no rope_theta given
     for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
         assert getattr(ours, key) == getattr(theirs, key, 0)
     # and the special ids (Llama's bos 1 and eos 2; the Qwen families' none), left out or null
