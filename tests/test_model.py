@@ -490,6 +490,9 @@ def test_forward_with_cache_continues_where_prefill_stopped(tmp_path):
     model = qwen_np.load(tiny_model("qwen2", tmp_path) and tmp_path)
     x = ids(2, 10)
     full, _ = qwen_np.forward(model.params, model.config, x)
+    last, _ = qwen_np.forward(model.params, model.config, x, last_only=True)  # the LM head of the last position
+    assert last.shape == (2, 1, model.config.vocab_size)
+    np.testing.assert_allclose(last, full[:, -1:], **TOL)
     _, cache = qwen_np.forward(model.params, model.config, x[:, :6])
     for i in range(6, 10):
         step, cache = qwen_np.forward(model.params, model.config, x[:, i:i + 1], cache=cache)
