@@ -880,6 +880,8 @@ def test_chat_stops_at_im_end_and_splits_thinking(spelling):
     assert qwen_np.split_thinking("<think>\nhmm, Paris.\n</think>\n\nParis.") == ("hmm, Paris.", "Paris.")
     assert qwen_np.split_thinking("Paris.") == ("", "Paris.")
     assert qwen_np.split_thinking("<think>\nstill thinking") == ("still thinking", "")
+    # templates that open the thinking themselves (QwQ, Qwen3's Thinking-2507): the reply has no <think>
+    assert qwen_np.split_thinking("hmm, Paris.\n</think>\n\nParis.") == ("hmm, Paris.", "Paris.")
     with pytest.raises(qwen_np.QwenNPError, match=r"split_thinking takes the reply as one string "
                                                   r'\(\"\"\.join the pieces chat yields\), got generator'):
         qwen_np.split_thinking(qwen_np.chat(no_end, messages))
