@@ -287,21 +287,24 @@ def test_a_turn_that_fails_in_a_terminal_is_dropped_and_the_chat_goes_on(termina
     assert calls[3][0] == calls[2][0][:2] + [{"role": "user", "content": "fourth"}]  # "third" was dropped too
 
 
+@pytest.mark.parametrize("terminal", [False, True])
 @pytest.mark.parametrize("system", [[], ["--system", "Be brief."], ["--system", ""]])
-def test_clear_starts_a_new_conversation_keeping_the_system_message(system, monkeypatch, capsys):
+def test_clear_starts_a_new_conversation_keeping_the_system_message(system, terminal, monkeypatch, capsys):
     from qwen_np.generate import GenerationStats
 
     def chat(turn, past):
         yield "Paris"
         return GenerationStats(3, 0.1, 1, 0.1, ("eos",), past=f"cache of turn {turn}")
 
-    calls = run_fake_chat(monkeypatch, False, ["first", "second", "/clear", "third", "/exit"], chat, *system)
+    calls = run_fake_chat(monkeypatch, terminal, ["first", "second", "/clear", "third", "/exit"], chat, *system)
     # An empty --system is a system message too: it replaces a template's default one (Qwen2.5's).
     start = [{"role": "system", "content": system[1]}] if system else []
     assert calls[1] == (start + [{"role": "user", "content": "first"}, {"role": "assistant", "content": "Paris"},
                                  {"role": "user", "content": "second"}], "cache of turn 1")
     assert calls[2] == (start + [{"role": "user", "content": "third"}], None)  # nothing of before, no cache
-    assert capsys.readouterr().out == "Paris\n" * 3
+    out, err = capsys.readouterr()
+    assert out == "Paris\n" * 3
+    assert err.count("(new conversation)") == terminal  # said in a terminal; piped output stays clean
 
 
 @pytest.mark.parametrize("command, closed, code, message", [
