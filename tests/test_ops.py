@@ -192,6 +192,8 @@ ROPE_CASES = {
     "linear": ({"factor": 4.0}, {}),
     "dynamic": ({"factor": 2.0}, {"seq_len": 300}),  # beyond max_position_embeddings: the base grows
     "yarn": ({"factor": 4.0, "original_max_position_embeddings": 64}, {}),
+    # a factor of 1: YaRN that stretches nothing, and whose attention factor is 1 too
+    "yarn_factor_1": ({"factor": 1.0, "original_max_position_embeddings": 64}, {}),
     "yarn_mscale": ({"factor": 8.0, "original_max_position_embeddings": 64, "mscale": 1.0,
                      "mscale_all_dim": 0.5, "beta_fast": 16, "beta_slow": 2}, {}),
     # theta 10: the fast end of the correction range falls below 0, where the reference clamps it,
@@ -235,7 +237,7 @@ def test_rope_init_functions_match_reference(reference, case):
     np.testing.assert_allclose(ours[0], ref[0].numpy(), rtol=1e-6)
     assert ours[0].dtype == np.float32
     np.testing.assert_allclose(ours[1], ref[1], rtol=1e-7)
-    if rope_type != "default":
+    if rope_type != "default" and extra["factor"] != 1.0:
         assert not np.allclose(ours[0], ops.rope_default(32, 1e6)[0])  # the scaling did something
 
 
