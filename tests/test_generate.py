@@ -271,9 +271,12 @@ def test_the_samplers_chain_in_the_reference_order(reference):
 def test_a_temperature_too_small_for_float32_is_a_clear_error():
     logits = np.array([[5.0, 4.0, 3.0, -2.0]], np.float32)  # divided by 1e-38: above float32's 3.4e38
     seen = np.ones(logits.shape, bool)
-    for s in [Sampling(temperature=1e-38), Sampling(temperature=1e-38, top_k=2, top_p=0.9),
-              Sampling(temperature=1.0, repetition_penalty=1e-39)]:
-        with pytest.raises(qwen_np.QwenNPError, match="overflow float32.*temperature=0 for greedy"):
+    for s, named in [(Sampling(temperature=1e-38), "temperature=1e-38"),
+                     (Sampling(temperature=1e-38, top_k=2, top_p=0.9), "temperature=1e-38"),
+                     (Sampling(temperature=1.0, repetition_penalty=1e-39),
+                      "temperature=1.0 and repetition_penalty=1e-39")]:
+        with pytest.raises(qwen_np.QwenNPError, match=f"overflow float32 when scaled by {named}: .*temperature=0 for "
+                                                      "greedy"):
             choose_tokens(logits, seen, s, np.random.default_rng(0))
     assert choose_tokens(logits, seen, Sampling(temperature=1e-30), np.random.default_rng(0)) == [0]
     assert choose_tokens(logits, seen, Sampling(temperature=0, repetition_penalty=1e-39), None) == [0]
