@@ -345,6 +345,17 @@ def test_ctrl_c_in_the_middle_of_generate_keeps_the_text_and_exits_with_130(monk
     assert capsys.readouterr().out == "Par"
 
 
+def test_an_os_error_is_one_line_and_exit_status_1(monkeypatch, capsys, tmp_path):
+    from qwen_np.__main__ import main
+
+    def load(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "model.safetensors"))
+
+    monkeypatch.setattr(qwen_np, "load", load)
+    assert main(["generate", "--model", str(tmp_path), "hi"]) == 1
+    assert capsys.readouterr().err == f"error: [Errno 13] Permission denied: '{tmp_path / 'model.safetensors'}'\n"
+
+
 def test_ctrl_c_outside_a_terminal_chat_exits_with_130(monkeypatch, capsys, tmp_path):
     from qwen_np.__main__ import main
 
