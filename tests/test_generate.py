@@ -139,6 +139,7 @@ def test_a_cache_and_a_past_print_their_shapes_not_their_numbers(tiny_models):
     assert repr(stats.past) == (f"Past(5 token ids, KVCache({model.config.num_hidden_layers} layers of keys and "
                                 f"values [B=1, K={model.config.num_key_value_heads}, C={C}, Dh={Dh}], length=5))")
     assert len(repr(stats)) < 400
+    assert repr(qwen_np.KVCache((), (), np.zeros((1, 0), bool), 0)) == "KVCache(no layers, length=0)"
 
 
 # --- samplers against transformers' logits processors ----------------------------------------
