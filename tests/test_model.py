@@ -701,6 +701,15 @@ def test_config_values_of_the_wrong_kind_are_named(checkpoint, changes, message)
         qwen_np.load(checkpoint)
 
 
+def test_zero_is_read_where_a_number_may_be_zero(checkpoint):
+    # rms_norm_eps 0, and YaRN's betas 0 (which the reference reads as its defaults, 32 and 1)
+    edit_config(checkpoint, rms_norm_eps=0.0, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0,
+                                                                "beta_fast": 0, "beta_slow": 0})
+    config = qwen_np.load(checkpoint).config
+    assert config.rms_norm_eps == 0.0
+    assert config.rope_parameters["beta_fast"] == config.rope_parameters["beta_slow"] == 0
+
+
 def test_keys_the_reference_ignores_are_not_checked(checkpoint):
     edit_config(checkpoint, num_experts="none", norm_topk_prob="n/a", use_sliding_window=False, sliding_window=0)
     assert qwen_np.load(checkpoint).config.sliding_window is None
