@@ -51,6 +51,11 @@ CHATS = {
 }
 
 
+def tokenizer_only(directory):  # -> a Model with the tokenizer files of `directory` and no weights
+    return qwen_np.Model(config=None, params=None, tokenizer=load_tokenizer(directory), generation_config={},
+                         tokenizer_config=read_json(directory / "tokenizer_config.json"), path=directory)
+
+
 @pytest.fixture(scope="module")
 def tokenizers(shared_data):
     """{name: (transformers' tokenizer, our Model-like holder)} for both real tokenizers."""
@@ -58,9 +63,7 @@ def tokenizers(shared_data):
     out = {}
     for name in TOKENIZERS:
         directory = shared_data / name
-        ours = qwen_np.Model(config=None, params=None, tokenizer=load_tokenizer(directory), generation_config={},
-                             tokenizer_config=read_json(directory / "tokenizer_config.json"), path=directory)
-        out[name] = (transformers.AutoTokenizer.from_pretrained(str(directory)), ours)
+        out[name] = (transformers.AutoTokenizer.from_pretrained(str(directory)), tokenizer_only(directory))
     return out
 
 
@@ -101,8 +104,7 @@ def test_chat_ids_add_no_special_tokens_of_the_tokenizers_own(shared_data, tmp_p
         "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
         "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [151643], "tokens": ["<|endoftext|>"]}}}
     (tmp_path / "tokenizer.json").write_text(json.dumps(tokenizer), "utf-8")
-    ours = qwen_np.Model(config=None, params=None, tokenizer=load_tokenizer(tmp_path), generation_config={},
-                         tokenizer_config=read_json(tmp_path / "tokenizer_config.json"), path=tmp_path)
+    ours = tokenizer_only(tmp_path)
     assert ours.tokenizer.encode("Hi").ids[0] == 151643  # the post-processor's BOS
     messages = CHATS["user only"]
     expected = reference_ids(transformers.AutoTokenizer.from_pretrained(str(tmp_path)), messages)
