@@ -4,6 +4,7 @@ stopping (end tokens, max_new_tokens, stop strings, the context limit) and strea
 import dataclasses
 import re
 import shutil
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -666,6 +667,17 @@ def tokens_and_stats(generator):  # -> (every token it yields, its GenerationSta
             tokens.append(next(generator))
         except StopIteration as done:
             return tokens, done.value
+
+
+def test_the_stats_count_the_tokens_and_time_within_the_call(tiny_models):
+    # The command line prints tokens/s from these: each time must be spent inside the generation.
+    model, _ = tiny_models["qwen2"]
+    start = time.perf_counter()
+    tokens, stats = tokens_and_stats(qwen_np.generate(model, PROMPTS[0], max_new_tokens=6, temperature=0))
+    wall = time.perf_counter() - start
+    assert (len(tokens), stats.prefill_tokens, stats.decode_tokens) == (6, len(PROMPTS[0]), 5)
+    assert 0 < stats.prefill_seconds and 0 < stats.decode_seconds
+    assert stats.prefill_seconds + stats.decode_seconds <= wall
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "qwen3_moe"])

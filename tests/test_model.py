@@ -1014,6 +1014,8 @@ def test_forward_arguments_of_the_wrong_kind_are_named(checkpoint):
     with pytest.raises(qwen_np.QwenNPError, match="whose top keys are 'model' and 'lm_head', got a dict of "
                                                   r"\['embed_tokens', 'norm', 'layers'\]"):
         qwen_np.forward(model.params["model"], model.config, ids)
+    with pytest.raises(qwen_np.QwenNPError, match=r"top keys are 'model' and 'lm_head', got a dict of \['model'\]"):
+        qwen_np.forward({"model": model.params["model"]}, model.config, ids)  # lm_head dropped, as if tied
     other = dataclasses.replace(model.config, num_hidden_layers=2, layer_types=model.config.layer_types[:2])
     with pytest.raises(qwen_np.QwenNPError, match="params and config are of different models: the params have 3 "
                                                   "layers and a 128 x 64 embedding, the config 2 and 128 x 64$"):
