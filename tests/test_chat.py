@@ -277,6 +277,27 @@ def test_the_template_sees_what_transformers_gives_it(tmp_path):
     assert render_chat({"chat_template": RICH_TEMPLATE}, messages, tools=tools, **variables) == theirs
 
 
+# Written as many checkpoints write theirs: block tags on lines of their own, indented.
+INDENTED_TEMPLATE = ("{%- for m in messages %}\n"
+                     "    {% if m.role == 'user' %}\n"
+                     "        <user>{{ m.content }}</user>\n"
+                     "    {% else %}\n"
+                     "        <bot>{{ m.content }}</bot>\n"
+                     "    {% endif %}\n"
+                     "{% endfor %}\n"
+                     "{% if add_generation_prompt %}<bot>{% endif %}")
+
+
+def test_indented_block_tags_leave_no_spaces_or_newlines_as_in_transformers():
+    # transformers renders with trim_blocks (no newline after a tag) and lstrip_blocks (no indentation before one).
+    _, transformers = require_reference()
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    theirs = transformers.utils.chat_template_utils.render_jinja_template(
+        [messages], chat_template=INDENTED_TEMPLATE, add_generation_prompt=True)[0][0]
+    ours = render_chat({"chat_template": INDENTED_TEMPLATE}, messages, add_generation_prompt=True)
+    assert ours == theirs == "        <user>Hi</user>\n        <bot>Hello</bot>\n<bot>"
+
+
 # --- tokenizer loading against the reference ids ----------------------------------------------
 
 def ggml_cases(directory):  # llama.cpp's .inp/.out pairs: [(text, ids)]
