@@ -516,10 +516,13 @@ def test_qwen2_gguf_tokenizer_is_the_directory_tokenizer(qwen2_gguf, shared_data
     from tokenizers import Tokenizer
     ours = qwen2_gguf[1].tokenizer
     directory = Tokenizer.from_file(str(shared_data / "qwen2.5-tokenizer" / "tokenizer.json"))
-    for text in (VARIED_TEXT, "cafe\u0301 vs café", "<tool_call>{}</tool_call> 151643"):  # NFD é: NFC as Qwen's
+    for text in (VARIED_TEXT, "cafe\u0301 vs café", "<tool_call>{}</tool_call> 151643",  # NFD é: NFC as Qwen's
+                 "<|im_start|>user\nhi<|im_end|>"):
         assert ours.encode(text).ids == directory.encode(text).ids, text
-        assert ours.decode(ours.encode(text).ids, skip_special_tokens=False) == directory.decode(
-            directory.encode(text).ids, skip_special_tokens=False)
+        for skip in (False, True):  # skipped: the control tokens (special), not <tool_call> (user-defined)
+            assert ours.decode(ours.encode(text).ids, skip_special_tokens=skip) == directory.decode(
+                directory.encode(text).ids, skip_special_tokens=skip)
+    assert ours.decode(ours.encode("<|im_start|><tool_call>").ids) == "<tool_call>"
     assert ours.encode("<|im_start|>").ids == [151644]
     assert ours.encode("<tool_call>").ids == [151657]  # user-defined: whole, though not special
 
