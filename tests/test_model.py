@@ -663,6 +663,7 @@ BAD_VALUES = [  # (config.json changes, the error's words)
     (dict(tie_word_embeddings="false"), "tie_word_embeddings must be true or false, got 'false'"),
     (dict(rms_norm_eps=-1e-6), "rms_norm_eps must be a number >= 0"),
     (dict(eos_token_id="151645"), "eos_token_id must be a token id or a list of token ids"),
+    (dict(eos_token_id=2.5), "eos_token_id must be a token id or a list of token ids, got 2.5"),  # not a TypeError
     (dict(layer_types=["full_attention", "bogus", "full_attention"]), "layer_types must be a list of"),
     (dict(layer_types=[["full_attention"], "full_attention", "full_attention"]), "layer_types must be a list of"),
     (dict(rms_norm_eps=10**400), "rms_norm_eps must be a number >= 0, got 1000"),  # too large for a float

@@ -149,6 +149,13 @@ def test_top_k_larger_than_number_of_experts(tmp_path):
         qwen_np.load(tmp_path)
 
 
+def test_mlp_only_layers_that_are_not_a_list_are_a_clear_error(tmp_path):
+    tiny_model("qwen3_moe", tmp_path)
+    edit_config(tmp_path, mlp_only_layers=1)  # one index, not a list of them: no TypeError from iterating it
+    with pytest.raises(qwen_np.QwenNPError, match=r"mlp_only_layers must be a list of layer indices, got 1"):
+        qwen_np.load(tmp_path)
+
+
 def test_published_qwen3_moe_config_names(tmp_path):
     """Released Qwen3-MoE config.json files say num_experts; transformers 5 writes num_local_experts."""
     tiny_model("qwen3_moe", tmp_path)
