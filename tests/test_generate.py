@@ -893,6 +893,11 @@ def test_chat_stops_at_im_end_and_splits_thinking(spelling):
     assert "".join(qwen_np.chat(no_end, messages, enable_thinking=False)) == ANSWER
     assert "".join(qwen_np.generate_text(no_end, "The answer is:", max_new_tokens=len(ids) + 3)).startswith(
         ANSWER + "<|im_end|>")  # without the chat helper, <|im_end|> is just text
+    # A tokenizer_config.json without eos_token (older checkpoints): nothing ends the reply but its length.
+    bare = dataclasses.replace(no_end, tokenizer_config={k: v for k, v in model.tokenizer_config.items()
+                                                          if k != "eos_token"})
+    assert "".join(qwen_np.chat(bare, messages, enable_thinking=False, max_new_tokens=len(ids) + 1)) == \
+        ANSWER + "<|im_end|>"
     assert qwen_np.split_thinking("<think>\nhmm, Paris.\n</think>\n\nParis.") == ("hmm, Paris.", "Paris.")
     assert qwen_np.split_thinking("Paris.") == ("", "Paris.")
     assert qwen_np.split_thinking("<think>\nstill thinking") == ("still thinking", "")
