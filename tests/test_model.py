@@ -606,8 +606,8 @@ def test_a_hub_id_loads_from_the_hugging_face_cache(checkpoint, tmp_path, monkey
     # Where the cache is: as huggingface_hub finds it.
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     assert hub_cache() == tmp_path / "cache" / "huggingface" / "hub"
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "cache" / "huggingface"))
-    assert hub_cache() == tmp_path / "cache" / "huggingface" / "hub"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # before XDG_CACHE_HOME
+    assert hub_cache() == tmp_path / "hf" / "hub"
     monkeypatch.setenv("TOP", str(tmp_path))  # $VARS in these are expanded, as huggingface_hub does
     monkeypatch.setenv("HF_HUB_CACHE", "$TOP/cache/huggingface/hub")
     model = qwen_np.load("Qwen/Tiny")
