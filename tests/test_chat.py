@@ -328,7 +328,8 @@ def test_loaded_tokenizer_reproduces_the_reference_ids(shared_data, name, tmp_pa
 
 @pytest.mark.parametrize("text, splits", [("我住在 巴黎，喜欢龘靐齉爩。", True),
                                          ("Emoji: 🦙👋🏽🇫🇷 and 👨‍👩‍👧 done", True),
-                                         ("你好，世界！naïve café — ok", False)])
+                                         ("你好，世界！naïve café — ok", False),
+                                         ("<|im_start|>assistant\n 巴黎<|im_end|> ok", True)])  # kept in the text
 def test_incremental_decoding_never_splits_a_character(qwen3_tokenizer, text, splits):
     tokenizer = qwen3_tokenizer
     ids = tokenizer.encode(text).ids
