@@ -76,6 +76,8 @@ CASES = {
                                                                    "mlp_only_layers": [3]}),
     "qwen3_moe sparse step 2 with mlp_only_layers": ("qwen3_moe", {"num_hidden_layers": 5, "decoder_sparse_step": 2,
                                                                    "mlp_only_layers": [1]}),
+    # step 3, where the reference's (i + 1) % step counts differ from i's or (i - 1)'s: layer 2 only
+    "qwen3_moe sparse step 3": ("qwen3_moe", {"num_hidden_layers": 4, "decoder_sparse_step": 3}),
 }
 
 
