@@ -241,7 +241,7 @@ def test_sample_draws_as_from_the_whole_vocabulary():
         assert np.isfinite(filtered[np.arange(3), drawn]).all()
 
 
-@pytest.mark.parametrize("min_p, keep", [(0.05, 1), (0.3, 1), (0.9, 3), (0.0, 1)])
+@pytest.mark.parametrize("min_p, keep", [(0.05, 1), (0.3, 1), (0.9, 3), (0.0, 1), (1.0, 60)])  # 60: more than V
 def test_min_p_matches_reference(reference, min_p, keep):
     torch, transformers = reference
     scores, input_ids = random_scores(seed=2)
