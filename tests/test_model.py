@@ -768,6 +768,19 @@ def test_tied_embeddings_an_index_places_wrongly_are_named(checkpoint):
         qwen_np.load(checkpoint)
 
 
+def test_a_tied_lm_head_the_index_lists_but_no_file_holds_is_the_embeddings(checkpoint):
+    # As transformers reads it: what the shard holds counts, not what the index claims; a tied model needs no head.
+    tensors = load_file(checkpoint / "model.safetensors")
+    del tensors["lm_head.weight"]
+    (checkpoint / "model.safetensors").unlink()
+    save_file(tensors, checkpoint / "body.safetensors")
+    weight_map = {name: "body.safetensors" for name in [*tensors, "lm_head.weight"]}
+    (checkpoint / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    edit_config(checkpoint, tie_word_embeddings=True)
+    params = qwen_np.load(checkpoint).params
+    assert params["lm_head"]["weight"] is params["model"]["embed_tokens"]["weight"]
+
+
 def test_empty_cache_and_config_from_dict_name_a_wrong_argument():
     config = config_from_dict({"model_type": "qwen2", **SIZES, "num_key_value_heads": 4})
     model = types.SimpleNamespace(config=config)
