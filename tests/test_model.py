@@ -679,6 +679,8 @@ BAD_VALUES = [  # (config.json changes, the error's words)
      "rope parameters: beta_fast=1e+308 is not a plausible value"),  # a bare "math domain error"
     (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1, "factor": 2.0}), "'yarn' needs a rope_theta > 1"),
     (dict(num_key_value_heads=3), "num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
+    (dict(num_key_value_heads=None),  # the key left out: the reference's default, 32 for qwen2
+     "num_attention_heads=4 is not a multiple of num_key_value_heads=32 (absent: the reference's default for qwen2)"),
     (dict(head_dim=15), "head_dim=15 must be a positive even number"),
     (dict(hidden_size=2, num_attention_heads=4, num_key_value_heads=4), "head_dim=0 must be a positive even"),
     (dict(use_sliding_window=True, sliding_window=0), "sliding_window must be a positive integer"),
