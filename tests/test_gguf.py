@@ -221,6 +221,8 @@ def test_rope_scaling_and_token_ids_from_metadata(tmp_path):
       "beta_slow": 2.0}),
     ([("rope.scaling.factor", 2.0, "f")], {"rope_type": "linear", "factor": 2.0}),
     ([("rope.scale_linear", 2.0, "f")], {"rope_type": "linear", "factor": 2.0}),
+    ([("rope.scaling.type", "yarn", "s"), ("rope.scale_linear", 4.0, "f")],  # the older name serves YaRN too
+     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}),
     ([("rope.scaling.type", "linear", "s"), ("rope.scaling.factor", 1.0, "f")], {"rope_type": "default"}),
 ])
 def test_rope_scaling_keys_read_as_llama_cpp_reads_them(tmp_path, metadata, rope):
@@ -388,6 +390,10 @@ def test_unexpected_and_missing_tensors(tmp_path):
     path = random_gguf(tmp_path / "freqs.gguf", "llama", small_config("llama"),
                        extra_tensors={"rope_freqs.weight": np.ones(4, np.float32)})
     with pytest.raises(qwen_np.QwenNPError, match="unexpected tensor 'rope_freqs.weight'"):
+        qwen_np.load(path)
+    path = random_gguf(tmp_path / "enc.gguf", "llama", small_config("llama"),  # numbered, but not a blk.N tensor
+                       extra_tensors={"enc.0.attn_norm.weight": np.ones(32, np.float32)})
+    with pytest.raises(qwen_np.QwenNPError, match="unexpected tensor 'enc.0.attn_norm.weight'"):
         qwen_np.load(path)
     config = small_config("llama")
     shapes = expected_shapes(config_from_dict(config))
