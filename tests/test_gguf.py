@@ -204,6 +204,10 @@ def test_rope_scaling_and_token_ids_from_metadata(tmp_path):
     assert model.tokenizer is None and model.generation_config == {}  # no vocabulary in this file
     with pytest.raises(qwen_np.QwenNPError, match=r"yarn.gguf has no tokenizer \(its metadata holds no vocabulary\)"):
         next(qwen_np.generate(model, "text"))
+    ids = [("tokenizer.ggml.bos_token_id", 0, S.UINT32), ("tokenizer.ggml.eos_token_id", 1, S.UINT32)]
+    model = qwen_np.load(random_gguf(tmp_path / "ids.gguf", "llama", small_config("llama"), extra_metadata=ids))
+    assert model.tokenizer is None and model.tokenizer_config == {}  # ids without a vocabulary: no token to name
+    assert model.generation_config == {"bos_token_id": 0, "eos_token_id": 1}
 
     metadata = [("llama.rope.scaling.type", "longrope", S.STRING)]
     with pytest.raises(qwen_np.QwenNPError, match="unsupported RoPE scaling 'longrope'"):
