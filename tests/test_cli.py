@@ -133,7 +133,8 @@ def test_top_level_help_names_the_commands_and_the_benchmark():
      ["/no/such/checkpoint", "does not exist"]),  # an integer too large for a float is still parsed
     (["generate", "--model", "{spelling}", "--temperature", "-1", "hi"], ["--temperature", "-1"]),
     (["chat", "--model", "{spelling}", "--top-p", "0"], ["--top-p", "(0, 1]"]),
-    (["generate", "--model", "{spelling}", "--repetition-penalty", "0", "hi"], ["--repetition-penalty: 0 is out of range", "positive"]),
+    (["generate", "--model", "{spelling}", "--repetition-penalty", "0", "hi"],
+     ["--repetition-penalty: 0 is out of range", "positive"]),
     (["generate", "--model", "{spelling}", "--top-k", "2.5", "hi"], ["--top-k", "not an integer"]),
     (["generate", "--model", "{spelling}", "--seed", "-1", "hi"], ["--seed", "-1", "out of range"]),
     (["generate", "--model", "{spelling}", "--max-new-tokens", "0", "hi"], ["--max-new-tokens"]),

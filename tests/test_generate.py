@@ -268,7 +268,7 @@ def test_the_samplers_chain_in_the_reference_order(reference):
         chosen = choose_tokens(scores, seen, s, np.random.default_rng(seed))
         np.testing.assert_array_equal(chosen, sample(ours, np.random.default_rng(seed)))
         assert np.isfinite(ours[np.arange(3), chosen]).all()
-    # each filter on its own, where it drops most of the tokens the chain above leaves to the others
+    # each filter alone, set to drop most tokens (in the chain above, min_p drops none: skipping it went unseen)
     for s, alone in [(Sampling(temperature=1.0, top_k=3), top_k_filter(scores, 3)),
                      (Sampling(temperature=1.0, top_p=0.3), top_p_filter(scores, 0.3)),
                      (Sampling(temperature=1.0, min_p=0.5), min_p_filter(scores, 0.5))]:
