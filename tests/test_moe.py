@@ -78,6 +78,7 @@ CASES = {
                                                                    "mlp_only_layers": [1]}),
     # step 3, where the reference's (i + 1) % step counts differ from i's or (i - 1)'s: layer 2 only
     "qwen3_moe sparse step 3": ("qwen3_moe", {"num_hidden_layers": 4, "decoder_sparse_step": 3}),
+    "qwen2_moe one expert: still sparse": ("qwen2_moe", {"num_experts": 1, "num_experts_per_tok": 1}),
 }
 
 
