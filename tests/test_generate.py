@@ -301,7 +301,7 @@ def test_logits_that_are_not_finite_name_the_weight_at_fault(tiny_models):
     for low_memory in (False, True):
         broken = qwen_np.load(model.path, low_memory=low_memory)
         up = broken.params["model"]["layers"][1]["mlp"]["up_proj"]
-        up["weight"][3, 5] = 0x7FC0 if low_memory else np.nan  # (low_memory keeps bfloat16 bits)
+        up["weight"][3, 5] = 0xFF81 if low_memory else np.nan  # (low_memory keeps bfloat16 bits: a NaN, sign set)
         for temperature in (0, 1.0):  # greedy argmax would pick a NaN silently, as the reference does
             with pytest.raises(qwen_np.QwenNPError, match=r"the model's logits are not finite \(NaN or inf\): "
                                r"the weight 'model.layers.1.mlp.up_proj.weight' holds NaN or inf"):
