@@ -664,6 +664,7 @@ def test_llama3_rope_keeps_max_position_embeddings_as_the_context(tiny_models):
         "rope_type": "llama3", "rope_theta": 5e5, "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 8192})
     assert new_token_budget(llama3, {}, 131000, None) == 72
+    assert new_token_budget(llama3, {}, 10, None) == 512  # with room to spare: the default, 512
     with pytest.raises(qwen_np.QwenNPError, match=r"context of 131072 positions \(max_position_embeddings=131072\)"):
         new_token_budget(llama3, {}, 131000, 73)
 
