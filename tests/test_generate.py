@@ -228,6 +228,17 @@ def test_top_p_after_top_k_over_a_large_vocabulary_matches_the_reference(referen
     assert_same_scores(top_p_filter(top_k_filter(scores, 20), 0.8, 2), theirs)
 
 
+@pytest.mark.parametrize("top_k, min_p", [(1, 0.1), (50, 0.5)])
+def test_top_k_and_min_p_over_a_large_vocabulary_match_the_reference(reference, top_k, min_p):
+    # Over 50 tokens NumPy's partition happens to sort the front of a row, which hides a partition at the wrong
+    # index; over Qwen's 151936 it does not.
+    torch, transformers = reference
+    scores, input_ids = random_scores(rows=3, vocab=151936, seed=8)
+    ids, tensor = torch.tensor(input_ids), torch.tensor(scores)
+    assert_same_scores(top_k_filter(scores, top_k), transformers.TopKLogitsWarper(top_k)(ids, tensor))
+    assert_same_scores(min_p_filter(scores, min_p), transformers.MinPLogitsWarper(min_p)(ids, tensor))
+
+
 def test_sample_draws_as_from_the_whole_vocabulary():
     # sample adds up only the tokens in play (a finite logit in some row): the same draws as over all.
     scores, _ = random_scores(rows=3, vocab=5000, seed=8)
