@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import qwen_np
-from qwen_np.generate import (Sampling, apply_repetition_penalty, apply_temperature, choose_tokens, encode, find_stop,
-                              left_pad, min_p_filter, new_token_budget, partial_stop, sample, sampling_settings,
-                              top_k_filter, top_p_filter)
+from qwen_np.generate import (Sampling, apply_repetition_penalty, apply_temperature, check_scaled_logits, choose_tokens,
+                              encode, find_stop, left_pad, min_p_filter, new_token_budget, partial_stop, sample,
+                              sampling_settings, top_k_filter, top_p_filter)
 from qwen_np.model import empty_cache
 from conftest import require_reference
 from tiny import FAMILIES, reference_logits, tiny_model, write_spelling_model
@@ -323,6 +323,13 @@ def test_logits_that_are_not_finite_name_the_weight_at_fault(tiny_models):
         list(qwen_np.generate(huge, PROMPTS[0], max_new_tokens=2))
 
 
+def test_only_a_row_that_is_minus_inf_throughout_is_refused_after_scaling():
+    settings = Sampling(temperature=1e-30)
+    check_scaled_logits(np.array([[0, -np.inf], [-np.inf, 1]], np.float32), settings)  # each row keeps a token
+    with pytest.raises(qwen_np.QwenNPError, match=r"the logits overflow float32 when scaled by temperature=1e-30: "):
+        check_scaled_logits(np.array([[0, 1], [-np.inf, -np.inf]], np.float32), settings)
+
+
 def test_sample_draws_with_the_softmax_probabilities_and_repeats_with_a_seed():
     logits = np.log(np.array([[0.5, 0.0, 0.2, 0.3]], np.float32) + 1e-30).astype(np.float32)
     logits[0, 1] = -np.inf
@@ -411,13 +418,14 @@ def test_greedy_batch_equals_transformers_generate(reference, tiny_models, famil
     np.testing.assert_array_equal(np.array(steps).T, expected)
 
 
-def test_greedy_with_repetition_penalty_equals_transformers(reference, tiny_models):
+@pytest.mark.parametrize("penalty", [1.5, 0.5])  # below 1: repeats made more likely
+def test_greedy_with_repetition_penalty_equals_transformers(reference, tiny_models, penalty):
     torch, _ = reference
     model, ref = tiny_models["qwen3"]
     ids, mask = left_pad(PROMPTS, 0)
     expected = ref.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
-                            max_new_tokens=24, pad_token_id=0, repetition_penalty=1.5)[:, ids.shape[1]:].numpy()
-    steps = list(qwen_np.generate_batch(model, PROMPTS, max_new_tokens=24, temperature=0, repetition_penalty=1.5))
+                            max_new_tokens=24, pad_token_id=0, repetition_penalty=penalty)[:, ids.shape[1]:].numpy()
+    steps = list(qwen_np.generate_batch(model, PROMPTS, max_new_tokens=24, temperature=0, repetition_penalty=penalty))
     np.testing.assert_array_equal(np.array(steps).T, expected)
     plain = list(qwen_np.generate_batch(model, PROMPTS, max_new_tokens=24, temperature=0))
     assert plain != steps  # the penalty changed something
