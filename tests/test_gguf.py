@@ -66,6 +66,9 @@ def test_type_numbers_are_ggmls():
     known = {t.name: int(t) for t in Q}
     assert set(DEQUANTIZERS) <= set(known) and set(DEQUANTIZERS) <= set(GGML_TYPES.values())
     assert [(number, name) for number, name in GGML_TYPES.items() if name in known and known[name] != number] == []
+    # and none is left out: each type the package numbers within the table's range is in it, under its number
+    assert {known[name]: name for name in known if known[name] <= max(GGML_TYPES)} == \
+        {number: name for number, name in GGML_TYPES.items() if name in known}
 
 
 def test_q8_0_and_q4_0_block_layouts_by_hand():
