@@ -650,6 +650,18 @@ def test_bad_headers_and_tables_are_named(tmp_path):
     assert tensors["token_embd.weight"].type_name == "Q8_0" and metadata["general.architecture"] == "llama"
 
 
+def test_metadata_of_every_scalar_type_reads_as_llama_cpps_package_writes_it(tmp_path):
+    # Each type at a value that tells it from its neighbours: sign, width, float32 against float64
+    S = gguf.GGUFValueType
+    values = {S.UINT8: 255, S.INT8: -128, S.UINT16: 65535, S.INT16: -32768, S.UINT32: 2**32 - 1, S.INT32: -2**31,
+              S.FLOAT32: 1.5, S.BOOL: True, S.UINT64: 2**64 - 1, S.INT64: -2**63, S.FLOAT64: 0.1}
+    assert set(values) == set(S) - {S.STRING, S.ARRAY}
+    written = [(f"test.{kind.name.lower()}", value, kind) for kind, value in values.items()]
+    metadata, _ = read_gguf(random_gguf(tmp_path / "m.gguf", "llama", small_config("llama"), extra_metadata=written))
+    assert [(key, metadata[key], type(metadata[key])) for key, _, _ in written] == \
+        [(key, value, type(value)) for key, value, _ in written]
+
+
 def test_metadata_values_of_the_wrong_type_are_named(tmp_path):
     S = gguf.GGUFValueType
     for value, kind, shown in (([1, 2], S.ARRAY, r"\[1, 2\]"), (-1, S.INT32, "-1")):  # a file without a vocabulary
