@@ -402,6 +402,16 @@ def test_unexpected_and_missing_tensors(tmp_path):
                        extra_tensors={"enc.0.attn_norm.weight": np.ones(32, np.float32)})
     with pytest.raises(qwen_np.QwenNPError, match="unexpected tensor 'enc.0.attn_norm.weight'"):
         qwen_np.load(path)
+    # An experts' tensor of a kind qwen_np does not read, in a MoE file; experts in a dense one
+    moe = small_config("qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=8)
+    path = random_gguf(tmp_path / "bias.gguf", "qwen3_moe", moe,
+                       extra_tensors={"blk.0.ffn_up_exps.bias": np.ones((4, 16), np.float32)})
+    with pytest.raises(qwen_np.QwenNPError, match="unexpected tensor 'blk.0.ffn_up_exps.bias'"):
+        qwen_np.load(path)
+    path = random_gguf(tmp_path / "dense.gguf", "llama", small_config("llama"),
+                       extra_tensors={"blk.0.ffn_up_exps.weight": np.ones((4, 16, 32), np.float32)})
+    with pytest.raises(qwen_np.QwenNPError, match="unexpected tensor 'blk.0.ffn_up_exps.weight'"):
+        qwen_np.load(path)
     config = small_config("llama")
     shapes = expected_shapes(config_from_dict(config))
     tensors = {name: np.ones(shape, np.float32) for name, shape in shapes.items() if "layers.1.mlp.up" not in name}
