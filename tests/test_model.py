@@ -473,6 +473,24 @@ def test_published_configs_read_as_the_reference_reads_them(reference, name):
     assert ours.tie_word_embeddings == theirs.tie_word_embeddings and ours.dtype == raw["torch_dtype"]
 
 
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "llama"])
+def test_keys_left_out_take_the_references_defaults(reference, model_type):
+    # Only the required keys: every other value is the family's default (64 heads, which every
+    # family's default number of key/value heads divides)
+    _, transformers = reference
+    raw = dict(model_type=model_type, vocab_size=100, hidden_size=256, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=64)
+    ours, theirs = config_from_dict(raw), transformers.AutoConfig.for_model(**raw)
+    names = ["num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "bos_token_id",
+             "eos_token_id", "pad_token_id", "rope_parameters"]
+    if model_type.endswith("_moe"):
+        names += ["num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step"]
+        assert ours.num_experts == getattr(theirs, "num_experts", getattr(theirs, "num_local_experts", None))
+        assert ours.mlp_only_layers == tuple(theirs.mlp_only_layers)
+    assert {name: getattr(ours, name) for name in names} == {name: getattr(theirs, name) for name in names}
+    assert ours.head_dim == (getattr(theirs, "head_dim", None) or theirs.hidden_size // theirs.num_attention_heads)
+
+
 def test_qwen2_moe_shared_expert_size_defaults_as_the_reference():
     raw = dict(SIZES, model_type="qwen2_moe", num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
                moe_intermediate_size=32)
