@@ -616,6 +616,15 @@ def test_metadata_that_cannot_be_read_is_named(tmp_path, value, message):
     assert "is truncated or corrupt" in done.stderr and message in done.stderr
 
 
+def test_a_tensor_of_four_dims_is_read(tmp_path):
+    # ggml's most; one dim more is a corrupt table (below)
+    x = np.arange(120, dtype=np.float32).reshape(2, 3, 4, 5)
+    path = random_gguf(tmp_path / "4d.gguf", "llama", small_config("llama"), extra_tensors={"extra.weight": x})
+    _, tensors = read_gguf(path)
+    assert tensors["extra.weight"].dims == (5, 4, 3, 2)  # fastest-varying first
+    np.testing.assert_array_equal(np.frombuffer(tensors["extra.weight"].data, np.float32), x.ravel())
+
+
 def test_bad_headers_and_tables_are_named(tmp_path):
     data = random_gguf(tmp_path / "ok.gguf", "llama", small_config("llama"), qtype=Q.Q8_0).read_bytes()
     metadata, tensors = read_gguf(tmp_path / "ok.gguf")
