@@ -625,6 +625,17 @@ def test_a_tensor_of_four_dims_is_read(tmp_path):
     np.testing.assert_array_equal(np.frombuffer(tensors["extra.weight"].data, np.float32), x.ravel())
 
 
+def test_a_version_2_file_reads_as_version_3(tmp_path):
+    # Version 3 only added big-endian files (marked by the version's byte order), so the little-endian
+    # layout is the same: older converters wrote version 2
+    data = random_gguf(tmp_path / "v3.gguf", "llama", small_config("llama")).read_bytes()
+    assert data[4:8] == struct.pack("<I", 3)
+    (tmp_path / "v2.gguf").write_bytes(data[:4] + struct.pack("<I", 2) + data[8:])
+    (metadata2, tensors2), (metadata3, tensors3) = read_gguf(tmp_path / "v2.gguf"), read_gguf(tmp_path / "v3.gguf")
+    assert metadata2 == metadata3 and list(tensors2) == list(tensors3)
+    assert all(np.array_equal(tensors2[name].data, tensors3[name].data) for name in tensors3)
+
+
 def test_bad_headers_and_tables_are_named(tmp_path):
     data = random_gguf(tmp_path / "ok.gguf", "llama", small_config("llama"), qtype=Q.Q8_0).read_bytes()
     metadata, tensors = read_gguf(tmp_path / "ok.gguf")
