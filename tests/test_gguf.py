@@ -466,6 +466,19 @@ def test_a_gguf_file_named_otherwise_is_read_by_its_magic_bytes(tmp_path):
         qwen_np.load(other)
 
 
+def test_the_byte_alphabet_is_the_tokenizers_librarys():
+    # Its symbol for each byte that UTF-8 text can hold (all but 0xC0, 0xC1 and 0xF5-0xFF), read off
+    # its byte-level pre-tokenizer: every character up to U+0800, then one for each lead byte after
+    from tokenizers import pre_tokenizers
+    symbol = bytes_to_unicode()
+    leads = [0x800, *range(0x1000, 0x10000, 0x1000), 0x10000, 0x40000, 0x80000, 0xC0000, 0x100000]  # E0-EF, F0-F4
+    text = "".join(chr(c) for c in [*range(0x800), *leads])
+    assert len(set(text.encode())) == 256 - 13
+    [(spelled, _)] = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False).pre_tokenize_str(text)
+    assert spelled == "".join(symbol[b] for b in text.encode())
+    assert set(symbol.values()) == set(pre_tokenizers.ByteLevel.alphabet())
+
+
 def test_control_and_user_defined_tokens_outside_the_byte_alphabet_are_matched_whole(tmp_path):
     # llama.cpp's converter stores added tokens as their raw text: DeepSeek-R1-Distill-Qwen's control
     # tokens hold U+FF5C and U+2581, and it writes user-defined tokens with U+2581 turned into a space.
