@@ -151,6 +151,19 @@ def test_errors_are_one_line_and_a_non_zero_exit(spelling_dir, tmp_path, args, f
     assert_one_line_error(run(*args, stdin="hi\n"), *fragments)
 
 
+# Each sampling option at the edge of its range: taken at its bound, refused just past it
+@pytest.mark.parametrize("flag, taken, refused", [
+    ("--temperature", "0", "-0.01"), ("--top-k", "0", "-1"), ("--top-p", "0.01", "0"), ("--top-p", "1", "1.01"),
+    ("--min-p", "0", "-0.01"), ("--min-p", "1", "1.01"), ("--repetition-penalty", "0.01", "0"), ("--seed", "0", "-1"),
+    ("--max-new-tokens", "1", "0")])
+def test_each_option_takes_its_whole_range_and_no_more(flag, taken, refused):
+    from qwen_np.__main__ import build_parser
+    args = build_parser().parse_args(["generate", flag, taken, "hi"])
+    assert getattr(args, flag[2:].replace("-", "_")) == float(taken)
+    with pytest.raises(qwen_np.QwenNPError, match=f"argument {flag}: {refused} is out of range"):
+        build_parser().parse_args(["generate", flag, refused, "hi"])
+
+
 def test_a_model_without_a_tokenizer_is_a_one_line_error(spelling_dir, tmp_path):
     # The command line reads and writes text only. Without its own check, it would pass on the API's
     # message ("..., so it cannot produce text"), which does not say why the command needs one.
