@@ -50,7 +50,8 @@ def write_gguf(path, family, config, tensors, qtype=gguf.GGMLQuantizationType.F3
 
     2-D and 3-D weights are stored as `qtype` when their rows fit its blocks (else F32, as
     llama.cpp falls back); norms and biases stay F32. `tokenizer`: dict of tokenizer metadata
-    (see `qwen_tokenizer_metadata`). `extra_metadata`: (key, value, GGUFValueType) triples.
+    (see `qwen_tokenizer_metadata`; "types" None writes no token types). `extra_metadata`:
+    (key, value, GGUFValueType) triples.
     `raw_tensors`: {GGUF name: (raw bytes [rows, bytes per row] uint8, ggml type)} written instead.
     `extra_tensors`: {GGUF name: array} written as they are, after the model's. `omit`: the MoE size
     keys to leave out ("expert_feed_forward_length", "expert_shared_feed_forward_length").
@@ -88,7 +89,8 @@ def write_gguf(path, family, config, tensors, qtype=gguf.GGMLQuantizationType.F3
         writer.add_tokenizer_model(tokenizer.get("model", "gpt2"))
         writer.add_tokenizer_pre(tokenizer["pre"])
         writer.add_token_list(tokenizer["tokens"])
-        writer.add_token_types(tokenizer["types"])
+        if tokenizer["types"] is not None:
+            writer.add_token_types(tokenizer["types"])
         writer.add_token_merges(tokenizer["merges"])
         for key in ("bos", "eos", "pad"):
             if tokenizer.get(key) is not None:

@@ -830,6 +830,17 @@ def test_a_tensor_the_config_does_not_call_for_is_named(tmp_path, name, hf_name,
         qwen_np.load(path)
 
 
+def test_a_vocabulary_without_token_types_is_all_normal_tokens(tmp_path):
+    # llama.cpp's default where a file has no tokenizer.ggml.token_type: "<s>" is then ordinary text
+    tokens = list(bytes_to_unicode().values()) + ["ab", "<s>"]
+    tokenizer = {"pre": "qwen2", "tokens": tokens, "types": None, "merges": ["a b"]}
+    config = small_config("llama", vocab_size=len(tokens))
+    path = random_gguf(tmp_path / "tok.gguf", "llama", config, tokenizer=tokenizer)
+    assert "tokenizer.ggml.token_type" not in read_gguf(path)[0]
+    ids = qwen_np.load(path).tokenizer.encode("ab<s>").ids
+    assert ids == [tokens.index("ab"), tokens.index("<"), tokens.index("s"), tokens.index(">")]
+
+
 # Without the check: a bare TypeError ('int' object is not iterable) or AttributeError ('int' object
 # has no attribute 'split') while the tokenizer is built.
 @pytest.mark.parametrize("changes", [{"tokens": list(range(64))}, {"merges": [7]}], ids=["int tokens", "int merges"])
