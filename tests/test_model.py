@@ -622,6 +622,9 @@ def test_a_hub_id_loads_from_the_hugging_face_cache(checkpoint, tmp_path, monkey
     for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME"):
         monkeypatch.delenv(variable, raising=False)
     # Where the cache is: as huggingface_hub finds it.
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert hub_cache() == tmp_path / "home" / ".cache" / "huggingface" / "hub"  # none of the variables set
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     assert hub_cache() == tmp_path / "cache" / "huggingface" / "hub"
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # before XDG_CACHE_HOME
