@@ -56,7 +56,8 @@ def test_qwen2_tied_embeddings_share_one_array(tmp_path):
     assert params["lm_head"]["weight"] is params["model"]["embed_tokens"]["weight"]
 
 
-@pytest.mark.parametrize("head", ["different", "different in its last row", "equal", "alone"])
+@pytest.mark.parametrize("head", ["different", "different in its first bit", "different in its last row", "equal",
+                                  "alone"])
 def test_tied_config_with_an_lm_head_in_the_checkpoint_loads_as_transformers_loads_it(tmp_path, monkeypatch, head):
     # tie_word_embeddings true, and yet lm_head.weight in the file (some tied checkpoints store a copy):
     # transformers ties only equal matrices, and a head without embeddings serves as both.
@@ -67,6 +68,9 @@ def test_tied_config_with_an_lm_head_in_the_checkpoint_loads_as_transformers_loa
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].copy()
     elif head == "alone":
         del tensors["model.embed_tokens.weight"]
+    elif head == "different in its first bit":  # the file's first byte: compared exactly, as transformers does
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].copy()
+        tensors["lm_head.weight"].view(np.uint32)[0, 0] ^= 1
     elif head == "different in its last row":  # compared in chunks, as real embeddings are: past the first one
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].copy()
         tensors["lm_head.weight"][-1] += 1.0
