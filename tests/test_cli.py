@@ -164,6 +164,16 @@ def test_each_option_takes_its_whole_range_and_no_more(flag, taken, refused):
         build_parser().parse_args(["generate", flag, refused, "hi"])
 
 
+def test_a_reader_that_goes_away_ends_the_command_quietly(spelling_dir):
+    # `python -m qwen_np generate ... | head -c 0`: exit status 141, as a shell reports a SIGPIPE, no traceback
+    env = {"QWEN_NP_CACHE": str(ROOT / "tests" / "no-such-cache"), **os.environ}
+    process = subprocess.Popen([sys.executable, "-m", "qwen_np", "generate", "--model", str(spelling_dir),
+                                "The answer is:"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env)
+    process.stdout.close()  # before the answer is written
+    _, stderr = process.communicate(timeout=120)
+    assert (process.returncode, stderr) == (141, b"")
+
+
 def test_a_model_without_a_tokenizer_is_a_one_line_error(spelling_dir, tmp_path):
     # The command line reads and writes text only. Without its own check, it would pass on the API's
     # message ("..., so it cannot produce text"), which does not say why the command needs one.
