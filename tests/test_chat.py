@@ -78,11 +78,11 @@ TEMPLATE_CASES = [(name, thinking) for name in TOKENIZERS
 
 @pytest.mark.parametrize("name, thinking", TEMPLATE_CASES)  # enable_thinking: a Qwen3 template variable
 @pytest.mark.parametrize("chat", CHATS)
-@pytest.mark.parametrize("add_generation_prompt", [True, False])
+@pytest.mark.parametrize("add_generation_prompt", [True, None])  # None: left out, False in both
 def test_chat_ids_equal_apply_chat_template(tokenizers, name, chat, thinking, add_generation_prompt):
     reference, ours = tokenizers[name]
     messages = CHATS[chat]
-    kwargs = {"add_generation_prompt": add_generation_prompt}
+    kwargs = {} if add_generation_prompt is None else {"add_generation_prompt": add_generation_prompt}
     if thinking is not None:
         kwargs["enable_thinking"] = thinking
     if chat == "tool call":
