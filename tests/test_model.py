@@ -173,6 +173,16 @@ def test_mmap_load_maps_float32_tensors_and_gives_the_same_logits(tmp_path):
     assert widened.dtype == np.float32 and widened.flags.writeable
 
 
+def test_load_params_defaults_to_float32_read_into_memory(checkpoint):
+    # As load's defaults: neither a view of the mapped file (mmap) nor bfloat16 bits (low_memory)
+    config = qwen_np.load(checkpoint).config
+    weight = qwen_np.load_params(checkpoint, config)["model"]["layers"][0]["self_attn"]["q_proj"]["weight"]
+    buffer = weight
+    while isinstance(buffer, np.ndarray):
+        buffer = buffer.base
+    assert weight.dtype == np.float32 and len(buffer) == weight.nbytes  # its own memory, not the whole file
+
+
 def test_a_file_that_cannot_be_mapped_is_named(tmp_path, monkeypatch):
     # Linux refuses a copy-on-write map of the file where overcommit is strict (ENOMEM).
     tiny_model("qwen3", tmp_path)
@@ -1088,7 +1098,8 @@ def test_load_arguments_of_the_wrong_kind_are_named(checkpoint):
     for name in ("mmap", "low_memory"):
         with pytest.raises(qwen_np.QwenNPError, match=f"load: {name} must be True or False, got 'no'"):
             qwen_np.load(checkpoint, **{name: "no"})
-        qwen_np.load(checkpoint, **{name: 1})  # 0 and 1 as False and True
+        for value in (0, 1):  # as False and True
+            qwen_np.load(checkpoint, **{name: value})
     with pytest.raises(qwen_np.QwenNPError, match="^~no-such-user-here/model does not exist$"):
         qwen_np.load("~no-such-user-here/model")  # pathlib cannot expand it: the path as written
 
