@@ -805,6 +805,18 @@ def test_tied_embeddings_an_index_places_wrongly_are_named(checkpoint):
         qwen_np.load(checkpoint)
 
 
+def test_a_tied_configs_lm_head_of_another_shape_is_named(checkpoint):
+    # Not taken for a copy of the embeddings and left unread: read as an untied head, its shape is wrong
+    tensors = load_file(checkpoint / "model.safetensors")
+    V, D = tensors["model.embed_tokens.weight"].shape
+    tensors["lm_head.weight"] = np.zeros((V + 1, D), np.float32)
+    save_file(tensors, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    edit_config(checkpoint, tie_word_embeddings=True)
+    with pytest.raises(qwen_np.QwenNPError, match=re.escape(f"tensor 'lm_head.weight' has shape [{V + 1}, {D}] but "
+                                                            f"the config implies [{V}, {D}]")):
+        qwen_np.load(checkpoint)
+
+
 def test_a_tied_lm_head_the_index_lists_but_no_file_holds_is_the_embeddings(checkpoint):
     # As transformers reads it: what the shard holds counts, not what the index claims; a tied model needs no head.
     tensors = load_file(checkpoint / "model.safetensors")
