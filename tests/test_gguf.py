@@ -630,7 +630,7 @@ def test_metadata_that_cannot_be_read_is_named(tmp_path, value, message):
 
 
 def test_a_tensor_of_four_dims_is_read(tmp_path):
-    # ggml's most; one dim more is a corrupt table (below)
+    # ggml's most (a table giving more is corrupt: test_bad_headers_and_tables_are_named)
     x = np.arange(120, dtype=np.float32).reshape(2, 3, 4, 5)
     path = random_gguf(tmp_path / "4d.gguf", "llama", small_config("llama"), extra_tensors={"extra.weight": x})
     _, tensors = read_gguf(path)

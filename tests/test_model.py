@@ -807,6 +807,7 @@ def test_tied_embeddings_an_index_places_wrongly_are_named(checkpoint):
 
 def test_a_tied_configs_lm_head_of_another_shape_is_named(checkpoint):
     # Not taken for a copy of the embeddings and left unread: read as an untied head, its shape is wrong
+    # (transformers refuses the size mismatch too)
     tensors = load_file(checkpoint / "model.safetensors")
     V, D = tensors["model.embed_tokens.weight"].shape
     tensors["lm_head.weight"] = np.zeros((V + 1, D), np.float32)
