@@ -239,13 +239,14 @@ def test_rope_scaling_keys_read_as_llama_cpp_reads_them(tmp_path, metadata, rope
     assert model.config.rope_parameters == {**rope, "rope_theta": 10000.0}
 
 
-@pytest.mark.parametrize("family, expert_weights_norm", [("qwen2_moe", True), ("qwen3_moe", False)])
-def test_moe_sizes_and_renormalisation_as_llama_cpp_sets_them(tmp_path, family, expert_weights_norm):
+@pytest.mark.parametrize("family, expert_weights_norm, top_k", [("qwen2_moe", True, 2), ("qwen3_moe", False, 2),
+                                                                ("qwen2_moe", False, 1)])
+def test_moe_sizes_and_renormalisation_as_llama_cpp_sets_them(tmp_path, family, expert_weights_norm, top_k):
     # llama.cpp renormalises the top-k weights for Qwen3-MoE only, whatever expert_weights_norm says,
     # and derives the sizes a file leaves out: the experts' as feed_forward_length / expert_used_count,
     # the shared expert's as feed_forward_length.
     shared = {"shared_expert_intermediate_size": 64} if family == "qwen2_moe" else {}
-    config = small_config(family, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, **shared,
+    config = small_config(family, num_experts=4, num_experts_per_tok=top_k, moe_intermediate_size=64 // top_k, **shared,
                           **({"head_dim": 8} if family == "qwen3_moe" else {}))
     arch = "qwen2moe" if family == "qwen2_moe" else "qwen3moe"
     path = random_gguf(tmp_path / "m.gguf", family, config, omit=("expert_feed_forward_length",
@@ -253,7 +254,7 @@ def test_moe_sizes_and_renormalisation_as_llama_cpp_sets_them(tmp_path, family, 
                        extra_metadata=[(f"{arch}.expert_weights_norm", expert_weights_norm, gguf.GGUFValueType.BOOL)])
     model = qwen_np.load(path)
     assert model.config.norm_topk_prob == (family == "qwen3_moe")
-    assert model.config.moe_intermediate_size == 64 // 2
+    assert model.config.moe_intermediate_size == 64 // top_k
     assert model.config.shared_expert_intermediate_size == (64 if family == "qwen2_moe" else 0)
 
 
