@@ -631,7 +631,9 @@ def gguf_tokenizer(metadata, path):
     vocab = {t if set(t) <= alphabet or kind in added else "".join(symbol[b] for b in t.encode("utf-8")): i
              for i, (t, kind) in enumerate(zip(tokens, types))}
     merges = [tuple(merge.split(" ", 1)) for merge in metadata["tokenizer.ggml.merges"]]
-    for merge in merges:  # checked here: the tokenizers library panics on a merge outside the vocabulary
+    # Checked here: on a merge outside the vocabulary the tokenizers library raises a bare Exception
+    # ("Token `x` out of vocabulary"), or panics where only the joined token is missing.
+    for merge in merges:
         if len(merge) != 2 or merge[0] not in vocab or merge[1] not in vocab or merge[0] + merge[1] not in vocab:
             raise QwenNPError(f"{path}: the merge {' '.join(merge)!r} in tokenizer.ggml.merges does not join two "
                               f"tokens of the vocabulary into a third")

@@ -445,6 +445,16 @@ def test_unsupported_tokenizers(tmp_path, model, pre, merge, message):
         qwen_np.load(path)
 
 
+def test_a_merge_whose_first_part_is_no_token_is_named(tmp_path):
+    # Its join is a token, so only the check of each part catches it (unchecked: a bare Exception from
+    # the tokenizers library, "Token `é` out of vocabulary")
+    tokens = [chr(c) for c in range(ord("!"), ord("!") + 63)] + ['é"']
+    tokenizer = {"pre": "qwen2", "tokens": tokens, "types": [1] * 64, "merges": ['é "']}
+    path = random_gguf(tmp_path / "tok.gguf", "llama", small_config("llama"), tokenizer=tokenizer)
+    with pytest.raises(qwen_np.QwenNPError, match="the merge 'é \"' in tokenizer.ggml.merges does not join two"):
+        qwen_np.load(path)
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"types": [1] * 10}, "tokenizer.ggml.token_type must be an array of integers, one per token"),
     ({"eos": 64}, r"tokenizer.ggml.eos_token_id=64 is not a token id of the vocabulary \(0..63\)")])
