@@ -17,12 +17,17 @@ from tiny import tiny_model, write_spelling_model
 ANSWER = "你好！🦙 巴黎是法国的首都。👋🏽 Done."
 
 
-def run(*args, stdin="", **env):  # -> CompletedProcess with text stdout/stderr
+def command(*args):  # -> the argv and environment of `python -m qwen_np ARGS`
     # No test may download into, or read from, the user's own model cache.
-    env = {"QWEN_NP_CACHE": str(ROOT / "tests" / "no-such-cache"), **os.environ, "PYTHONIOENCODING": "utf-8", **env}
+    env = {"QWEN_NP_CACHE": str(ROOT / "tests" / "no-such-cache"), **os.environ, "PYTHONIOENCODING": "utf-8"}
+    return [sys.executable, "-m", "qwen_np", *map(str, args)], env
+
+
+def run(*args, stdin="", **env):  # -> CompletedProcess with text stdout/stderr
+    argv, base = command(*args)
     # surrogateescape: a lone surrogate "\udcff" in stdin (or in an argument) is sent as the byte 0xff.
-    return subprocess.run([sys.executable, "-m", "qwen_np", *map(str, args)], input=stdin, capture_output=True,
-                          text=True, encoding="utf-8", errors="surrogateescape", cwd=ROOT, env=env, timeout=120)
+    return subprocess.run(argv, input=stdin, capture_output=True, text=True, encoding="utf-8",
+                          errors="surrogateescape", cwd=ROOT, env={**base, **env}, timeout=120)
 
 
 def assert_one_line_error(result, *fragments):
@@ -166,9 +171,8 @@ def test_each_option_takes_its_whole_range_and_no_more(flag, taken, refused):
 
 def test_a_reader_that_goes_away_ends_the_command_quietly(spelling_dir):
     # `python -m qwen_np generate ... | head -c 0`: exit status 141, as a shell reports a SIGPIPE, no traceback
-    env = {"QWEN_NP_CACHE": str(ROOT / "tests" / "no-such-cache"), **os.environ}
-    process = subprocess.Popen([sys.executable, "-m", "qwen_np", "generate", "--model", str(spelling_dir),
-                                "The answer is:"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env)
+    argv, env = command("generate", "--model", spelling_dir, "The answer is:")
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env)
     process.stdout.close()  # before the answer is written
     _, stderr = process.communicate(timeout=120)
     assert (process.returncode, stderr) == (141, b"")
