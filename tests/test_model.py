@@ -146,15 +146,18 @@ def test_bf16_checkpoint_in_shards(tmp_path):
     assert {info[0] for s in shards for info in read_safetensors_header(tmp_path / s).values()} == {"BF16"}
 
 
+def memory_of(a):  # -> the buffer at the bottom of array a's chain of bases (a memoryview of what holds it)
+    while isinstance(a, np.ndarray):
+        a = a.base
+    return a
+
+
 def test_mmap_load_maps_float32_tensors_and_gives_the_same_logits(tmp_path):
     reference = tiny_model("qwen3", tmp_path / "f32", tie_word_embeddings=False)
     mapped = qwen_np.load(tmp_path / "f32", mmap=True)
     weight = mapped.params["model"]["layers"][0]["self_attn"]["q_proj"]["weight"]
-    buffer = weight
-    while isinstance(buffer, np.ndarray):
-        buffer = buffer.base
     files = sorted((tmp_path / "f32").glob("*.safetensors"))
-    assert len(buffer) == sum(f.stat().st_size for f in files)  # a view of the whole mapped file, not a copy
+    assert len(memory_of(weight)) == sum(f.stat().st_size for f in files)  # a view of the whole mapped file
     x = ids(2, 20)
     np.testing.assert_allclose(qwen_np.forward(mapped.params, mapped.config, x)[0],
                                reference_logits(reference, x), **TOL)
@@ -177,10 +180,7 @@ def test_load_params_defaults_to_float32_read_into_memory(checkpoint):
     # As load's defaults: neither a view of the mapped file (mmap) nor bfloat16 bits (low_memory)
     config = qwen_np.load(checkpoint).config
     weight = qwen_np.load_params(checkpoint, config)["model"]["layers"][0]["self_attn"]["q_proj"]["weight"]
-    buffer = weight
-    while isinstance(buffer, np.ndarray):
-        buffer = buffer.base
-    assert weight.dtype == np.float32 and len(buffer) == weight.nbytes  # its own memory, not the whole file
+    assert weight.dtype == np.float32 and len(memory_of(weight)) == weight.nbytes  # its own memory, not the file
 
 
 def test_a_file_that_cannot_be_mapped_is_named(tmp_path, monkeypatch):
