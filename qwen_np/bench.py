@@ -307,13 +307,26 @@ def machine():  # what the figures came from: the CPU as the OS names it, its co
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():  # Linux: platform.processor() says only "x86_64"
-        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                    if line.startswith("model name")), cpu)
+        cpu = cpu_name(cpuinfo.read_text()) or cpu
     try:
         memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (AttributeError, ValueError, OSError):  # Windows, or a system that does not say
         memory_gib = None
     return dict(cpu=cpu, cores=os.cpu_count(), memory_gib=memory_gib, python=platform.python_version())
+
+
+def cpu_name(cpuinfo):  # /proc/cpuinfo's text -> e.g. "AMD EPYC (family 25, model 1)", or None
+    # A cloud guest's model name can be as vague as "AMD EPYC" for CPUs generations apart; the x86
+    # family and model numbers tell them apart.
+    fields = {}
+    for line in cpuinfo.split("\n\n")[0].splitlines():  # the first processor's lines, "key<tab>: value"
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    if not fields.get("model name"):  # e.g. many ARM kernels
+        return None
+    if not fields.get("cpu family"):
+        return fields["model name"]
+    return f"{fields['model name']} (family {fields['cpu family']}, model {fields.get('model', '?')})"
 
 
 def describe(host, software):  # -> one line of the printed header

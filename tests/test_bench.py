@@ -203,6 +203,24 @@ def test_the_no_huge_pages_worker_runs_with_numpys_huge_pages_off(monkeypatch):
     assert seen == {"qwen_np": None, "qwen_np-no-huge-pages": "0", "transformers": None}
 
 
+AMD_GUEST = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\n"
+             "flags\t\t: fpu avx2\n\nprocessor\t: 1\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+             "model name\t: AMD EPYC\n\n")
+
+
+@pytest.mark.parametrize("cpuinfo, name", [
+    (AMD_GUEST, "AMD EPYC (family 25, model 1)"),  # the first processor's; "model" is not "model name"
+    ("processor\t: 0\ncpu family\t: 6\nmodel\t\t: 143\nmodel name\t: Intel(R) Xeon(R) Processor\n",
+     "Intel(R) Xeon(R) Processor (family 6, model 143)"),
+    ("processor\t: 0\nmodel name\t: ARMv7 Processor rev 4 (v7l)\nCPU architecture: 7\n",
+     "ARMv7 Processor rev 4 (v7l)"),  # no x86 family: the name alone
+    ("processor\t: 0\nBogoMIPS\t: 50.00\nCPU implementer\t: 0x41\nCPU part\t: 0xd0c\n", None),  # no name
+])
+def test_the_machine_line_names_the_cpu_with_its_family_and_model(cpuinfo, name):
+    # Cloud guests of CPUs generations apart can share a model name ("AMD EPYC"), and their figures differ.
+    assert bench.cpu_name(cpuinfo) == name
+
+
 def test_a_worker_that_fails_stops_the_run_with_its_error(monkeypatch):
     # Without the check: a bare IndexError or JSONDecodeError from reading its empty output.
     def run(command, **kwargs):
