@@ -319,9 +319,9 @@ def cpu_name(cpuinfo):  # /proc/cpuinfo's text -> e.g. "AMD EPYC (family 25, mod
     # A cloud guest's model name can be as vague as "AMD EPYC" for CPUs generations apart; the x86
     # family and model numbers tell them apart.
     fields = {}
-    for line in cpuinfo.split("\n\n")[0].splitlines():  # the first processor's lines, "key<tab>: value"
+    for line in cpuinfo.splitlines():  # "key<tab>: value"; processor 0 comes first, and its values are kept
         key, _, value = line.partition(":")
-        fields[key.strip()] = value.strip()
+        fields.setdefault(key.strip(), value.strip())
     if not fields.get("model name"):  # e.g. many ARM kernels
         return None
     if not fields.get("cpu family"):
