@@ -250,7 +250,6 @@ def attention(q, k, v, mask):  # [B, H, T, Dh], [B, K, S, Dh] x2, [B, 1, T, S] b
 
 
 def grouped_attention(q, k, v, mask):  # [B, K, G, T, Dh] scaled, [B, K, S, Dh] x2, [B, 1, T, S] -> [B, K, G, T, Dh]
-    B, K, G, T, Dh = q.shape
     # k[:, :, None] broadcasts each key/value head over its G query heads: the same as repeat_kv,
     # without the copy, and in decoding each query head's scores are one matrix-vector product.
     scores = q @ k[:, :, None].swapaxes(-1, -2)  # [B, K, G, T, S]
@@ -258,9 +257,9 @@ def grouped_attention(q, k, v, mask):  # [B, K, G, T, Dh] scaled, [B, K, S, Dh] 
     # so no row is left empty.
     np.copyto(scores, np.float32(-np.inf), where=~mask[:, :, None])
     probs = softmax(scores, out=scores)  # in place: our own array
-    # The G heads of a group share their values: one [G * T, S] @ [S, Dh] product per group
-    # reads each value head once (a product per query head would read it G times).
-    return (probs.reshape(B, K, G * T, -1) @ v).reshape(B, K, G, T, Dh)
+    # Each query head's weighted sum of its group's values, like the scores above: in decoding
+    # one matrix-vector product per query head over the position-minor values (see empty_cache).
+    return probs @ v[:, :, None]  # [B, K, G, T, S] @ [B, K, 1, S, Dh] -> [B, K, G, T, Dh]
 
 
 # ---------------------------------------------------------------------------------------------

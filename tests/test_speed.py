@@ -1,8 +1,8 @@
 """What the speed of qwen_np rests on, checked without timing anything (the machine is shared):
-every activation is float32, a decode step copies no weight, the KV cache keeps its keys
-position-minor, loading makes no second copy of the weights, freed temporaries are reused
-without page faults after loading, and the blocked attention equals the reference's on prompts
-longer than a block."""
+every activation is float32, a decode step copies no weight, the KV cache keeps its keys and
+values position-minor, loading makes no second copy of the weights, freed temporaries are
+reused without page faults after loading, and the blocked attention equals the reference's on
+prompts longer than a block."""
 
 import functools
 import inspect
@@ -131,13 +131,14 @@ def test_decode_step_copies_no_weight(family, tmp_path):
     assert cache.length == 41 and cache.keys[0].shape[2] == 64  # written in place, not re-allocated
 
 
-def test_cache_keeps_keys_position_minor(models):
-    # Decoding reads each head's keys as one row-major [Dh, S] matrix (see empty_cache): the
-    # stride between positions is one float, through prefill, growth and dropping finished rows.
+def test_cache_keeps_keys_and_values_position_minor(models):
+    # Decoding reads each head's keys and values as row-major [Dh, S] matrices (see empty_cache):
+    # the stride between positions is one float, through prefill, growth and dropping finished rows.
     m = models("qwen3")
 
     def position_minor(cache):
-        return all(k.strides[2] == k.itemsize and k.shape == v.shape for k, v in zip(cache.keys, cache.values))
+        return all(k.strides[2] == k.itemsize and v.strides[2] == v.itemsize and k.shape == v.shape
+                   for k, v in zip(cache.keys, cache.values))
 
     cache = empty_cache(m.config, 2, 8)
     assert position_minor(cache)
@@ -145,6 +146,7 @@ def test_cache_keeps_keys_position_minor(models):
     _, grown = qwen_np.forward(m.params, m.config, np.ones((2, 5), int), cache)  # 11 > 8: the cache grows
     assert grown.keys[0].shape[2] == 16 and position_minor(grown)
     np.testing.assert_array_equal(grown.keys[0][:, :, :6], cache.keys[0][:, :, :6])  # copied as it was
+    np.testing.assert_array_equal(grown.values[0][:, :, :6], cache.values[0][:, :, :6])
     assert position_minor(keep_rows(grown, np.array([False, True])))
 
 
