@@ -49,7 +49,7 @@ def empty_cache(config, batch_size, capacity):
     # Keys and values are [B, K, C, Dh], laid out position-minor in memory (a [B, K, Dh, C] buffer
     # seen transposed): each head's keys and values are then a row-major [Dh, S] matrix. Decoding
     # multiplies it by one vector per query head (the scores and the weighted sum of values in
-    # `grouped_attention`), which BLAS streams 1.4-1.6x faster over rows of S than of Dh.
+    # `grouped_attention`), which BLAS streams 1.4-1.8x faster over rows of S than of Dh.
     def buffers():
         return tuple(np.zeros((B, K, Dh, C), np.float32).swapaxes(2, 3) for _ in layers)
 
