@@ -60,6 +60,10 @@ def load(path, mmap=False, low_memory=False):
     another order); float32/fp16 weights, and the dequantized values of a GGUF file, are rounded
     to bfloat16. Decoding is slower than the default (see the README's Speed and memory).
 
+    By default a weight matrix with more rows than columns, and short rows, is read into memory
+    column by column (`ops.column_major`): the same [out, in] array to NumPy, which OpenBLAS
+    streams faster in decoding. Mapped and bfloat16 weights keep the file's rows.
+
     Loading also tells the C library to keep freed memory for reuse, a setting of the whole
     process (`keep_freed_memory`: glibc's mallopt; a forward pass is faster with it).
     """

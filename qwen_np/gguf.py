@@ -30,7 +30,8 @@ import numpy as np
 
 from .config import QwenNPError, check_values, config_from_dict, is_int
 from .ops import bf16_to_float32
-from .weights import CHUNK, build_tree, expected_shapes, float32_to_bf16, fresh_array, map_file
+from .weights import (as_rows, build_tree, expected_shapes, float32_to_bf16, map_file, multiplied_by_columns,
+                      row_blocks, weight_array)
 
 # GGUF architecture name -> our model_type (config.json's name for the family)
 ARCHITECTURES = {"qwen2": "qwen2", "qwen3": "qwen3", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe",
@@ -207,16 +208,18 @@ DEQUANTIZERS = {
 }
 
 
-def dequantize(raw, type_name, shape, bf16=False):  # raw bytes -> [shape] float32 (bf16=True: uint16 bits)
-    # bf16: the values rounded to bfloat16, for load(..., low_memory=True).
+def dequantize(raw, type_name, shape, bf16=False, by_columns=False):  # raw bytes -> [shape] float32
+    # bf16: the values rounded to bfloat16 (uint16 bits), for load(..., low_memory=True).
+    # by_columns: a float32 matrix laid out column by column (see weights.weight_array).
     values, block_bytes, dequantizer = DEQUANTIZERS[type_name]
     blocks = np.ascontiguousarray(raw).view(np.uint8).reshape(-1, block_bytes)
-    out = fresh_array(len(blocks) * values, np.uint16 if bf16 else np.float32).reshape(len(blocks), values)
-    step = max(1, CHUNK // values)  # blocks at a time: each float32 temporary is 16 MB, however large the tensor
-    for b in range(0, len(blocks), step):
-        x = dequantizer(blocks[b:b + step])
-        out[b:b + step] = float32_to_bf16(x) if bf16 else x
-    return out.reshape(shape)
+    out = weight_array(shape, np.uint16 if bf16 else np.float32, by_columns)
+    rows = as_rows(out)
+    per_row = rows.shape[1] // values  # blocks a row (a block never straddles two rows)
+    for start, stop in row_blocks(rows):  # a float32 temporary of at most 16 MB, however large the tensor
+        x = dequantizer(blocks[start * per_row:stop * per_row]).reshape(stop - start, -1)
+        rows[start:stop] = float32_to_bf16(x) if bf16 else x
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -543,9 +546,11 @@ def gguf_params(tensors, config, path, low_memory=False):
                               f"{list(wanted[name])} ({name})")
     # Each GGUF tensor is dequantized once (an expert tensor for all its experts), by one thread
     # per core (at most 8): the dequantizers' NumPy operations release the GIL.
-    reads = {tensor.name: (tensor, low_memory and len(shapes[name]) == 2) for name, (tensor, _) in plan.items()}
+    reads = {tensor.name: (tensor, low_memory and len(shapes[name]) == 2,
+                           not low_memory and expert is None and multiplied_by_columns(name, wanted))
+             for name, (tensor, expert) in plan.items()}
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        futures = {name: pool.submit(dequantize_tensor, tensor, path, bf16) for name, (tensor, bf16) in reads.items()}
+        futures = {name: pool.submit(dequantize_tensor, *read, path) for name, read in reads.items()}
         arrays = {name: future.result() for name, future in futures.items()}
     flat = {}
     for name, (tensor, expert) in plan.items():
@@ -562,12 +567,12 @@ def gguf_params(tensors, config, path, low_memory=False):
     return build_tree(flat)
 
 
-def dequantize_tensor(tensor, path, bf16=False):  # -> float32 array of the tensor's NumPy shape (bf16: uint16 bits)
+def dequantize_tensor(tensor, bf16, by_columns, path):  # -> the tensor's array of its NumPy shape (see dequantize)
     type_name = tensor.type_name
     if type_name not in DEQUANTIZERS:
         raise QwenNPError(f"{path}: tensor {tensor.name!r} has type {type_name}, which qwen_np cannot read "
                           f"(it reads {', '.join(DEQUANTIZERS)})")
-    return dequantize(tensor.data, type_name, numpy_shape(tensor), bf16)
+    return dequantize(tensor.data, type_name, numpy_shape(tensor), bf16, by_columns)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import QwenNPError, is_int, is_present, parse_json, read_json
-from .ops import bf16_to_float32
+from .ops import bf16_to_float32, column_major
 
 DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # BF16: raw bits, widened below
 
@@ -92,13 +92,16 @@ def header_entry_problem(info):  # -> what is wrong with one tensor's header ent
 
 MAP_PRIVATE = getattr(mmap_module, "MAP_PRIVATE", None)  # Unix only
 CHUNK = 1 << 22  # values converted at a time when widening or narrowing (8 MB of a bf16/fp16 file, 16 MB of fp32)
+COLUMN_MAJOR_ROWS = 256  # rows filled at a time in a column-major matrix (see row_blocks)
 
 
-def read_tensor(path, name, dtype, shape, offset, nbytes, mapped=None, bf16=False):  # -> array of `shape`
-    """One tensor read straight into its float32 array; bf16/fp16 widened chunk by chunk, so the
-    narrow copy never exists in full next to the wide one. With `mapped` (the file's copy-on-write
-    memory map), a float32 tensor is a view of the map instead: no copy at all. With `bf16`, the
-    result is bfloat16 bits (uint16): a BF16 tensor as stored, F32/F16 rounded to bfloat16."""
+def read_tensor(path, name, dtype, shape, offset, nbytes, mapped=None, bf16=False, by_columns=False):
+    """One tensor read straight into its float32 array of `shape`; bf16/fp16 widened a block of rows
+    at a time, so the narrow copy never exists in full next to the wide one. With `mapped` (the
+    file's copy-on-write memory map), a float32 tensor is a view of the map instead: no copy at
+    all. With `bf16`, the result is bfloat16 bits (uint16): a BF16 tensor as stored, F32/F16
+    rounded to bfloat16. With `by_columns`, a float32 matrix is laid out column by column (see
+    weight_array)."""
     if dtype not in DTYPES:
         raise QwenNPError(f"{path}: tensor {name!r} has dtype {dtype}; qwen_np reads F32, F16 and BF16")
     count = math.prod(shape)  # exact (np.prod would wrap around for absurd shapes)
@@ -106,26 +109,50 @@ def read_tensor(path, name, dtype, shape, offset, nbytes, mapped=None, bf16=Fals
         raise QwenNPError(f"{path}: tensor {name!r} has {nbytes} bytes, not {count} {dtype} values")
     if dtype == "F32" and mapped is not None and not bf16:
         return np.frombuffer(mapped, np.float32, count, offset).reshape(shape)
-    out = fresh_array(count, np.uint16 if bf16 else np.float32)
+    out = weight_array(shape, np.uint16 if bf16 else np.float32, by_columns)
     truncated = QwenNPError(f"{path} is truncated: tensor {name!r} ends past the end of the file")
     with open(path, "rb") as f:  # buffered: its readinto fills the whole buffer unless the file ends
         f.seek(offset)
-        if dtype == ("BF16" if bf16 else "F32"):  # already in the wanted form
+        if dtype == ("BF16" if bf16 else "F32") and out.flags.c_contiguous:  # already in the wanted form
             if f.readinto(out.view(np.uint8)) != nbytes:  # the file shrank since its header was read
                 raise truncated
-            return out.reshape(shape)
-        for start in range(0, count, CHUNK):
-            chunk = out[start:start + CHUNK]
-            raw = np.fromfile(f, dtype=DTYPES[dtype], count=chunk.size)
-            if raw.size < chunk.size:
+            return out
+        rows = as_rows(out)
+        for start, stop in row_blocks(rows):
+            block = rows[start:stop]
+            raw = np.fromfile(f, dtype=DTYPES[dtype], count=block.size)
+            if raw.size < block.size:
                 raise truncated
+            raw = raw.reshape(block.shape)  # the file's rows, in the file's order
             if bf16:  # F32 or F16 -> bfloat16 bits
-                chunk[:] = float32_to_bf16(raw.astype(np.float32, copy=False))
+                block[:] = float32_to_bf16(raw.astype(np.float32, copy=False))
             elif dtype == "BF16":
-                bf16_to_float32(raw, out=chunk)
+                bf16_to_float32(raw, out=block)
             else:
-                chunk[:] = raw
-    return out.reshape(shape)
+                block[:] = raw
+    return out
+
+
+def weight_array(shape, dtype, by_columns=False):  # -> fresh array of `shape` for the caller to fill
+    # by_columns: a matrix [out, in] laid out column by column (Fortran order), which `linear`
+    # streams faster where it has more rows than columns (see ops.column_major). To NumPy it is the
+    # same [out, in] array; only the order of its numbers in memory differs.
+    if by_columns:
+        return fresh_array(math.prod(shape), dtype).reshape(shape[::-1]).T
+    return fresh_array(math.prod(shape), dtype).reshape(shape)
+
+
+def as_rows(array):  # [..., n] -> [rows, n], a view: what a file stores row after row
+    if array.ndim == 2:
+        return array  # column-major or not
+    return array.reshape(math.prod(array.shape[:-1]), array.shape[-1] if array.ndim else 1)  # C order
+
+
+def row_blocks(rows):  # [rows, n] -> (start, stop) of the blocks of rows to fill at a time
+    # CHUNK values at a time; a column-major matrix COLUMN_MAJOR_ROWS rows at a time, as each row
+    # written there is spread over every column.
+    step = max(1, CHUNK // max(1, rows.shape[1])) if rows.flags.c_contiguous else COLUMN_MAJOR_ROWS
+    return [(start, min(start + step, len(rows))) for start in range(0, len(rows), step)]
 
 
 def fresh_array(count, dtype):  # -> [count] array of `dtype` in fresh memory of its own, for the caller to fill
@@ -287,12 +314,20 @@ def load_params(directory, config, mmap=False, low_memory=False):
 
     def read(name):  # -> the tensor's array (low_memory: a matrix as bfloat16 bits)
         return read_tensor(files[name], name, *headers[files[name]][name], maps.get(files[name]),
-                           bf16=low_memory and len(shapes[name]) == 2)
+                           bf16=low_memory and len(shapes[name]) == 2,
+                           by_columns=not low_memory and multiplied_by_columns(name, shapes))
 
     # Tensors are read by one thread per core (at most 8): filling fresh memory is CPU work (the
     # kernel maps and zeroes each page), and file reads and NumPy's copies release the GIL.
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
         return build_tree(dict(zip(shapes, pool.map(read, shapes))))
+
+
+def multiplied_by_columns(name, shapes):  # -> whether `linear` streams this weight faster laid out by columns
+    # The embeddings are looked up row by row; only as the (tied) LM head are they multiplied.
+    if name == "model.embed_tokens.weight" and "lm_head.weight" in shapes:
+        return False
+    return column_major(shapes[name])
 
 
 def tensors_to_read(config, files, headers):  # -> {tensor name: shape} of the tensors to read

@@ -21,7 +21,7 @@ from qwen_np.config import config_from_dict
 from qwen_np.gguf import (DEQUANTIZERS, GGML_TYPES, IQ4_LEVELS, bytes_to_unicode, chat_settings,
                           check_special_token_ids, config_from_gguf, dequantize, end_token_ids_of_gguf, gguf_params,
                           gguf_tokenizer, pre_tokenizer, read_gguf, unpermute_rope_rows)
-from qwen_np.ops import bf16_to_float32
+from qwen_np.ops import bf16_to_float32, column_major
 from qwen_np.weights import expected_shapes, flatten, float32_to_bf16
 
 Q = gguf.GGMLQuantizationType
@@ -51,14 +51,18 @@ def test_dequantizer_matches_the_gguf_package(name, monkeypatch):
     else:
         raw = gguf.quants.quantize(rng.normal(size=(rows, cols)).astype(np.float32), qtype)
     with monkeypatch.context() as m:
-        m.setattr(qwen_np.gguf, "CHUNK", 300)  # in chunks of blocks, the last one short: the same values
+        m.setattr(qwen_np.weights, "CHUNK", 300)  # a row at a time: the same values
         chunked = dequantize(raw, name, (rows, cols))
+        m.setattr(qwen_np.weights, "COLUMN_MAJOR_ROWS", 4)  # column-major, 4 rows then 2: the same values
+        by_columns = dequantize(raw, name, (rows, cols), by_columns=True)
     ours = dequantize(raw, name, (rows, cols))
     assert ours.dtype == np.float32 and ours.shape == (rows, cols)
     assert np.count_nonzero(ours) > rows * cols // 2
     expected = gguf.quants.dequantize(raw, qtype)
     np.testing.assert_array_equal(ours, expected)
     np.testing.assert_array_equal(chunked, expected)
+    assert ours.flags.c_contiguous and by_columns.flags.f_contiguous and not by_columns.flags.c_contiguous
+    np.testing.assert_array_equal(by_columns, expected)
 
 
 def test_type_numbers_are_ggmls():
@@ -303,7 +307,8 @@ def widened(tree):  # the params tree with its bfloat16 matrices widened to floa
 @pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
 def test_low_memory_keeps_a_gguf_files_matrices_in_bf16(tmp_path, family, monkeypatch):
     # llama: its q/k rows permuted back; qwen3_moe: experts as views of one stacked array.
-    monkeypatch.setattr(qwen_np.gguf, "CHUNK", 100)  # every tensor dequantized in several chunks
+    monkeypatch.setattr(qwen_np.weights, "CHUNK", 100)  # every tensor dequantized in several blocks of rows
+    monkeypatch.setattr(qwen_np.weights, "COLUMN_MAJOR_ROWS", 3)
     config = small_config(family, **({"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
                                       "head_dim": 8} if family == "qwen3_moe" else {}))
     path = random_gguf(tmp_path / "m.gguf", family, config, qtype=Q.Q8_0)
@@ -319,6 +324,9 @@ def test_low_memory_keeps_a_gguf_files_matrices_in_bf16(tmp_path, family, monkey
             assert kept.dtype == np.float32, name
             np.testing.assert_array_equal(kept, value)
     assert matrices == sum(v.ndim == 2 for v in flatten(default.params).values()) > 10
+    for name, value in flatten(default.params).items():  # as from safetensors, tall matrices by columns (not experts)
+        assert (not value.flags.c_contiguous) == (column_major(value.shape) and ".experts." not in name), name
+    assert not default.params["lm_head"]["weight"].flags.c_contiguous  # the tied embeddings, [64, 32]
     if family == "qwen3_moe":
         experts = low.params["model"]["layers"][0]["mlp"]["experts"]
         assert experts[0]["up_proj"]["weight"].base is experts[3]["up_proj"]["weight"].base

@@ -20,6 +20,7 @@ from conftest import require_reference
 from qwen_np import hub_cache, hub_cache_model
 from qwen_np.config import config_from_dict, read_json
 from qwen_np.model import empty_cache
+from qwen_np.ops import bf16_to_float32
 from qwen_np.weights import expected_shapes, float32_to_bf16, read_safetensors_header, read_tensor
 from tiny import drop_tensor, edit_config, reference_logits, tiny_model, write_older_config
 
@@ -583,13 +584,15 @@ def hub_cache_copy(checkpoint, hub, name, commits=("0123abc",), main="0123abc"):
 
 def test_a_hub_cache_snapshot_of_symlinks_loads(checkpoint, tmp_path):
     # The Hub's cache keeps each file once under blobs/ and links it from snapshots/<commit>/.
-    original = qwen_np.load(checkpoint)
-    snapshot = hub_cache_copy(checkpoint, tmp_path / "hub", "Qwen/Tiny") / "snapshots" / "0123abc"
     ids = np.array([[1, 2, 3]])
-    expected = qwen_np.forward(original.params, original.config, ids)[0]
+    expected = {}  # mmap -> logits (mapped weights keep the file's layout, see weights.weight_array: other rounding)
+    for mmap in (False, True):
+        original = qwen_np.load(checkpoint, mmap=mmap)
+        expected[mmap] = qwen_np.forward(original.params, original.config, ids)[0]
+    snapshot = hub_cache_copy(checkpoint, tmp_path / "hub", "Qwen/Tiny") / "snapshots" / "0123abc"
     for mmap in (False, True):
         model = qwen_np.load(snapshot, mmap=mmap)
-        np.testing.assert_array_equal(qwen_np.forward(model.params, model.config, ids)[0], expected)
+        np.testing.assert_array_equal(qwen_np.forward(model.params, model.config, ids)[0], expected[mmap])
 
 
 def test_a_model_folder_of_the_hub_cache_names_its_snapshot(tmp_path):
@@ -887,6 +890,60 @@ def test_a_file_that_shrinks_after_its_header_is_read(tmp_path, stored, low_memo
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(qwen_np.QwenNPError, match=r"model\.safetensors is truncated: tensor 'w' ends past the end"):
         read_tensor(path, "w", *header["w"], bf16=low_memory)
+    with pytest.raises(qwen_np.QwenNPError, match=r"model\.safetensors is truncated: tensor 'w' ends past the end"):
+        read_tensor(path, "w", *header["w"], by_columns=not low_memory)
+
+
+@pytest.mark.parametrize("stored", ["F32", "BF16", "F16"])
+def test_a_matrix_read_by_columns_holds_the_files_values(tmp_path, stored, monkeypatch):
+    from qwen_np.bench import write_safetensors
+
+    path = tmp_path / "model.safetensors"
+    values = (np.arange(3000) % 200).astype(np.float32).reshape(100, 30)  # exact in bfloat16 and float16
+    write_safetensors(path, {"w": float32_to_bf16(values) if stored == "BF16" else values.astype(
+        np.float16 if stored == "F16" else np.float32)}, stored)
+    monkeypatch.setattr(qwen_np.weights, "COLUMN_MAJOR_ROWS", 16)  # 16 rows at a time, the last block 4
+    w = read_tensor(path, "w", *read_safetensors_header(path)["w"], by_columns=True)
+    assert w.shape == (100, 30) and w.dtype == np.float32 and w.flags.f_contiguous and not w.flags.c_contiguous
+    np.testing.assert_array_equal(w, values)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_load_lays_out_tall_matrices_of_short_rows_by_columns(tmp_path, tied):
+    # `linear` streams such a weight faster by columns (ops.column_major); the rest keep the file's rows.
+    from qwen_np.bench import SMOKE_SHAPES, write_checkpoint
+    from qwen_np.ops import SHORT_ROW
+    from qwen_np.weights import flatten
+
+    shape = dict(SMOKE_SHAPES["tiny-qwen2"], tie_word_embeddings=tied)  # hidden 64, intermediate 128, vocab 512
+    write_checkpoint(tmp_path / "short", shape, dtype="bfloat16")
+    model = qwen_np.load(tmp_path / "short")
+    mlp, attn = model.params["model"]["layers"][0]["mlp"], model.params["model"]["layers"][0]["self_attn"]
+    by_columns = [mlp["gate_proj"]["weight"], mlp["up_proj"]["weight"], model.params["lm_head"]["weight"]]
+    by_rows = [mlp["down_proj"]["weight"], attn["q_proj"]["weight"], attn["k_proj"]["weight"]]
+    if not tied:  # looked up row by row, never multiplied
+        by_rows.append(model.params["model"]["embed_tokens"]["weight"])
+    assert all(w.shape[0] > w.shape[1] and w.flags.f_contiguous and not w.flags.c_contiguous for w in by_columns)
+    assert all(w.flags.c_contiguous for w in by_rows)
+    assert (model.params["lm_head"]["weight"] is model.params["model"]["embed_tokens"]["weight"]) == tied
+    low = flatten(qwen_np.load(tmp_path / "short", low_memory=True).params)  # bf16 bits keep the file's rows
+    for name, w in flatten(model.params).items():
+        assert low[name].flags.c_contiguous
+        np.testing.assert_array_equal(w, low[name] if low[name].dtype == np.float32 else
+                                      bf16_to_float32(low[name]))
+    # A float32 checkpoint: read into columns too; mapped (mmap=True), its weights stay the file's rows.
+    write_checkpoint(tmp_path / "f32", shape, dtype="float32")
+    read = flatten(qwen_np.load(tmp_path / "f32").params)
+    mapped = flatten(qwen_np.load(tmp_path / "f32", mmap=True).params)
+    assert read["model.layers.0.mlp.gate_proj.weight"].flags.f_contiguous
+    for name, w in read.items():
+        assert mapped[name].flags.c_contiguous
+        np.testing.assert_array_equal(w, mapped[name])
+    # Rows of SHORT_ROW floats and more stream fast enough as they are.
+    write_checkpoint(tmp_path / "long", dict(shape, hidden_size=SHORT_ROW, intermediate_size=2 * SHORT_ROW,
+                                              num_hidden_layers=1), dtype="bfloat16")
+    gate = qwen_np.load(tmp_path / "long").params["model"]["layers"][0]["mlp"]["gate_proj"]["weight"]
+    assert gate.shape == (2 * SHORT_ROW, SHORT_ROW) and gate.flags.c_contiguous
 
 
 def test_no_weights(checkpoint):
