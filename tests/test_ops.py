@@ -77,8 +77,10 @@ def test_masks():
                                   [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]])
 
 
-def test_linear_is_x_times_w_transposed_for_any_number_of_rows():
-    w, b = randn(48, 32), randn(48)
+@pytest.mark.parametrize("order", ["C", "F"])  # a weight as the file stores it, or laid out by columns
+def test_linear_is_x_times_w_transposed_for_any_number_of_rows(order):
+    w, b = np.asarray(randn(48, 32), order=order), randn(48)
+    assert ops.column_major(w.shape) and w.flags.c_contiguous == (order == "C")
     for shape in [(32,), (1, 32), (2, 32), (3, 1, 32), (2, 5, 32), (8, 1, 32), (4, 2, 3, 32), (1, ops.FEW_ROWS, 32),
                   (1, ops.FEW_ROWS + 1, 32), (300, 32)]:
         x = randn(*shape)
@@ -86,6 +88,13 @@ def test_linear_is_x_times_w_transposed_for_any_number_of_rows():
         np.testing.assert_allclose(ops.linear(x, w, b), x.astype(np.float64) @ w.T.astype(np.float64) + b,
                                    rtol=1e-5, atol=1e-5)
         assert ops.linear(x, w).dtype == np.float32
+
+
+def test_a_few_rows_take_the_faster_form_for_the_weights_layout():
+    # 4 to FEW_ROWS rows: (W @ x^T)^T, a transposed view, for a weight by rows; x @ W^T by columns.
+    w, x = randn(48, 32), randn(16, 32)
+    assert ops.times_transposed(x, w).flags.f_contiguous and not ops.times_transposed(x, w).flags.c_contiguous
+    assert ops.times_transposed(x, np.asfortranarray(w)).flags.c_contiguous
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 32), (3, 32), (4, 32), (8, 1, 32), (4, 5, 32), (2, 3, 1, 32), (1, 300, 32)])
