@@ -205,11 +205,19 @@ def test_low_memory_keeps_bf16_matrices_and_gives_the_default_logits(tmp_path, m
     assert low.params["lm_head"]["weight"].dtype == low.params["model"]["embed_tokens"]["weight"].dtype == np.uint16
     assert layer["self_attn"]["q_proj"]["bias"].dtype == layer["input_layernorm"]["weight"].dtype == np.float32
     x = ids(2, 20)
-    # Widening bf16 is exact, so the results are the default's to the last bit (each weight here
-    # is widened in one block).
+    # Widening bf16 is exact, so the results are those of the default's weights laid out by rows, to
+    # the last bit (each weight here is widened in one block). The default lays its tall matrices out
+    # by columns (ops.column_major), multiplied in another order: the same up to rounding.
+    def by_rows(tree):
+        if isinstance(tree, (dict, list)):
+            return {k: by_rows(v) for k, v in tree.items()} if isinstance(tree, dict) else list(map(by_rows, tree))
+        return np.ascontiguousarray(tree)
+
     (low_logits, low_cache), (logits, cache) = (qwen_np.forward(m.params, m.config, x, empty_cache(m.config, 2, 21))
                                                 for m in (low, default))
-    np.testing.assert_array_equal(low_logits, logits)
+    np.testing.assert_array_equal(low_logits, qwen_np.forward(by_rows(default.params), default.config, x)[0])
+    np.testing.assert_allclose(low_logits, logits, rtol=1e-5, atol=1e-6)
+    assert not default.params["model"]["layers"][0]["mlp"]["gate_proj"]["weight"].flags.c_contiguous
     # A decode step widens blocks of BF16_CACHED floats, here 5 rows: the same up to rounding.
     monkeypatch.setattr(qwen_np.ops, "BF16_CACHED", 5 * low.config.hidden_size)
     step = ids(2, 1)
@@ -900,8 +908,8 @@ def test_a_matrix_read_by_columns_holds_the_files_values(tmp_path, stored, monke
 
     path = tmp_path / "model.safetensors"
     values = (np.arange(3000) % 200).astype(np.float32).reshape(100, 30)  # exact in bfloat16 and float16
-    write_safetensors(path, {"w": float32_to_bf16(values) if stored == "BF16" else values.astype(
-        np.float16 if stored == "F16" else np.float32)}, stored)
+    as_stored = {"F32": values, "BF16": float32_to_bf16(values), "F16": values.astype(np.float16)}[stored]
+    write_safetensors(path, {"w": as_stored}, stored)
     monkeypatch.setattr(qwen_np.weights, "COLUMN_MAJOR_ROWS", 16)  # 16 rows at a time, the last block 4
     w = read_tensor(path, "w", *read_safetensors_header(path)["w"], by_columns=True)
     assert w.shape == (100, 30) and w.dtype == np.float32 and w.flags.f_contiguous and not w.flags.c_contiguous
