@@ -137,9 +137,8 @@ def weight_array(shape, dtype, by_columns=False):  # -> fresh array of `shape` f
     # by_columns: a matrix [out, in] laid out column by column (Fortran order), which `linear`
     # streams faster where it has more rows than columns (see ops.column_major). To NumPy it is the
     # same [out, in] array; only the order of its numbers in memory differs.
-    if by_columns:
-        return fresh_array(math.prod(shape), dtype).reshape(shape[::-1]).T
-    return fresh_array(math.prod(shape), dtype).reshape(shape)
+    flat = fresh_array(math.prod(shape), dtype)
+    return flat.reshape(shape[::-1]).T if by_columns else flat.reshape(shape)
 
 
 def as_rows(array):  # [..., n] -> [rows, n], a view: what a file stores row after row
