@@ -49,7 +49,7 @@ def load(path, mmap=False, low_memory=False):
     mmap=True: float32 weights stay in the mapped file instead of being read into memory: loading
     returns at once and the first forward pass reads what it needs, as transformers does. The map
     is copy-on-write: a weight edited in place becomes this process's own; the file never changes.
-    Decoding from the map was 0-25% slower in the README's measurements (Speed and memory), and
+    Decoding from the map was 1-25% slower in the README's measurements (Speed and memory), and
     the files must not be rewritten while the model is in use: reading a part of a file that was
     cut short kills the process (SIGBUS).
 
