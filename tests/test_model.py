@@ -21,7 +21,7 @@ from qwen_np import hub_cache, hub_cache_model
 from qwen_np.config import config_from_dict, read_json
 from qwen_np.model import empty_cache
 from qwen_np.ops import bf16_to_float32
-from qwen_np.weights import expected_shapes, float32_to_bf16, read_safetensors_header, read_tensor
+from qwen_np.weights import expected_shapes, flatten, float32_to_bf16, nest, read_safetensors_header, read_tensor
 from tiny import drop_tensor, edit_config, reference_logits, tiny_model, write_older_config
 
 rng = np.random.default_rng(0)
@@ -208,14 +208,10 @@ def test_low_memory_keeps_bf16_matrices_and_gives_the_default_logits(tmp_path, m
     # Widening bf16 is exact, so the results are those of the default's weights laid out by rows, to
     # the last bit (each weight here is widened in one block). The default lays its tall matrices out
     # by columns (ops.column_major), multiplied in another order: the same up to rounding.
-    def by_rows(tree):
-        if isinstance(tree, (dict, list)):
-            return {k: by_rows(v) for k, v in tree.items()} if isinstance(tree, dict) else list(map(by_rows, tree))
-        return np.ascontiguousarray(tree)
-
+    by_rows = nest({name: np.ascontiguousarray(w) for name, w in flatten(default.params).items()})
     (low_logits, low_cache), (logits, cache) = (qwen_np.forward(m.params, m.config, x, empty_cache(m.config, 2, 21))
                                                 for m in (low, default))
-    np.testing.assert_array_equal(low_logits, qwen_np.forward(by_rows(default.params), default.config, x)[0])
+    np.testing.assert_array_equal(low_logits, qwen_np.forward(by_rows, default.config, x)[0])
     np.testing.assert_allclose(low_logits, logits, rtol=1e-5, atol=1e-6)
     assert not default.params["model"]["layers"][0]["mlp"]["gate_proj"]["weight"].flags.c_contiguous
     # A decode step widens blocks of BF16_CACHED floats, here 5 rows: the same up to rounding.
@@ -921,7 +917,6 @@ def test_load_lays_out_tall_matrices_of_short_rows_by_columns(tmp_path, tied):
     # `linear` streams such a weight faster by columns (ops.column_major); the rest keep the file's rows.
     from qwen_np.bench import SMOKE_SHAPES, write_checkpoint
     from qwen_np.ops import SHORT_ROW
-    from qwen_np.weights import flatten
 
     shape = dict(SMOKE_SHAPES["tiny-qwen2"], tie_word_embeddings=tied)  # hidden 64, intermediate 128, vocab 512
     write_checkpoint(tmp_path / "short", shape, dtype="bfloat16")
