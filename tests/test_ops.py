@@ -2,6 +2,7 @@
 
 import math
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -133,8 +134,12 @@ def test_linear_widens_bf16_weights_a_block_at_a_time(rows, monkeypatch):
     np.testing.assert_allclose(y, x.astype(np.float64) @ w.T.astype(np.float64) + b, rtol=1e-5, atol=1e-5)
 
 
-def test_sigmoid_does_not_overflow():
-    np.testing.assert_allclose(ops.sigmoid(np.array([-1000.0, 0.0, 1000.0], np.float32)), [0, 0.5, 1])
+def test_sigmoid_and_silu_do_not_overflow():
+    x = np.array([-1000.0, 0.0, 1000.0], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # exp(1000) overflows to inf: the right limit, and no warning
+        np.testing.assert_allclose(ops.sigmoid(x), [0, 0.5, 1])
+        np.testing.assert_allclose(ops.silu(x), [0, 0, 1000])
 
 
 def test_attention_without_repeat_equals_attention_with_repeat_kv():
@@ -184,6 +189,15 @@ def test_attention_matches_reference_eager_attention(reference):
     module = types.SimpleNamespace(num_key_value_groups=3, training=False)
     ref, _ = eager_attention_forward(module, t(q), t(k), t(v), additive, scaling=8**-0.5)
     np.testing.assert_allclose(ops.attention(q, k, v, mask), ref.transpose(1, 2).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_sigmoid_and_silu_match_reference_in_relative_terms(reference):
+    torch, _ = reference
+    # Down to x = -100, where both are far below 1 (0 from about -88.7): a form such as
+    # 0.5 * (1 + tanh(x / 2)) is as close in absolute terms, but off by up to 13x in relative ones.
+    x = np.linspace(-100, 30, 100_001, dtype=np.float32)
+    np.testing.assert_allclose(ops.sigmoid(x), torch.sigmoid(t(x)).numpy(), rtol=1e-6, atol=0)
+    np.testing.assert_allclose(ops.silu(x), torch.nn.functional.silu(t(x)).numpy(), rtol=1e-6, atol=0)
 
 
 def test_mlp_matches_reference(reference):
