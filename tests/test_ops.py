@@ -193,7 +193,7 @@ def test_attention_matches_reference_eager_attention(reference):
 
 def test_sigmoid_and_silu_match_reference_in_relative_terms(reference):
     torch, _ = reference
-    # Down to x = -100, where both are far below 1 (0 from about -88.7): a form such as
+    # Down to x = -100, where both are tiny (0 below about -88.7): a form such as
     # 0.5 * (1 + tanh(x / 2)) is as close in absolute terms, but off by up to 13x in relative ones.
     x = np.linspace(-100, 30, 100_001, dtype=np.float32)
     np.testing.assert_allclose(ops.sigmoid(x), torch.sigmoid(t(x)).numpy(), rtol=1e-6, atol=0)
