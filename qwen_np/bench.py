@@ -447,7 +447,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m qwen_np.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--model", action="append", type=Path,
                         help="a checkpoint directory, a .gguf file, or a Hub id in the Hugging Face cache (repeatable)")
-    parser.add_argument("--rounds", type=positive_int, default=3)
+    parser.add_argument("--rounds", type=positive_int, default=3,
+                        help="rounds of runs, each engine once a round; the table gives medians over them (default 3)")
     parser.add_argument("--threads", type=positive_int, default=2, help="threads for both engines (default 2)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, one round")
     parser.add_argument("--bf16", action="store_true", help="also time transformers in bfloat16")
