@@ -5,6 +5,7 @@ gives the reference token ids, and incremental decoding never splits a character
 import dataclasses
 import enum
 import json
+import random
 import re
 import shutil
 
@@ -91,6 +92,61 @@ def test_chat_ids_equal_apply_chat_template(tokenizers, name, chat, thinking, ad
     assert qwen_np.chat_ids(ours, messages, **kwargs) == expected
     assert render_chat(ours.tokenizer_config, messages, **kwargs) == reference.apply_chat_template(
         messages, tokenize=False, **kwargs)
+
+
+TRICKY_TEXTS = ["Hi", "", "你好！Say hi 👋", "two\nlines\n", "<think>\nhmm\n</think>\n\nok", "a</think>b",
+                "<tool_call>x</tool_call>", "<tool_response>\n{\"t\": 21}\n</tool_response>", "<|im_start|>", "  pad  "]
+
+
+def random_chat(rng):  # -> (messages, apply_chat_template's keyword arguments) of a random conversation
+    # What clients send: system or not, several turns, reasoning under any of its names, one or two
+    # tool calls (OpenAI's {"type", "function"} form or the bare function, arguments a dict or JSON
+    # text), consecutive tool responses, content left empty or None, the last turn the assistant's.
+    def text():
+        return rng.choice(TRICKY_TEXTS)
+
+    messages = [{"role": "system", "content": text()}] if rng.random() < 0.4 else []
+    for _ in range(rng.randint(1, 4)):
+        messages.append({"role": "user", "content": text()})
+        reply = {"role": "assistant", "content": text()}
+        if rng.random() < 0.3:
+            reply[rng.choice(["reasoning_content", "thinking", "reasoning"])] = text()
+        if rng.random() < 0.3:
+            arguments = [{"x": 1}, {"x": "北京"}, {}, "{\"x\": 2}"]
+            calls = [{"name": rng.choice(["f0", "f1"]), "arguments": rng.choice(arguments)}
+                     for _ in range(rng.randint(1, 2))]
+            reply["tool_calls"] = [{"type": "function", "function": c} if rng.random() < 0.7 else c for c in calls]
+            reply["content"] = rng.choice([reply["content"], "", None])
+            messages += [reply] + [{"role": "tool", "content": text()} for _ in range(rng.randint(1, 2))]
+            reply = {"role": "assistant", "content": text()}
+        messages.append(reply)
+    if rng.random() < 0.5:
+        messages.pop()  # end on the tool's or the user's turn
+    kwargs = {"add_generation_prompt": rng.random() < 0.7} if rng.random() < 0.7 else {}
+    if rng.random() < 0.3:
+        kwargs["tools"] = [dict(WEATHER_TOOL, function=dict(WEATHER_TOOL["function"], name=f"f{i}"))
+                           for i in range(rng.randint(1, 2))]
+    return messages, kwargs
+
+
+@pytest.mark.parametrize("name, thinking", TEMPLATE_CASES)
+def test_random_chats_give_the_ids_of_apply_chat_template(tokenizers, name, thinking):
+    # Where the template itself fails (for Qwen3's, a content of None), both fail.
+    reference, ours = tokenizers[name]
+    rng = random.Random(name + str(thinking))
+    for case in range(60):
+        messages, kwargs = random_chat(rng)
+        if thinking is not None:
+            kwargs["enable_thinking"] = thinking
+        described = f"case {case}: {json.dumps(messages, ensure_ascii=False)}, {kwargs}"
+        try:
+            expected = reference_ids(reference, messages, **kwargs)
+        except Exception as e:  # jinja2's errors, as transformers lets them through
+            with pytest.raises(qwen_np.QwenNPError, match="the chat template failed"):
+                qwen_np.chat_ids(ours, messages, **kwargs)
+            assert "jinja2" in type(e).__module__, described
+            continue
+        assert qwen_np.chat_ids(ours, messages, **kwargs) == expected, described
 
 
 def test_chat_ids_add_no_special_tokens_of_the_tokenizers_own(shared_data, tmp_path):
