@@ -296,16 +296,16 @@ def load_params(directory, config, mmap=False, low_memory=False):
     them: nothing is read until a forward pass touches it, and the pages are shared with the OS
     file cache. The map is copy-on-write: writing into a weight copies that page for this process
     alone, and the file is never changed. bf16/fp16 tensors are widened into memory either way.
-    low_memory: matrices (every 2-D tensor) are kept as bfloat16 bits (uint16), half the memory
-    of float32; `linear` and `embedding` widen them a block at a time as they are used. Vectors
-    (norm weights, biases) stay float32.
+    low_memory: matrices (every 2-D tensor, and stacked experts) are kept as bfloat16 bits
+    (uint16), half the memory of float32; `linear` and `embedding` widen them a block at a time as
+    they are used. Vectors (norm weights, biases) stay float32.
     """
     directory = Path(directory)
     files = checkpoint_files(directory)
     headers = {f: read_safetensors_header(f) for f in sorted(set(files.values()))}
     if not any(name.startswith("model.") for name in files):  # a base model's checkpoint: see with_model_prefix
         files, headers = with_model_prefix(files), {f: with_model_prefix(h) for f, h in headers.items()}
-    shapes = tensors_to_read(config, files, headers)
+    shapes = with_stacked_experts(tensors_to_read(config, files, headers), files, config)
     # Every name and shape is checked from the headers first, so a bad checkpoint fails before any reading.
     check_shapes(shapes, files, headers, directory)
     check_no_unexpected_layer_tensors(headers, shapes, config)
@@ -313,13 +313,13 @@ def load_params(directory, config, mmap=False, low_memory=False):
 
     def read(name):  # -> the tensor's array (low_memory: a matrix as bfloat16 bits)
         return read_tensor(files[name], name, *headers[files[name]][name], maps.get(files[name]),
-                           bf16=low_memory and len(shapes[name]) == 2,
+                           bf16=low_memory and len(shapes[name]) >= 2,
                            by_columns=not low_memory and multiplied_by_columns(name, shapes))
 
     # Tensors are read by one thread per core (at most 8): filling fresh memory is CPU work (the
     # kernel maps and zeroes each page), and file reads and NumPy's copies release the GIL.
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        return build_tree(dict(zip(shapes, pool.map(read, shapes))))
+        return build_tree(split_stacked_experts(dict(zip(shapes, pool.map(read, shapes))), config))
 
 
 def multiplied_by_columns(name, shapes):  # -> whether `linear` streams this weight faster laid out by columns
@@ -341,6 +341,33 @@ def tensors_to_read(config, files, headers):  # -> {tensor name: shape} of the t
         elif not same_tensor(files, headers, embed, head):
             shapes[head] = shapes[embed]
     return shapes
+
+
+def with_stacked_experts(shapes, files, config):  # -> shapes, with stacked experts where the checkpoint has them
+    # transformers 5 holds a sparse layer's experts as two stacked tensors, `mlp.experts.gate_up_proj`
+    # [E, 2F, D] (each expert's gate rows, then its up rows) and `mlp.experts.down_proj` [E, D, F],
+    # and saves them so with save_pretrained(..., save_original_format=False). Where a layer's
+    # checkpoint has them, they replace its per-expert names; split_stacked_experts undoes it.
+    E, F, D = config.num_experts, config.moe_intermediate_size, config.hidden_size
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}.mlp.experts"
+        if config.is_sparse_layer(i) and f"{p}.gate_up_proj" in files:
+            shapes = {name: shape for name, shape in shapes.items() if not name.startswith(f"{p}.")}
+            shapes.update({f"{p}.gate_up_proj": (E, 2 * F, D), f"{p}.down_proj": (E, D, F)})
+    return shapes
+
+
+def split_stacked_experts(flat, config):  # {name: array} -> the same with each expert's matrices named as its own
+    # Every expert's gate, up and down are views of the stacked tensors: nothing is copied.
+    F = config.moe_intermediate_size
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}.mlp.experts"
+        if f"{p}.gate_up_proj" in flat:
+            gate_up, down = flat.pop(f"{p}.gate_up_proj"), flat.pop(f"{p}.down_proj")  # [E, 2F, D], [E, D, F]
+            for e in range(config.num_experts):
+                flat.update({f"{p}.{e}.gate_proj.weight": gate_up[e, :F], f"{p}.{e}.up_proj.weight": gate_up[e, F:],
+                             f"{p}.{e}.down_proj.weight": down[e]})
+    return flat
 
 
 def check_shapes(shapes, files, headers, directory):

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from safetensors import safe_open
 
 import qwen_np
 from conftest import require_reference
@@ -130,6 +131,31 @@ def test_low_memory_gives_the_default_logits(tmp_path, family, overrides):
     # The same weights, multiplied in another order (the default keeps tall matrices column-major).
     np.testing.assert_allclose(qwen_np.forward(low.params, low.config, x)[0],
                                qwen_np.forward(default.params, default.config, x)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe"])
+def test_experts_stacked_as_transformers_5_saves_them(tmp_path, family):
+    # save_pretrained(..., save_original_format=False) writes a sparse layer's experts as two
+    # tensors, mlp.experts.gate_up_proj [E, 2F, D] and mlp.experts.down_proj [E, D, F], which
+    # transformers loads; so does qwen_np, each expert's matrices being views of them.
+    ref = tiny_model(family, tmp_path / "stacked", stacked_experts=True, num_hidden_layers=3, mlp_only_layers=[1])
+    ref.save_pretrained(tmp_path / "per_expert")  # the same weights, one tensor per expert and matrix
+    with safe_open(tmp_path / "stacked" / "model.safetensors", "np") as f:
+        assert {"model.layers.0.mlp.experts.gate_up_proj", "model.layers.2.mlp.experts.down_proj"} <= set(f.keys())
+        assert not any(".experts.0." in name for name in f.keys())
+    x = rng.integers(0, 128, (2, 16))
+    for options in ({}, {"mmap": True}):
+        model = qwen_np.load(tmp_path / "stacked", **options)
+        np.testing.assert_allclose(qwen_np.forward(model.params, model.config, x)[0], reference_logits(ref, x), **TOL)
+        experts = model.params["model"]["layers"][2]["mlp"]["experts"]
+        assert len(experts) == 6 and not experts[5]["up_proj"]["weight"].flags.owndata  # a view: no copy
+    low = [qwen_np.load(tmp_path / name, low_memory=True) for name in ("stacked", "per_expert")]
+    assert low[0].params["model"]["layers"][0]["mlp"]["experts"][3]["down_proj"]["weight"].dtype == np.uint16
+    np.testing.assert_array_equal(*(qwen_np.forward(m.params, m.config, x)[0] for m in low))
+    edit_config(tmp_path / "stacked", moe_intermediate_size=16)
+    with pytest.raises(qwen_np.QwenNPError, match=r"tensor 'model\.layers\.0\.mlp\.experts\.gate_up_proj' has "
+                                                  r"shape \[6, 64, 64\] but the config implies \[6, 32, 64\]"):
+        qwen_np.load(tmp_path / "stacked")
 
 
 def test_default_return_value_is_unchanged(tmp_path):

@@ -21,9 +21,10 @@ FAMILIES = {  # name -> (config class, model class, extra config)
 }
 
 
-def tiny_model(family, directory, dtype=None, max_shard_size=None, **overrides):
+def tiny_model(family, directory, dtype=None, max_shard_size=None, stacked_experts=False, **overrides):
     """Builds a random `family` model, saves it to `directory`; returns the transformers model
-    (float32, eager attention, eval mode) to compare against."""
+    (float32, eager attention, eval mode) to compare against. stacked_experts: save the experts as
+    transformers 5 holds them (save_original_format=False), not one tensor per expert and matrix."""
     torch, transformers = require_reference()
     config_name, model_name, extra = FAMILIES[family]
     config = getattr(transformers, config_name)(**{**BASE, **extra, **overrides})
@@ -41,6 +42,8 @@ def tiny_model(family, directory, dtype=None, max_shard_size=None, **overrides):
         model.load_state_dict(save.float().state_dict())  # the reference sees the rounded weights
         save = save.to(dtype)
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    if stacked_experts:
+        kwargs["save_original_format"] = False
     save.save_pretrained(directory, **kwargs)
     return model
 
