@@ -349,10 +349,12 @@ def with_stacked_experts(shapes, files, config):  # -> shapes, with stacked expe
     # and saves them so with save_pretrained(..., save_original_format=False). Where a layer's
     # checkpoint has them, they replace its per-expert names; split_stacked_experts undoes it.
     E, F, D = config.num_experts, config.moe_intermediate_size, config.hidden_size
-    for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}.mlp.experts"
-        if config.is_sparse_layer(i) and f"{p}.gate_up_proj" in files:
-            shapes = {name: shape for name, shape in shapes.items() if not name.startswith(f"{p}.")}
+    stacked = [f"model.layers.{i}.mlp.experts" for i in range(config.num_hidden_layers)
+               if config.is_sparse_layer(i) and f"model.layers.{i}.mlp.experts.gate_up_proj" in files]
+    if stacked:  # drop those layers' "{prefix}.{expert}.{matrix}.weight" names, add the stacked ones
+        dropped = set(stacked)
+        shapes = {name: shape for name, shape in shapes.items() if name.rsplit(".", 3)[0] not in dropped}
+        for p in stacked:
             shapes.update({f"{p}.gate_up_proj": (E, 2 * F, D), f"{p}.down_proj": (E, D, F)})
     return shapes
 
