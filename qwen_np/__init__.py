@@ -64,6 +64,10 @@ def load(path, mmap=False, low_memory=False):
     column by column (`ops.column_major`): the same [out, in] array to NumPy, which OpenBLAS
     streams faster in decoding. Mapped and bfloat16 weights keep the file's rows.
 
+    Weights that cannot fit in the memory this process may still take (Linux's figures: see
+    `memory.memory_room`) are refused before any is read, with the sizes named, instead of being
+    read until the kernel kills the process.
+
     Loading also tells the C library to keep freed memory for reuse, a setting of the whole
     process (`keep_freed_memory`: glibc's mallopt; a forward pass is faster with it).
     """

@@ -29,6 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .config import QwenNPError, check_values, config_from_dict, is_int
+from .memory import check_fits
 from .ops import bf16_to_float32
 from .weights import (as_rows, build_tree, expected_shapes, float32_to_bf16, map_file, multiplied_by_columns,
                       row_blocks, weight_array)
@@ -338,7 +339,7 @@ def parse_gguf(buffer):  # -> {key: value}, {name: Tensor}; raises Corrupt
 
 def tensor_bytes(buffer, name, type_name, dims, start):  # -> [bytes] uint8 view of the file (None: unreadable type)
     if type_name not in DEQUANTIZERS:
-        return None  # refused if the model uses it (dequantize_tensor), with the type named
+        return None  # refused if the model uses it (gguf_params), with the type named
     values, block_bytes, _ = DEQUANTIZERS[type_name]
     row = dims[0] if dims else 1  # a block never straddles two rows
     if row % values:
@@ -546,11 +547,21 @@ def gguf_params(tensors, config, path, low_memory=False):
                               f"{list(wanted[name])} ({name})")
     # Each GGUF tensor is dequantized once (an expert tensor for all its experts), by one thread
     # per core (at most 8): the dequantizers' NumPy operations release the GIL.
-    reads = {tensor.name: (tensor, low_memory and len(shapes[name]) == 2,
-                           not low_memory and expert is None and multiplied_by_columns(name, wanted))
-             for name, (tensor, expert) in plan.items()}
+    reads, is_matrix = {}, {}  # GGUF name -> (tensor, kept in bfloat16, laid out by columns); -> 2-D in the tree
+    for name, (tensor, expert) in plan.items():
+        if tensor.type_name not in DEQUANTIZERS:  # refused before any tensor is read
+            raise QwenNPError(f"{path}: tensor {tensor.name!r} has type {tensor.type_name}, which qwen_np cannot "
+                              f"read (it reads {', '.join(DEQUANTIZERS)})")
+        is_matrix[tensor.name] = len(shapes[name]) == 2  # an expert's matrix too, stacked in the file
+        reads[tensor.name] = (tensor, low_memory and is_matrix[tensor.name],
+                              not low_memory and expert is None and multiplied_by_columns(name, wanted))
+
+    def needed(low):  # -> bytes of memory the weights take, loaded with low_memory=low
+        return sum(math.prod(read[0].dims) * (2 if low and is_matrix[name] else 4) for name, read in reads.items())
+
+    check_fits(path, needed(low_memory), needed(True), low_memory)
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        futures = {name: pool.submit(dequantize_tensor, *read, path) for name, read in reads.items()}
+        futures = {name: pool.submit(dequantize_tensor, *read) for name, read in reads.items()}
         arrays = {name: future.result() for name, future in futures.items()}
     flat = {}
     for name, (tensor, expert) in plan.items():
@@ -567,12 +578,8 @@ def gguf_params(tensors, config, path, low_memory=False):
     return build_tree(flat)
 
 
-def dequantize_tensor(tensor, bf16, by_columns, path):  # -> the tensor's array of its NumPy shape (see dequantize)
-    type_name = tensor.type_name
-    if type_name not in DEQUANTIZERS:
-        raise QwenNPError(f"{path}: tensor {tensor.name!r} has type {type_name}, which qwen_np cannot read "
-                          f"(it reads {', '.join(DEQUANTIZERS)})")
-    return dequantize(tensor.data, type_name, numpy_shape(tensor), bf16, by_columns)
+def dequantize_tensor(tensor, bf16, by_columns):  # -> the tensor's array of its NumPy shape (see dequantize)
+    return dequantize(tensor.data, tensor.type_name, numpy_shape(tensor), bf16, by_columns)
 
 
 # ---------------------------------------------------------------------------------------------

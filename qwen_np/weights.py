@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import QwenNPError, is_int, is_present, parse_json, read_json
+from .memory import check_fits
 from .ops import bf16_to_float32, column_major
 
 DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # BF16: raw bits, widened below
@@ -131,6 +132,12 @@ def read_tensor(path, name, dtype, shape, offset, nbytes, mapped=None, bf16=Fals
             else:
                 block[:] = raw
     return out
+
+
+def held_bytes(dtype, shape, mapped, bf16):  # -> bytes of memory read_tensor fills for this tensor (0: a view)
+    if dtype == "F32" and mapped and not bf16:
+        return 0
+    return math.prod(shape) * (2 if bf16 else 4)
 
 
 def weight_array(shape, dtype, by_columns=False):  # -> fresh array of `shape` for the caller to fill
@@ -309,6 +316,12 @@ def load_params(directory, config, mmap=False, low_memory=False):
     # Every name and shape is checked from the headers first, so a bad checkpoint fails before any reading.
     check_shapes(shapes, files, headers, directory)
     check_no_unexpected_layer_tensors(headers, shapes, config)
+
+    def needed(low):  # -> bytes of memory the weights take, loaded with low_memory=low
+        return sum(held_bytes(headers[files[name]][name][0], shape, mmap, bf16=low and len(shape) >= 2)
+                   for name, shape in shapes.items())
+
+    check_fits(directory, needed(low_memory), needed(True), low_memory)
     maps = {f: map_file(f, writable_copy=True) for f in headers} if mmap else {}
 
     def read(name):  # -> the tensor's array (low_memory: a matrix as bfloat16 bits)
