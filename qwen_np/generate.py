@@ -26,6 +26,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .config import QwenNPError, is_int, is_number
+from .memory import gb, memory_room
 from .model import KVCache, check_cache, copy_cache, empty_cache, forward
 from .ops import softmax
 from .weights import flatten
@@ -492,18 +493,23 @@ def new_token_budget(config, generation_config, prompt_length, max_new_tokens): 
 
 
 def new_cache(config, batch_size, capacity, past=None, reused=0):
-    """A KV cache with room for `capacity` positions: empty, or holding the first `reused` of `past`'s."""
-    try:
-        if past is None:
-            return empty_cache(config, batch_size, capacity)
-        return copy_cache(past.cache, reused, capacity)  # a copy: `past` itself stays as it was
-    except (MemoryError, ValueError):  # np.zeros: "Unable to allocate ..." / "array is too big"
-        # float32 keys and values, of every layer and key/value head, per position
-        per_position = 4 * 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
-        size = capacity * batch_size * per_position  # bytes: a Python int, of any size
-        gb = f"{size / 1e9:,.1f} GB" if size < 1e300 else "more bytes than a float counts"
-        raise QwenNPError(f"a KV cache for {capacity:,} positions ({gb}) cannot be allocated: "
-                          f"lower max_new_tokens") from None
+    """A KV cache with room for `capacity` positions: empty, or holding the first `reused` of `past`'s.
+    One that cannot fit in the memory left is refused first: np.zeros takes its memory only as the
+    positions are written, and the kernel would end the process part way through the answer."""
+    # float32 keys and values, of every layer and key/value head, per position
+    per_position = 4 * 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+    size = capacity * batch_size * per_position  # bytes: a Python int, of any size
+    room = memory_room()
+    why = "" if room is None or size <= room[0] else f" in the {gb(room[0])} of memory free ({room[1]})"
+    if not why:
+        try:
+            if past is None:
+                return empty_cache(config, batch_size, capacity)
+            return copy_cache(past.cache, reused, capacity)  # a copy: `past` itself stays as it was
+        except (MemoryError, ValueError):  # np.zeros: "Unable to allocate ..." / "array is too big"
+            pass
+    size = gb(size) if size < 1e300 else "more bytes than a float counts"
+    raise QwenNPError(f"a KV cache for {capacity:,} positions ({size}) cannot be allocated{why}: lower max_new_tokens")
 
 
 def left_pad(prompts, pad_id):  # list of B id lists -> [B, T] int, [B, T] int (1 real, 0 padding)

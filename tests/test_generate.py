@@ -4,6 +4,7 @@ stopping (end tokens, max_new_tokens, stop strings, the context limit) and strea
 import dataclasses
 import re
 import shutil
+import sys
 import time
 from types import SimpleNamespace
 
@@ -17,6 +18,8 @@ from qwen_np.generate import (Sampling, apply_repetition_penalty, apply_temperat
 from qwen_np.model import empty_cache
 from conftest import require_reference
 from tiny import FAMILIES, reference_logits, tiny_model, write_spelling_model
+
+GENERATE = sys.modules["qwen_np.generate"]  # the module (qwen_np.generate is the function)
 
 PROMPTS = [[5, 17, 3, 99, 42, 7, 8, 61, 2], [11, 12, 13], [90, 4, 33, 21, 70]]  # different lengths
 
@@ -632,7 +635,7 @@ def test_greedy_decoding_neither_reads_nor_checks_the_files_filter_values():
                                                                                                       0.0, 1.0)
 
 
-def test_prompt_plus_max_new_tokens_must_fit_in_the_context(tiny_models):
+def test_prompt_plus_max_new_tokens_must_fit_in_the_context(tiny_models, monkeypatch):
     model, _ = tiny_models["qwen2"]  # max_position_embeddings=128
     with pytest.raises(qwen_np.QwenNPError, match=r"max_position_embeddings=128\); shorten the prompt or lower "
                                                   r"max_new_tokens to 28$"):
@@ -650,15 +653,30 @@ def test_prompt_plus_max_new_tokens_must_fit_in_the_context(tiny_models):
     dynamic = dataclasses.replace(model.config, rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4,
                                                                  "factor": 2.0})
     assert new_token_budget(dynamic, {}, 100, 200) == 200  # dynamic NTK RoPE extends past the limit
-    # With no limit, a cache too large to allocate is one clear error (not NumPy's).
+    # With no limit, a cache too large to allocate is one clear error (not NumPy's), whether or not
+    # the system says how much memory is left.
     unlimited = dataclasses.replace(model, config=dynamic)
     one = empty_cache(model.config, 1, 1)
     per_position = sum(a.nbytes for a in one.keys + one.values)  # bytes of keys and values at one position
     for huge in (2**40, 2**62, 10**400):  # beyond this machine's memory; any array's size; a float
         size = f"{(100 + huge) * per_position / 1e9:,.1f} GB" if huge < 10**300 else "more bytes than a float counts"
-        with pytest.raises(qwen_np.QwenNPError, match=rf"a KV cache for {100 + huge:,} positions \({size}\) cannot "
-                                                      r"be allocated: lower max_new_tokens"):
-            next(qwen_np.generate(unlimited, list(range(100)), max_new_tokens=huge))
+        with monkeypatch.context() as m:
+            m.setattr(GENERATE, "memory_room", lambda: None)  # as where there is no /proc/meminfo: NumPy refuses
+            with pytest.raises(qwen_np.QwenNPError, match=rf"a KV cache for {100 + huge:,} positions \({size}\) "
+                                                          r"cannot be allocated: lower max_new_tokens$"):
+                next(qwen_np.generate(unlimited, list(range(100)), max_new_tokens=huge))
+    # One that NumPy would allocate (its memory is taken only as positions are written), but that
+    # cannot fit in the memory left, is refused before the prefill.
+    room = 128 * per_position
+    monkeypatch.setattr(GENERATE, "memory_room", lambda: (room, "a test's figure"))
+    monkeypatch.setattr(GENERATE, "next_tokens", None)  # nothing is computed
+    with pytest.raises(qwen_np.QwenNPError, match=rf"^a KV cache for 129 positions \({129 * per_position / 1e6:.1f} "
+                                                  rf"MB\) cannot be allocated in the {room / 1e6:.1f} MB of memory "
+                                                  r"free \(a test's figure\): lower max_new_tokens$"):
+        next(qwen_np.generate(unlimited, list(range(100)), max_new_tokens=29))
+    monkeypatch.undo()
+    monkeypatch.setattr(GENERATE, "memory_room", lambda: (room, "a test's figure"))
+    assert len(list(qwen_np.generate(unlimited, list(range(100)), max_new_tokens=28, temperature=0))) == 28
 
 
 def test_yarn_generates_past_max_position_embeddings_as_transformers_does(reference, tmp_path):
