@@ -317,8 +317,11 @@ def load_params(directory, config, mmap=False, low_memory=False):
     check_shapes(shapes, files, headers, directory)
     check_no_unexpected_layer_tensors(headers, shapes, config)
 
+    def as_bf16(name, low=low_memory):  # low_memory keeps the matrices (2-D, and stacked experts) as bf16 bits
+        return low and len(shapes[name]) >= 2
+
     def needed(low):  # -> bytes of memory the weights take, loaded with low_memory=low
-        return sum(held_bytes(headers[files[name]][name][0], shape, mmap, bf16=low and len(shape) >= 2)
+        return sum(held_bytes(headers[files[name]][name][0], shape, mmap, as_bf16(name, low))
                    for name, shape in shapes.items())
 
     check_fits(directory, needed(low_memory), needed(True), low_memory)
@@ -326,7 +329,7 @@ def load_params(directory, config, mmap=False, low_memory=False):
 
     def read(name):  # -> the tensor's array (low_memory: a matrix as bfloat16 bits)
         return read_tensor(files[name], name, *headers[files[name]][name], maps.get(files[name]),
-                           bf16=low_memory and len(shapes[name]) >= 2,
+                           bf16=as_bf16(name),
                            by_columns=not low_memory and multiplied_by_columns(name, shapes))
 
     # Tensors are read by one thread per core (at most 8): filling fresh memory is CPU work (the
