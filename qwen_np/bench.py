@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -299,7 +300,11 @@ def run_worker(args, threads):  # -> the JSON line of `python -m qwen_np.bench -
     done = subprocess.run([sys.executable, "-m", "qwen_np.bench", "--threads", str(threads), "--worker", *args],
                           env=env, capture_output=True, text=True)
     if done.returncode != 0:
-        raise SystemExit(f"worker {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+        how = f"exit status {done.returncode}"
+        if done.returncode < 0:  # SIGKILL, with no word from the worker: the out-of-memory killer, most likely
+            how = f"killed by {signal.Signals(-done.returncode).name}"
+            how += ", as Linux ends a process when memory runs out" if done.returncode == -signal.SIGKILL else ""
+        raise SystemExit(f"worker {' '.join(args)} failed ({how}):\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -473,12 +478,15 @@ def main(argv=None):
     if args.worker:  # a child process: measure, print one JSON line, exit
         sizes = json.loads(args.sizes)
         engine, *rest = args.worker
-        if engine == "ceilings":
-            result = ceilings_worker(sizes)
-        elif engine in QWEN_NP_VARIANTS:
-            result = qwen_np_worker(Path(rest[0]), sizes, **QWEN_NP_VARIANTS[engine])
-        else:
-            result = transformers_worker(Path(rest[0]), sizes, args.threads, bf16=engine == "transformers-bf16")
+        try:
+            if engine == "ceilings":
+                result = ceilings_worker(sizes)
+            elif engine in QWEN_NP_VARIANTS:
+                result = qwen_np_worker(Path(rest[0]), sizes, **QWEN_NP_VARIANTS[engine])
+            else:
+                result = transformers_worker(Path(rest[0]), sizes, args.threads, bf16=engine == "transformers-bf16")
+        except QwenNPError as e:  # one line, for run_worker to pass on (a model too large for memory, say)
+            raise SystemExit(f"error: {e}") from None
         print(json.dumps(result))
         return
 

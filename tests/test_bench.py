@@ -228,8 +228,28 @@ def test_a_worker_that_fails_stops_the_run_with_its_error(monkeypatch):
                                                                          "MemoryError: Unable to allocate 2 GiB\n")
 
     monkeypatch.setattr(bench.subprocess, "run", run)
-    with pytest.raises(SystemExit, match="worker qwen_np dir failed:\nTraceback .*\nMemoryError: Unable to allocate"):
+    with pytest.raises(SystemExit, match="worker qwen_np dir failed \\(exit status 1\\):\nTraceback .*\nMemoryError: "
+                                         "Unable to allocate"):
         bench.run_worker(["qwen_np", "dir"], threads=2)
+
+
+def test_a_worker_killed_for_memory_is_named_so(monkeypatch):
+    def run(command, **kwargs):  # what the out-of-memory killer leaves: no output, SIGKILL
+        return subprocess.CompletedProcess(command, -9, stdout="", stderr="")
+
+    monkeypatch.setattr(bench.subprocess, "run", run)
+    with pytest.raises(SystemExit, match=r"^worker transformers dir failed \(killed by SIGKILL, as Linux ends a "
+                                         r"process when memory runs out\):\n$"):
+        bench.run_worker(["transformers", "dir"], threads=2)
+
+
+def test_a_worker_refused_by_qwen_np_says_why_in_one_line(tmp_path, monkeypatch):
+    # As a worker process runs it (main with --worker): a checkpoint too large for the memory left.
+    write_checkpoint(tmp_path, SMOKE_SHAPES["tiny-qwen3"], dtype="bfloat16")
+    monkeypatch.setattr("qwen_np.memory.memory_room", lambda: (1000, "a test's figure"))
+    with pytest.raises(SystemExit) as e:
+        main(["--threads", "1", "--worker", "qwen_np", str(tmp_path), "--sizes", json.dumps(bench.SMOKE_SIZES)])
+    assert str(e.value).startswith(f"error: {tmp_path}: its weights need ") and "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("family, overrides", [("qwen2", {}), ("qwen3", {}), ("qwen2_moe", {}), ("qwen3_moe", {}),
