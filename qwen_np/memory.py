@@ -3,9 +3,10 @@
 Without the check, a checkpoint too large for the machine is read until the kernel's out-of-memory
 killer ends the process: "Killed" (exit status 137) and no message, after a while of swapping. The
 room is counted generously: memory the kernel can free (the file cache) and free swap count as room,
-so only a load that cannot fit is refused. Two limits apply, and the tighter one counts:
+so only a load that cannot fit is refused. Where several limits apply, the tightest counts:
 
-- the machine's: MemAvailable + SwapFree in /proc/meminfo;
+- the machine's: MemAvailable + SwapFree in /proc/meminfo (and, where the kernel does not
+  overcommit, CommitLimit - Committed_AS);
 - a memory cgroup's (a container, a systemd slice): its limit minus what its processes use, file
   cache apart, for this process's cgroup and each one above it (cgroup v2: memory.max; v1:
   memory.limit_in_bytes).
@@ -71,6 +72,13 @@ def memory_room(root=Path("/")):  # -> (bytes, where the figure comes from) of t
         return None
     swap = fields.get("SwapFree", 0)
     rooms = [(fields["MemAvailable"] + swap, "MemAvailable + SwapFree in /proc/meminfo")]
+    try:  # strict overcommit: the kernel refuses memory beyond what it has promised (proc(5))
+        strict = (root / "proc/sys/vm/overcommit_memory").read_text().strip() == "2"
+    except OSError:
+        strict = False
+    if strict and "CommitLimit" in fields and "Committed_AS" in fields:
+        rooms.append((fields["CommitLimit"] - fields["Committed_AS"],
+                      "CommitLimit - Committed_AS in /proc/meminfo, as vm.overcommit_memory is 2"))
     try:
         cgroups = memory_cgroups((root / "proc/self/mountinfo").read_text(), (root / "proc/self/cgroup").read_text())
     except (OSError, ValueError):  # no cgroups, or files of another form: the machine's figure alone

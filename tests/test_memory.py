@@ -37,6 +37,11 @@ CASES = {  # name -> ({path under the root: text}, (bytes, where) or None)
     "no /proc": ({}, None),
     "no MemAvailable": ({"proc/meminfo": "MemTotal: 16000000 kB\nMemFree: 1000000 kB\n"}, None),
     "the machine only": ({"proc/meminfo": MEMINFO}, MACHINE),
+    "strict overcommit": ({"proc/meminfo": MEMINFO + "CommitLimit:     9000000 kB\nCommitted_AS:    4000000 kB\n",
+                           "proc/sys/vm/overcommit_memory": "2\n"},
+                          (5000000 * 1024, "CommitLimit - Committed_AS in /proc/meminfo, as vm.overcommit_memory is 2")),
+    "heuristic overcommit": ({"proc/meminfo": MEMINFO + "CommitLimit:     9000000 kB\nCommitted_AS:    4000000 kB\n",
+                              "proc/sys/vm/overcommit_memory": "0\n"}, MACHINE),
     "v2, no limit": ({"proc/meminfo": MEMINFO, "proc/self/mountinfo": V2, "proc/self/cgroup": "0::/user.slice\n",
                       **cgroup_dir("sys/fs/cgroup/user.slice", V2_FILES, "memory.max", "max\n")}, MACHINE),
     "v2, the process's own cgroup": (
