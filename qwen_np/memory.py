@@ -55,7 +55,7 @@ def cgroup_limit_file(directory, version):  # -> the file that holds a memory cg
 
 def cgroup_room(directory, version):  # -> bytes under this cgroup's own limit, or None where it sets none
     limit = cgroup_limit_file(directory, version).read_text().strip()
-    if limit == "max":
+    if limit == "max" or int(limit) >= 2**62:  # none set (v1 writes its largest page count in bytes, about 2**63)
         return None
     used = int((directory / ("memory.current" if version == 2 else "memory.usage_in_bytes")).read_text())
     stat = dict(line.split() for line in (directory / "memory.stat").read_text().splitlines() if line.count(" ") == 1)
