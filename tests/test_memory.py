@@ -14,6 +14,7 @@ import qwen_np
 from qwen_np.config import config_from_dict
 from qwen_np.memory import gb, memory_room
 from qwen_np.weights import expected_shapes, flatten
+from conftest import require_reference
 
 MEMINFO = ("MemTotal:       16000000 kB\nMemFree:         1000000 kB\nMemAvailable:    8000000 kB\n"
            "SwapTotal:       2000000 kB\nSwapFree:        1500000 kB\nHugePages_Total:       0\n")
@@ -176,3 +177,19 @@ def test_the_command_line_gives_it_in_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: {path}: its weights need ")
     assert "more than the 0.0 MB free (a test's figure); even with low_memory=True they need" in err
+
+
+@pytest.mark.parametrize("family, options", [
+    ("qwen2", {}), ("qwen2", {"tie_word_embeddings": True}), ("qwen3", {}), ("llama", {"mlp_bias": True}),
+    ("qwen2_moe", {}), ("qwen2_moe", {"stacked_experts": True}), ("qwen3_moe", {"stacked_experts": True})])
+def test_the_count_is_what_each_family_then_takes(tmp_path, monkeypatch, family, options):
+    # The figures check_fits is given, against the memory the loaded weights hold: float32, and bf16
+    # matrices, for biases, tied and untied heads, shared experts (with a [1, D] gate) and stacked experts.
+    from tiny import tiny_model
+
+    torch, _ = require_reference()
+    tiny_model(family, tmp_path, dtype=torch.bfloat16, **options)
+    given = []
+    monkeypatch.setattr("qwen_np.weights.check_fits", lambda *args: given.append(args))
+    default, low = (held(qwen_np.load(tmp_path, low_memory=low_memory).params) for low_memory in (False, True))
+    assert given == [(tmp_path, default, low, False), (tmp_path, low, low, True)]
