@@ -19,6 +19,7 @@ from conftest import require_reference
 MEMINFO = ("MemTotal:       16000000 kB\nMemFree:         1000000 kB\nMemAvailable:    8000000 kB\n"
            "SwapTotal:       2000000 kB\nSwapFree:        1500000 kB\nHugePages_Total:       0\n")
 SWAP = 1500000 * 1024
+COMMIT = "CommitLimit:     9000000 kB\nCommitted_AS:    4000000 kB\n"
 MACHINE = (8000000 * 1024 + SWAP, "MemAvailable + SwapFree in /proc/meminfo")
 V2 = "30 23 0:26 / /sys/fs/cgroup rw,nosuid,nodev - cgroup2 cgroup2 rw,nsdelegate\n"
 V1 = ("31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n"  # as on the project's test machine
@@ -38,11 +39,9 @@ CASES = {  # name -> ({path under the root: text}, (bytes, where) or None)
     "no /proc": ({}, None),
     "no MemAvailable": ({"proc/meminfo": "MemTotal: 16000000 kB\nMemFree: 1000000 kB\n"}, None),
     "the machine only": ({"proc/meminfo": MEMINFO}, MACHINE),
-    "strict overcommit": ({"proc/meminfo": MEMINFO + "CommitLimit:     9000000 kB\nCommitted_AS:    4000000 kB\n",
-                           "proc/sys/vm/overcommit_memory": "2\n"},
+    "strict overcommit": ({"proc/meminfo": MEMINFO + COMMIT, "proc/sys/vm/overcommit_memory": "2\n"},
                           (5000000 * 1024, "CommitLimit - Committed_AS in /proc/meminfo, as vm.overcommit_memory is 2")),
-    "heuristic overcommit": ({"proc/meminfo": MEMINFO + "CommitLimit:     9000000 kB\nCommitted_AS:    4000000 kB\n",
-                              "proc/sys/vm/overcommit_memory": "0\n"}, MACHINE),
+    "heuristic overcommit": ({"proc/meminfo": MEMINFO + COMMIT, "proc/sys/vm/overcommit_memory": "0\n"}, MACHINE),
     "v2, no limit": ({"proc/meminfo": MEMINFO, "proc/self/mountinfo": V2, "proc/self/cgroup": "0::/user.slice\n",
                       **cgroup_dir("sys/fs/cgroup/user.slice", V2_FILES, "memory.max", "max\n")}, MACHINE),
     "v2, the process's own cgroup": (
