@@ -388,13 +388,20 @@ def split_stacked_experts(flat, config):  # {name: array} -> the same with each 
     return flat
 
 
+# The heads of transformers' other tasks, which a checkpoint holds in place of a language model's lm_head.
+TASK_HEADS = {"score.weight": "a classification head (...ForSequenceClassification, ...ForTokenClassification)",
+              "qa_outputs.weight": "a question-answering head (...ForQuestionAnswering)"}
+
+
 def check_shapes(shapes, files, headers, directory):
     """Every tensor in `shapes` is in the checkpoint, with that shape."""
     for name, shape in shapes.items():
         if name not in files or name not in headers[files[name]]:
             untied = " with tie_word_embeddings false" if name == "lm_head.weight" else ""
+            task = [f"; it holds {what} instead ({head!r}): qwen_np runs language models (...ForCausalLM)"
+                    for head, what in TASK_HEADS.items() if name == "lm_head.weight" and head in files]
             raise QwenNPError(f"missing tensor {name!r} in {files.get(name, directory)} (the config{untied} "
-                              "calls for it)")
+                              f"calls for it){''.join(task[:1])}")
         found = headers[files[name]][name][1]
         if found != shape:
             raise QwenNPError(f"{files[name]}: tensor {name!r} has shape {list(found)} but the config "

@@ -869,6 +869,15 @@ def test_untied_checkpoint_without_lm_head_is_refused(checkpoint):
     drop_tensor(checkpoint, "lm_head.weight")
     with pytest.raises(qwen_np.QwenNPError, match="missing tensor 'lm_head.weight'.*tie_word_embeddings false"):
         qwen_np.load(checkpoint)
+    # A reward or classifier model (Qwen2ForSequenceClassification, as Qwen2.5-Math-RM): its head is named.
+    tensors = load_file(checkpoint / "model.safetensors")
+    save_file({**tensors, "score.weight": np.zeros((1, tensors["model.norm.weight"].size), np.float32)},
+              checkpoint / "model.safetensors")
+    with pytest.raises(qwen_np.QwenNPError, match=r"calls for it\); it holds a classification head "
+                                                  r"\(\.\.\.ForSequenceClassification, \.\.\.ForTokenClassification\) "
+                                                  r"instead \('score\.weight'\): qwen_np runs language models "
+                                                  r"\(\.\.\.ForCausalLM\)$"):
+        qwen_np.load(checkpoint)
 
 
 def test_truncated_safetensors(checkpoint):
