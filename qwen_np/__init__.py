@@ -99,8 +99,10 @@ def read_model(name, mmap, low_memory):  # the body of `load`: name is the path 
         return Model(config=config, params=params, tokenizer=tokenizer, generation_config=generation_config,
                      tokenizer_config=tokenizer_config, path=path)
     if not path.is_dir():
+        holder = f": pass the checkpoint directory that holds it, {path.parent}" if is_present(
+            path.parent / "config.json") else ""
         raise QwenNPError(f"{path} is neither a checkpoint directory (config.json and *.safetensors) "
-                          f"nor a GGUF file")
+                          f"nor a GGUF file{holder}")
     config = read_config(path)
     tokenizer_config = read_json(path / "tokenizer_config.json") or {}
     if is_present(path / "chat_template.jinja"):  # newer checkpoints keep the template beside

@@ -155,6 +155,9 @@ def directory_hint(directory):  # -> what to pass instead of a directory without
     if snapshots:  # a model folder of the Hub's cache
         where = snapshots[0] if len(snapshots) == 1 else directory / "snapshots" / "<commit>"
         return f" (this looks like a model folder of the Hugging Face cache: pass {where})"
+    checkpoints = sorted(p.parent for p in directory.glob("*/config.json"))
+    if checkpoints:  # a folder of checkpoints
+        return f" (it holds checkpoint directories: pass one of them, such as {checkpoints[0]})"
     return ""
 
 

@@ -619,6 +619,21 @@ def test_a_directory_of_gguf_files_says_to_pass_one_of_them(tmp_path):
         qwen_np.load(tmp_path)
 
 
+def test_a_file_of_a_checkpoint_or_a_folder_of_them_says_what_to_pass(checkpoint, tmp_path_factory):
+    for name in ("model.safetensors", "config.json"):  # a file of the checkpoint, not its directory
+        with pytest.raises(qwen_np.QwenNPError, match=re.escape(
+                f"{checkpoint / name} is neither a checkpoint directory (config.json and *.safetensors) nor a GGUF "
+                f"file: pass the checkpoint directory that holds it, {checkpoint}")):
+            qwen_np.load(checkpoint / name)
+    models = tmp_path_factory.mktemp("models")
+    shutil.copytree(checkpoint, models / "b")
+    shutil.copytree(checkpoint, models / "a")
+    with pytest.raises(qwen_np.QwenNPError, match=re.escape(
+            f"no config.json found: {models / 'config.json'} does not exist (it holds checkpoint directories: pass "
+            f"one of them, such as {models / 'a'})")):
+        qwen_np.load(models)
+
+
 def test_a_hub_id_that_is_not_a_local_path_says_how_to_fetch_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
