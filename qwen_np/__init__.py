@@ -107,7 +107,8 @@ def read_model(name, mmap, low_memory):  # the body of `load`: name is the path 
     tokenizer_config = read_json(path / "tokenizer_config.json") or {}
     if is_present(path / "chat_template.jinja"):  # newer checkpoints keep the template beside
         tokenizer_config = {**tokenizer_config, "chat_template": read_text(path / "chat_template.jinja")}
-    return Model(config=config, params=load_params(path, config, mmap, low_memory), tokenizer=load_tokenizer(path),
+    return Model(config=config, params=load_params(path, config, mmap, low_memory),
+                 tokenizer=load_tokenizer(path, config.model_type),
                  generation_config=read_json(path / "generation_config.json") or {},
                  tokenizer_config=tokenizer_config, path=path)
 

@@ -32,7 +32,7 @@ from .config import QwenNPError, check_values, config_from_dict, is_int
 from .memory import check_fits
 from .ops import bf16_to_float32
 from .weights import (as_rows, build_tree, expected_shapes, float32_to_bf16, map_file, multiplied_by_columns,
-                      row_blocks, weight_array)
+                      qwen2_pre_tokenization, row_blocks, weight_array)
 
 # GGUF architecture name -> our model_type (config.json's name for the family)
 ARCHITECTURES = {"qwen2": "qwen2", "qwen3": "qwen3", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe",
@@ -587,10 +587,6 @@ def dequantize_tensor(tensor, bf16, by_columns):  # -> the tensor's array of its
 
 TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values (llama.cpp's enum)
 
-# The pre-tokenizer split of Qwen2 (and Qwen2.5, Qwen3): letters keep one leading non-letter,
-# digits split one by one, punctuation runs keep trailing newlines.
-QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 PRE_TOKENIZERS = {  # tokenizer.ggml.pre -> family, as llama.cpp groups them ("gpt2": a file with no pre)
     "qwen2": "qwen2", "deepseek-r1-qwen": "qwen2", "smollm": "starcoder", "starcoder": "starcoder",
     "gpt-2": "gpt2", "gpt2": "gpt2",
@@ -598,12 +594,10 @@ PRE_TOKENIZERS = {  # tokenizer.ggml.pre -> family, as llama.cpp groups them ("g
 
 
 def pre_tokenizer(pre, path):  # -> (normalizer or None, pre-tokenizer)
-    from tokenizers import Regex, normalizers, pre_tokenizers
+    from tokenizers import pre_tokenizers
     family = PRE_TOKENIZERS.get(pre) if isinstance(pre, str) else None
-    if family == "qwen2":  # as Qwen's tokenizer.json: NFC, the split above, then bytes to symbols
-        return normalizers.NFC(), pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    if family == "qwen2":  # as Qwen's tokenizer.json: NFC, Qwen's split, then bytes to symbols
+        return qwen2_pre_tokenization()
     if family == "starcoder":  # SmolLM, StarCoder: every digit alone, then GPT-2's split
         return None, pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                               pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])

@@ -469,13 +469,73 @@ def read_text(path):  # -> the contents of a UTF-8 text file
         raise QwenNPError(f"{path} is not UTF-8 text: {e}") from None
 
 
-def load_tokenizer(directory):
-    """The `tokenizers.Tokenizer` of tokenizer.json in `directory`, or None when there is none."""
+def load_tokenizer(directory, model_type=None):
+    """The `tokenizers.Tokenizer` of tokenizer.json in `directory`, or None when there is none.
+    Without tokenizer.json, a Qwen tokenizer is built from vocab.json and merges.txt, as transformers
+    builds it (see vocab_merges_tokenizer); model_type is config.json's."""
     path = Path(directory) / "tokenizer.json"
     if not is_present(path):
-        return None
+        return vocab_merges_tokenizer(Path(directory), model_type)
     from tokenizers import Tokenizer
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # the tokenizers library raises its own exception type
         raise QwenNPError(f"{path} could not be read as a tokenizer: {e}") from None
+
+
+# The pre-tokenizer split of Qwen2 (and Qwen2.5, Qwen3): letters keep one leading non-letter,
+# digits split one by one, punctuation runs keep trailing newlines.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN_FAMILIES = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")  # whose tokenizer transformers' Qwen2Tokenizer is
+
+
+def qwen2_pre_tokenization():  # -> (normalizer, pre-tokenizer) as Qwen's tokenizer.json: NFC, the split, byte symbols
+    from tokenizers import Regex, normalizers, pre_tokenizers
+    return normalizers.NFC(), pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+def vocab_merges_tokenizer(directory, model_type):
+    """A Qwen tokenizer from vocab.json and merges.txt, where a checkpoint has them but no tokenizer.json,
+    as transformers' Qwen2Tokenizer builds it: byte-level BPE, Qwen's split, then the added tokens of
+    tokenizer_config.json (added_tokens_decoder) with their ids, and any special token not among them.
+    None where the files are absent, or tokenizer_config.json names another tokenizer class."""
+    files = [directory / "vocab.json", directory / "merges.txt"]
+    if not all(map(is_present, files)):
+        return None
+    tokenizer_config = read_json(directory / "tokenizer_config.json") or {}
+    kind = tokenizer_config.get("tokenizer_class")
+    if kind not in ("Qwen2Tokenizer", "Qwen2TokenizerFast") and (kind is not None or model_type not in QWEN_FAMILIES):
+        return None
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+    try:
+        bpe = models.BPE.from_file(*map(str, files), fuse_unk=False, byte_fallback=False)
+    except Exception as e:  # the tokenizers library raises its own exception type
+        raise QwenNPError(f"{directory}: vocab.json and merges.txt could not be read as a BPE tokenizer: "
+                          f"{e}") from None
+    tokenizer = Tokenizer(bpe)
+    tokenizer.normalizer, tokenizer.pre_tokenizer = qwen2_pre_tokenization()
+    tokenizer.decoder = decoders.ByteLevel()
+    added = tokenizer_config.get("added_tokens_decoder") or {}
+    source = directory / "tokenizer_config.json"
+    if not isinstance(added, dict) or not all(
+            str(i).isdigit() and isinstance(t, dict) and isinstance(t.get("content"), str) for i, t in added.items()):
+        raise QwenNPError(f"{source}: added_tokens_decoder must map token ids to {{\"content\": ...}} objects")
+    for i, token in sorted((int(i), t) for i, t in added.items()):
+        flags = {key: bool(token.get(key, False)) for key in ("single_word", "lstrip", "rstrip", "special")}
+        flags["normalized"] = bool(token.get("normalized", not flags["special"]))
+        (tokenizer.add_special_tokens if flags["special"] else tokenizer.add_tokens)(
+            [AddedToken(token["content"], **flags)])
+        got = tokenizer.token_to_id(token["content"])
+        if got != i:
+            raise QwenNPError(f"{source}: added token {token['content']!r} has id {i} in added_tokens_decoder, but "
+                              f"vocab.json and the tokens before it put it at {got}")
+    for key, default in (("bos_token", None), ("eos_token", "<|endoftext|>"), ("unk_token", "<|endoftext|>"),
+                         ("pad_token", "<|endoftext|>")):  # Qwen2Tokenizer's defaults
+        value = tokenizer_config.get(key, default)
+        content = value.get("content") if isinstance(value, dict) else value
+        if isinstance(content, str) and tokenizer.token_to_id(content) is None:
+            tokenizer.add_special_tokens([AddedToken(content, special=True, normalized=False)])
+    return tokenizer

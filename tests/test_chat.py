@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import require_reference
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tiny import tiny_model
+from tiny import tiny_model, write_vocab_and_merges
 
 import qwen_np
 from qwen_np.chat import render_chat
@@ -378,6 +378,51 @@ def test_loaded_tokenizer_reproduces_the_reference_ids(shared_data, name, tmp_pa
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(qwen_np.QwenNPError, match="could not be read as a tokenizer"):
         load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_vocab_and_merges_without_tokenizer_json_give_the_same_tokenizer(shared_data, name, tmp_path):
+    # As transformers builds Qwen2Tokenizer from them: the same ids as tokenizer.json, added tokens included.
+    directory = write_vocab_and_merges(shared_data / name, tmp_path)
+    tokenizer, reference = load_tokenizer(directory, "qwen3"), load_tokenizer(shared_data / name)
+    assert tokenizer.get_vocab() == reference.get_vocab()
+    vectors = shared_data / "tokenizer-vectors"
+    cases = ggml_cases(vectors) + [(c["text"], c["ids"]) for c in
+                                   json.loads((vectors / "qwen2.5_hf_golden_tokens.json").read_text("utf-8"))]
+    for text, ids in cases + [(text, reference.encode(text).ids) for text in TRICKY_TEXTS]:
+        assert tokenizer.encode(text).ids == ids, text
+        for skip in (False, True):
+            assert tokenizer.decode(ids, skip_special_tokens=skip) == reference.decode(ids, skip_special_tokens=skip)
+    assert load_tokenizer(directory, "llama") is not None  # tokenizer_config.json says Qwen2Tokenizer
+    config = read_json(directory / "tokenizer_config.json")
+    (directory / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "GPT2Tokenizer"}))
+    assert load_tokenizer(directory, "qwen3") is None  # another class: not guessed at
+    (directory / "tokenizer_config.json").unlink()
+    assert load_tokenizer(directory, "llama") is None and load_tokenizer(directory, "qwen2") is not None
+    added = dict(config["added_tokens_decoder"])
+    added["151700"] = added.pop(max(added, key=int))  # an id that does not follow the ones before it
+    (directory / "tokenizer_config.json").write_text(json.dumps({**config, "added_tokens_decoder": added}))
+    with pytest.raises(qwen_np.QwenNPError, match=r"tokenizer_config.json: added token '.*' has id 151700 in "
+                                                  r"added_tokens_decoder, but vocab.json and the tokens before it "
+                                                  r"put it at 1516\d\d$"):
+        load_tokenizer(directory, "qwen3")
+    (directory / "merges.txt").write_text("#version: 0.2\nnot-a-token pair\n")
+    with pytest.raises(qwen_np.QwenNPError, match="vocab.json and merges.txt could not be read as a BPE tokenizer"):
+        load_tokenizer(directory, "qwen3")
+
+
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_vocab_and_merges_tokenize_as_transformers_does(shared_data, name, tmp_path, reference):
+    from transformers import AutoTokenizer
+
+    directory = write_vocab_and_merges(shared_data / name, tmp_path)
+    ours, theirs = load_tokenizer(directory, "qwen3"), AutoTokenizer.from_pretrained(str(directory))
+    assert not (directory / "tokenizer.json").exists()  # transformers built it from the two files too
+    for text in TRICKY_TEXTS + ["café ﬁ Å  spaces\t\n\n", "<|endoftext|><|fim_prefix|>x<|fim_suffix|>"]:
+        assert ours.encode(text).ids == theirs(text)["input_ids"], text
+    for messages in CHATS.values():
+        assert ours.encode(theirs.apply_chat_template(messages, tokenize=False)).ids == theirs.apply_chat_template(
+            messages, tokenize=True, return_dict=False)
 
 
 # --- incremental decoding ----------------------------------------------------------------------

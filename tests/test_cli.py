@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT
 
 import qwen_np
-from tiny import tiny_model, write_spelling_model
+from tiny import tiny_model, write_spelling_model, write_vocab_and_merges
 
 ANSWER = "你好！🦙 巴黎是法国的首都。👋🏽 Done."
 
@@ -63,6 +63,14 @@ def test_generate_streams_the_completion_and_reports_speed(spelling_dir):
     assert stopped.returncode == 0 and stopped.stdout == "你好！🦙 巴黎是法国的\n"
     from_stdin = run("generate", "--model", spelling_dir, "--max-new-tokens", "3", "-", stdin="The answer is:")
     assert from_stdin.returncode == 0 and from_stdin.stdout == "你好！🦙\n"
+
+
+def test_a_checkpoint_with_vocab_and_merges_instead_of_tokenizer_json_chats(spelling_dir, shared_data, tmp_path):
+    directory = shutil.copytree(spelling_dir, tmp_path / "model")
+    (directory / "tokenizer.json").unlink()
+    write_vocab_and_merges(shared_data / "qwen3-tokenizer", directory)
+    result = run("chat", "--model", directory, "--no-think", stdin="Hi\n")
+    assert result.returncode == 0 and result.stdout.startswith(ANSWER), result.stderr
 
 
 def test_characters_the_output_encoding_lacks_are_replaced(spelling_dir):

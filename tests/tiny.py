@@ -2,6 +2,7 @@
 so the tests can push them through qwen_np's own loader. Imported by the tests (not a test)."""
 
 import json
+import shutil
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
@@ -130,3 +131,12 @@ def drop_tensor(directory, name):
     tensors = load_file(directory / "model.safetensors")
     del tensors[name]
     save_file(tensors, directory / "model.safetensors")
+
+
+def write_vocab_and_merges(source, directory):  # a checkpoint's tokenizer as vocab.json + merges.txt, no tokenizer.json
+    model = json.loads((source / "tokenizer.json").read_text("utf-8"))["model"]
+    (directory / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), "utf-8")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", "utf-8")
+    shutil.copyfile(source / "tokenizer_config.json", directory / "tokenizer_config.json")
+    return directory
