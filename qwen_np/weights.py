@@ -532,9 +532,12 @@ def vocab_merges_tokenizer(directory, model_type):
         if got != i:
             raise QwenNPError(f"{source}: added token {token['content']!r} has id {i} in added_tokens_decoder, but "
                               f"vocab.json and the tokens before it put it at {got}")
-    for key, default in (("bos_token", None), ("eos_token", "<|endoftext|>"), ("unk_token", "<|endoftext|>"),
-                         ("pad_token", "<|endoftext|>")):  # Qwen2Tokenizer's defaults
-        value = tokenizer_config.get(key, default)
+    special = [tokenizer_config.get(key, default) for key, default in (  # with Qwen2Tokenizer's defaults
+        ("bos_token", None), ("eos_token", "<|endoftext|>"), ("unk_token", "<|endoftext|>"),
+        ("pad_token", "<|endoftext|>"))]
+    for key in ("additional_special_tokens", "extra_special_tokens"):  # transformers 4's name, and 5's
+        special += tokenizer_config.get(key) if isinstance(tokenizer_config.get(key), list) else []
+    for value in special:  # those that added_tokens_decoder did not hold come after it
         content = value.get("content") if isinstance(value, dict) else value
         if isinstance(content, str) and tokenizer.token_to_id(content) is None:
             tokenizer.add_special_tokens([AddedToken(content, special=True, normalized=False)])

@@ -423,6 +423,14 @@ def test_vocab_and_merges_tokenize_as_transformers_does(shared_data, name, tmp_p
     for messages in CHATS.values():
         assert ours.encode(theirs.apply_chat_template(messages, tokenize=False)).ids == theirs.apply_chat_template(
             messages, tokenize=True, return_dict=False)
+    # Without added_tokens_decoder (older files), the special tokens are added after vocab.json's, in the
+    # same order as transformers adds them.
+    config = read_json(directory / "tokenizer_config.json")
+    del config["added_tokens_decoder"]
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    ours, theirs = load_tokenizer(directory, "qwen3"), AutoTokenizer.from_pretrained(str(directory))
+    assert ours.get_vocab() == theirs.get_vocab() and len(ours.get_vocab()) > len(json.loads(
+        (directory / "vocab.json").read_text("utf-8")))
 
 
 # --- incremental decoding ----------------------------------------------------------------------
