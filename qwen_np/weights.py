@@ -509,7 +509,7 @@ def vocab_merges_tokenizer(directory, model_type):
     kind = tokenizer_config.get("tokenizer_class")
     if kind not in ("Qwen2Tokenizer", "Qwen2TokenizerFast") and (kind is not None or model_type not in QWEN_FAMILIES):
         return None
-    from tokenizers import AddedToken, Tokenizer, decoders, models
+    from tokenizers import Tokenizer, decoders, models
     try:
         bpe = models.BPE.from_file(*map(str, files), fuse_unk=False, byte_fallback=False)
     except Exception as e:  # the tokenizers library raises its own exception type
@@ -518,8 +518,15 @@ def vocab_merges_tokenizer(directory, model_type):
     tokenizer = Tokenizer(bpe)
     tokenizer.normalizer, tokenizer.pre_tokenizer = qwen2_pre_tokenization()
     tokenizer.decoder = decoders.ByteLevel()
+    add_config_tokens(tokenizer, tokenizer_config, directory / "tokenizer_config.json")
+    return tokenizer
+
+
+def add_config_tokens(tokenizer, tokenizer_config, source):
+    """Adds tokenizer_config.json's added tokens (added_tokens_decoder), each at its id, then its special
+    tokens that are still missing (eos, pad, ...), in the order transformers adds them."""
+    from tokenizers import AddedToken
     added = tokenizer_config.get("added_tokens_decoder") or {}
-    source = directory / "tokenizer_config.json"
     if not isinstance(added, dict) or not all(
             str(i).isdigit() and isinstance(t, dict) and isinstance(t.get("content"), str) for i, t in added.items()):
         raise QwenNPError(f"{source}: added_tokens_decoder must map token ids to {{\"content\": ...}} objects")
@@ -541,4 +548,3 @@ def vocab_merges_tokenizer(directory, model_type):
         content = value.get("content") if isinstance(value, dict) else value
         if isinstance(content, str) and tokenizer.token_to_id(content) is None:
             tokenizer.add_special_tokens([AddedToken(content, special=True, normalized=False)])
-    return tokenizer
