@@ -499,17 +499,21 @@ def new_cache(config, batch_size, capacity, past=None, reused=0):
     # float32 keys and values, of every layer and key/value head, per position
     per_position = 4 * 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
     size = capacity * batch_size * per_position  # bytes: a Python int, of any size
+
+    def refused(why=""):  # -> the error, with why it cannot be allocated where that is known
+        shown = gb(size) if size < 1e300 else "more bytes than a float counts"
+        return QwenNPError(f"a KV cache for {capacity:,} positions ({shown}) cannot be allocated{why}: "
+                           f"lower max_new_tokens")
+
     room = memory_room()
-    why = "" if room is None or size <= room[0] else f" in the {gb(room[0])} of memory free ({room[1]})"
-    if not why:
-        try:
-            if past is None:
-                return empty_cache(config, batch_size, capacity)
-            return copy_cache(past.cache, reused, capacity)  # a copy: `past` itself stays as it was
-        except (MemoryError, ValueError):  # np.zeros: "Unable to allocate ..." / "array is too big"
-            pass
-    size = gb(size) if size < 1e300 else "more bytes than a float counts"
-    raise QwenNPError(f"a KV cache for {capacity:,} positions ({size}) cannot be allocated{why}: lower max_new_tokens")
+    if room is not None and size > room[0]:
+        raise refused(f" in the {gb(room[0])} of memory free ({room[1]})")
+    try:
+        if past is None:
+            return empty_cache(config, batch_size, capacity)
+        return copy_cache(past.cache, reused, capacity)  # a copy: `past` itself stays as it was
+    except (MemoryError, ValueError):  # np.zeros: "Unable to allocate ..." / "array is too big"
+        raise refused() from None
 
 
 def left_pad(prompts, pad_id):  # list of B id lists -> [B, T] int, [B, T] int (1 real, 0 padding)
