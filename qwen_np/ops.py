@@ -8,9 +8,9 @@ Shape legend (used in every comment of the package):
     C positions a KV cache has room for (its capacity, S of them filled).
 
 Nothing here reads a config, a file or a global: every scalar is an argument. (The block sizes
-below, BF16_ROWS, BF16_CACHED, DECODE_ROWS, FEW_ROWS and QUERY_BLOCK, choose how a product is
-split up for speed or memory, and SHORT_ROW which weights the loader lays out by columns; the
-result is the same up to float rounding.)
+below, BF16_ROWS, BF16_CACHED, DECODE_ROWS, FEW_ROWS, QUERY_BLOCK and SCORES_BYTES, choose how a
+product is split up for speed or memory, and SHORT_ROW which weights the loader lays out by
+columns; the result is the same up to float rounding.)
 """
 
 import math
@@ -247,7 +247,8 @@ def sliding_window_mask(num_new, num_total, window):  # -> [T, S] bool
     return (key_pos <= query_pos) & (key_pos > query_pos - window)
 
 
-QUERY_BLOCK = 256  # queries per step of `attention`: scores stay [B, H, 256, S] however long the prompt
+QUERY_BLOCK = 256  # queries per step of `attention` at most: scores of [B, H, 256, S], not [B, H, T, S]
+SCORES_BYTES = 2 ** 26  # and fewer where S is so long that those scores would take more than 64 MB
 
 
 def attention(q, k, v, mask):  # [B, H, T, Dh], [B, K, S, Dh] x2, [B, 1, T, S] bool -> [B, H, T, Dh]
@@ -258,9 +259,12 @@ def attention(q, k, v, mask):  # [B, H, T, Dh], [B, K, S, Dh] x2, [B, 1, T, S] b
     # queries are seen as [B, K, G, T, Dh] (see grouped_attention).
     q = q.reshape(B, K, G, T, Dh) * np.float32(Dh**-0.5)  # scaling q = scaling the scores
     out = np.empty_like(q)
-    # Blocks of queries: the same result (up to float rounding) in a fraction of the memory.
-    for t in range(0, T, QUERY_BLOCK):
-        rows = slice(t, t + QUERY_BLOCK)
+    # Blocks of queries: the same result (up to float rounding) in a fraction of the memory. A block's
+    # scores are [B, H, block, S] float32: 256 rows, fewer past 4096 keys (for 16 heads), so that
+    # however long the context they stay within SCORES_BYTES.
+    block = max(1, min(QUERY_BLOCK, SCORES_BYTES // (4 * B * H * k.shape[2])))
+    for t in range(0, T, block):
+        rows = slice(t, t + block)
         # Keys after the last one these queries may see are left out (their weights would be 0):
         # with the causal mask most of the masked upper triangle is never computed.
         seen = mask[:, 0, rows].any(axis=(0, 1))  # [S]: keys that some query of the block may see

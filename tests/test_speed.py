@@ -269,6 +269,31 @@ def test_blocked_attention_equals_full_attention(window):
     np.testing.assert_allclose(out, naive_attention(q, k, v, mask), atol=2e-6)
 
 
+def test_long_contexts_take_fewer_queries_per_block(monkeypatch):
+    # Where QUERY_BLOCK queries would give more than SCORES_BYTES of scores, attention takes fewer at
+    # a time, so its memory does not grow with the context; the result stays the same.
+    rng = np.random.default_rng(1)
+    B, H, K, T, S, Dh = 2, 6, 2, 100, 300, 16
+    q = rng.standard_normal((B, H, T, Dh), dtype=np.float32)
+    k, v = rng.standard_normal((2, B, K, S, Dh), dtype=np.float32)
+    mask = np.broadcast_to(ops.causal_mask(T, S)[None, None], (B, 1, T, S))
+    monkeypatch.setattr(ops, "SCORES_BYTES", 4 * B * H * S * 7)  # room for the scores of 7 queries
+    rows, blocked = [], ops.grouped_attention
+
+    def spy(q, k, v, mask):  # [B, K, G, rows, Dh], ...
+        rows.append(q.shape[-2])
+        return blocked(q, k, v, mask)
+
+    monkeypatch.setattr(ops, "grouped_attention", spy)
+    out = ops.attention(q, k, v, mask)
+    assert max(rows) == 7 and sum(rows) == T
+    np.testing.assert_allclose(out, naive_attention(q, k, v, mask), atol=2e-6)
+    rows.clear()
+    monkeypatch.setattr(ops, "SCORES_BYTES", 2 ** 26)
+    ops.attention(q, k, v, mask)
+    assert rows == [T]  # within the budget: one block of all the queries (fewer than QUERY_BLOCK)
+
+
 def test_softmax_in_place_equals_softmax():
     x = np.random.default_rng(0).standard_normal((3, 5, 7), dtype=np.float32)
     expected = ops.softmax(x.copy())
