@@ -3,11 +3,11 @@
     for token in qwen_np.generate(model, "The capital of France is", max_new_tokens=20, temperature=0):
         print(model.tokenizer.decode([token]), end="")
 
-The loop: one forward pass over the (left-padded) prompts fills the KV cache and gives the logits
-of each prompt's last position (prefill); then each step feeds back the tokens just chosen and
-reuses the cache (decode). Each step's logits go through the samplers in the reference's order
-(repetition penalty, temperature, top-k, top-p, min-p) and one token is drawn per prompt, or the
-argmax is taken when the temperature is 0 (greedy).
+The loop: forward passes over the (left-padded) prompts, in chunks of PREFILL_CHUNK tokens, fill
+the KV cache and give the logits of each prompt's last position (prefill); then each step feeds
+back the tokens just chosen and reuses the cache (decode). Each step's logits go through the
+samplers in the reference's order (repetition penalty, temperature, top-k, top-p, min-p) and one
+token is drawn per prompt, or the argmax is taken when the temperature is 0 (greedy).
 
 The samplers are pure functions over a [B, V] float32 array of logits; they return a new array in
 which the tokens they rule out are -inf. Randomness comes only from the `numpy.random.Generator`
@@ -126,12 +126,26 @@ def checked_logits(logits, params):  # [B, V] -> [B, V], finite
     raise QwenNPError(f"the model's logits are not finite (NaN or inf): {where}")
 
 
-def next_tokens(params, config, input_ids, cache, seen, sampling, rng, **kwargs):  # -> [B] int, cache
-    """One forward pass of `input_ids` [B, T] and the next token of each row, from the last
-    position. NumPy's overflow warnings are off: a model that overflows gets one error, from
-    checked_logits, instead."""
+PREFILL_CHUNK = 512  # prompt tokens per forward pass of the prefill (see `chunks`)
+
+
+def chunks(config, cache, num_new):  # -> slices of the num_new tokens, one per forward pass
+    # A long prompt goes through the model a chunk at a time, each chunk attending to the keys and
+    # values the chunks before it cached: the same cache and last logits as one pass (up to float
+    # rounding), but a pass's activations ([B, T, F] in the MLP, [B, 1, T, S] masks) stay those of
+    # PREFILL_CHUNK tokens however long the prompt. Dynamic NTK RoPE, whose frequencies follow a
+    # pass's largest position, takes a prompt past its limit in one pass, as the reference does.
+    step = PREFILL_CHUNK if rope_is_fixed(config, cache.length + num_new) else num_new
+    return [slice(t, t + step) for t in range(0, num_new, step)]
+
+
+def next_tokens(params, config, input_ids, cache, seen, sampling, rng, attention_mask=None):  # -> [B] int, cache
+    """The next token of each row after `input_ids` [B, T], from the last position's logits. NumPy's
+    overflow warnings are off: a model that overflows gets one error, from checked_logits, instead."""
     with np.errstate(over="ignore", invalid="ignore"):
-        logits, cache = forward(params, config, input_ids, cache, last_only=True, **kwargs)  # [B, 1, V]
+        for new in chunks(config, cache, input_ids.shape[1]):  # one chunk in decoding
+            mask = None if attention_mask is None else attention_mask[:, new]
+            logits, cache = forward(params, config, input_ids[:, new], cache, attention_mask=mask, last_only=True)
     return choose_tokens(checked_logits(logits[:, -1], params), seen, sampling, rng), cache
 
 
@@ -336,13 +350,17 @@ def reusable_length(past, ids):  # Past, list[int] -> how many leading ids past'
     return n
 
 
-def rope_allows_reuse(config, past, ids):  # -> whether past's keys are those a prefill of ids would make
+def rope_is_fixed(config, length):  # -> whether every forward pass within `length` positions rotates alike
     # Dynamic NTK RoPE computes its frequencies in each forward pass from the pass's largest position
     # (within one generation the same as the reference, whose model object keeps the largest length
-    # it has seen): keys cached past max_position_embeddings were rotated with other
+    # it has seen), and they change once it passes max_position_embeddings.
+    return config.rope_parameters["rope_type"] != "dynamic" or length <= config.max_position_embeddings
+
+
+def rope_allows_reuse(config, past, ids):  # -> whether past's keys are those a prefill of ids would make
+    # With dynamic NTK RoPE, keys cached past max_position_embeddings were rotated with other
     # frequencies than one prefill of `ids` would use, and so would all keys of a prompt longer than that.
-    limit = config.max_position_embeddings
-    return config.rope_parameters["rope_type"] != "dynamic" or max(len(past.ids), len(ids)) <= limit
+    return rope_is_fixed(config, max(len(past.ids), len(ids)))
 
 
 def check_past(past, model):
@@ -591,7 +609,7 @@ def generate_batch(model, prompts, max_new_tokens=None, temperature=None, top_k=
     keep_finished = config.rope_parameters["rope_type"] == "dynamic"
 
     start = time.perf_counter()
-    # Prefill: all prompt tokens in one pass (but those `past` holds); the LM head only at the last
+    # Prefill: all prompt tokens (but those `past` holds), in chunks; the LM head only at the last
     # position. The cache gets room for the whole answer now, so decoding never has to grow (copy) it.
     reused = tokens_from_past(model, past, prompts)
     cache = new_cache(config, B, input_ids.shape[1] + budget, past, reused)

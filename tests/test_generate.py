@@ -806,6 +806,82 @@ def test_dynamic_rope_batch_keeps_finished_prompts_as_transformers_does(referenc
     assert got == expected
 
 
+# --- the prefill in chunks -----------------------------------------------------------------------
+
+def prefill_passes(monkeypatch):  # -> the list that will hold the number of tokens of every forward pass
+    passes, plain = [], GENERATE.forward
+
+    def spy(params, config, input_ids, *args, **kwargs):
+        passes.append(np.shape(input_ids)[1])
+        return plain(params, config, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(GENERATE, "forward", spy)
+    return passes
+
+
+@pytest.mark.parametrize("case", ["qwen2", "qwen3_moe", "qwen3_sliding"])
+def test_a_prompt_prefilled_in_chunks_generates_as_transformers_does(reference, tmp_path, monkeypatch, case):
+    # PREFILL_CHUNK 4: the prompts of 9, 3 and 5 tokens, left-padded, take passes of 4, 4 and 1
+    # tokens, the first all padding for the shortest prompt; with a window of 3 besides.
+    torch, _ = reference
+    family, overrides = CACHE_CASES[case]
+    ref = tiny_model(family, tmp_path, **overrides)
+    model = qwen_np.load(tmp_path)
+    ids, mask = left_pad(PROMPTS, 0)
+    expected = ref.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
+                            max_new_tokens=12, pad_token_id=0)[:, ids.shape[1]:].numpy()
+    monkeypatch.setattr(GENERATE, "PREFILL_CHUNK", 4)
+    passes = prefill_passes(monkeypatch)
+    steps = list(qwen_np.generate_batch(model, PROMPTS, max_new_tokens=12, temperature=0))
+    assert passes == [4, 4, 1] + [1] * 11
+    np.testing.assert_array_equal(np.array(steps).T, expected)
+
+
+def test_dynamic_rope_prefills_a_prompt_past_its_limit_in_one_pass(reference, dynamic_model, monkeypatch):
+    # Its frequencies follow a pass's largest position: in chunks, the first chunks' keys would be
+    # rotated with other frequencies than transformers' one pass gives them.
+    torch, _ = reference
+    model, ref = dynamic_model
+    monkeypatch.setattr(GENERATE, "PREFILL_CHUNK", 8)
+    passes = prefill_passes(monkeypatch)
+    for prompt, prefill in ((list(range(30, 50)), [8, 8, 4]), (list(range(10, 50)), [40])):  # 20, 40 > 32 tokens
+        passes.clear()
+        tokens = list(qwen_np.generate(model, prompt, max_new_tokens=6, temperature=0))
+        expected = ref.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=6)[0, len(prompt):]
+        assert passes == prefill + [1] * 5
+        assert tokens == expected.tolist()
+
+
+def test_the_prefill_takes_no_more_memory_for_a_longer_prompt(tmp_path, monkeypatch):
+    # One pass over a prompt of T tokens holds [T, F] MLP activations and [T, S] masks; in chunks
+    # of 16 tokens the peak stays that of 16 tokens, however long the prompt. (Traced by tracemalloc,
+    # which sees NumPy's arrays; the KV cache, which grows with the prompt, is taken off.)
+    import tracemalloc
+
+    from qwen_np import bench
+
+    shape = dict(bench.SMOKE_SHAPES["tiny-qwen3"], intermediate_size=2048, max_position_embeddings=4096)
+    bench.write_checkpoint(tmp_path, shape)
+    model = qwen_np.load(tmp_path)
+    monkeypatch.setattr(GENERATE, "PREFILL_CHUNK", 16)
+    config = model.config
+    cache_bytes_per_position = 4 * 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+
+    def peak(T):  # bytes held at most while generating 2 tokens after a T-token prompt, but the cache
+        prompt = np.random.default_rng(T).integers(0, config.vocab_size, T).tolist()
+        tracemalloc.start()
+        try:
+            list(qwen_np.generate(model, prompt, max_new_tokens=2, temperature=0))
+            return tracemalloc.get_traced_memory()[1] - (T + 2) * cache_bytes_per_position
+        finally:
+            tracemalloc.stop()
+
+    short, long = peak(64), peak(1024)
+    assert long - short < 2 ** 20, (short, long)  # one pass of 1024 tokens holds 3 x 8 MB of MLP activations
+    monkeypatch.setattr(GENERATE, "PREFILL_CHUNK", 1024)  # the control: one pass
+    assert peak(1024) - short > 16 * 2 ** 20
+
+
 def test_a_past_must_come_from_one_prompt_of_the_same_model(tiny_models):
     model, _ = tiny_models["qwen2"]
     _, stats = tokens_and_stats(qwen_np.generate(model, PROMPTS[1], max_new_tokens=3))
