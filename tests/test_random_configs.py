@@ -11,6 +11,7 @@ a failure repeats.
 
 import json
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -107,7 +108,9 @@ def test_a_random_config_matches_transformers(tmp_path, monkeypatch, reference, 
     logits, _ = qwen_np.forward(model.params, model.config, input_ids)
     np.testing.assert_allclose(logits, reference_logits(ref, input_ids), atol=1e-4, rtol=1e-4, err_msg=described)
 
-    # Greedy tokens, decoded with the KV cache, as transformers' generate picks them.
+    # Greedy tokens, decoded with the KV cache, as transformers' generate picks them; the prompt is
+    # prefilled in chunks of 1 to 5 tokens, by the case number (generate's PREFILL_CHUNK).
+    monkeypatch.setattr(sys.modules["qwen_np.generate"], "PREFILL_CHUNK", 1 + case % 5)
     prompt = [rng.randrange(V) for _ in range(rng.randint(1, 16))]
     new = context - len(prompt)
     with torch.no_grad():
