@@ -132,8 +132,8 @@ PREFILL_CHUNK = 512  # prompt tokens per forward pass of the prefill (see `chunk
 def chunks(config, cache, num_new):  # -> slices of the num_new tokens, one per forward pass
     # A long prompt goes through the model a chunk at a time, each chunk attending to the keys and
     # values the chunks before it cached: the same cache and last logits as one pass (up to float
-    # rounding), but a pass's activations ([B, T, F] in the MLP, [B, 1, T, S] masks) stay those of
-    # PREFILL_CHUNK tokens however long the prompt. Dynamic NTK RoPE, whose frequencies follow a
+    # rounding), but the T of a pass's activations ([B, T, F] in the MLP, [B, 1, T, S] masks) is
+    # PREFILL_CHUNK at most however long the prompt. Dynamic NTK RoPE, whose frequencies follow a
     # pass's largest position, takes a prompt past its limit in one pass, as the reference does.
     step = PREFILL_CHUNK if rope_is_fixed(config, cache.length + num_new) else num_new
     return [slice(t, t + step) for t in range(0, num_new, step)]
