@@ -852,7 +852,7 @@ def test_dynamic_rope_prefills_a_prompt_past_its_limit_in_one_pass(reference, dy
         assert tokens == expected.tolist()
 
 
-def test_the_prefill_takes_no_more_memory_for_a_longer_prompt(tmp_path, monkeypatch):
+def test_a_longer_prompt_prefills_in_about_the_same_memory(tmp_path, monkeypatch):
     # One pass over a prompt of T tokens holds [T, F] MLP activations and [T, S] masks; in chunks
     # of 16 tokens T stays 16, however long the prompt (only the [16, S] masks and scores grow, here
     # by 0.05 MB). Traced by tracemalloc, which sees NumPy's arrays; the KV cache, which grows with
