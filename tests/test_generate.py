@@ -866,7 +866,7 @@ def test_a_longer_prompt_prefills_in_about_the_same_memory(tmp_path, monkeypatch
     model = qwen_np.load(tmp_path)
     monkeypatch.setattr(GENERATE, "PREFILL_CHUNK", 16)
     config = model.config
-    cache_bytes_per_position = 4 * 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+    cache_bytes_per_position = bench.costs(config)["kv_bytes_per_position"]
 
     def peak(T):  # bytes held at most while generating 2 tokens after a T-token prompt, but the cache
         prompt = np.random.default_rng(T).integers(0, config.vocab_size, T).tolist()
