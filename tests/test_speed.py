@@ -277,6 +277,7 @@ def test_long_contexts_take_fewer_queries_per_block(monkeypatch):
     q = rng.standard_normal((B, H, T, Dh), dtype=np.float32)
     k, v = rng.standard_normal((2, B, K, S, Dh), dtype=np.float32)
     mask = np.broadcast_to(ops.causal_mask(T, S)[None, None], (B, 1, T, S))
+    default = ops.SCORES_BYTES
     monkeypatch.setattr(ops, "SCORES_BYTES", 4 * B * H * S * 7)  # room for the scores of 7 queries
     rows, blocked = [], ops.grouped_attention
 
@@ -289,7 +290,7 @@ def test_long_contexts_take_fewer_queries_per_block(monkeypatch):
     assert max(rows) == 7 and sum(rows) == T
     np.testing.assert_allclose(out, naive_attention(q, k, v, mask), atol=2e-6)
     rows.clear()
-    monkeypatch.setattr(ops, "SCORES_BYTES", 2 ** 26)
+    monkeypatch.setattr(ops, "SCORES_BYTES", default)
     ops.attention(q, k, v, mask)
     assert rows == [T]  # within the budget: one block of all the queries (fewer than QUERY_BLOCK)
 
